@@ -1,0 +1,346 @@
+"""Activation-based importance of heads, neurons, channels and layers (paper §2.2), computed once.
+
+Scores are data: an `Importances` value of tensors, saved as safetensors with JSON metadata and passed to
+`nas.prune.prune` as an argument. Activations are never stored: each hook reduces its tensor over the
+sequence at once and folds the result into a running fp32 accumulator over samples.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from nas.families import Family, family_of
+from nas.files import atomic_path
+
+log = logging.getLogger(__name__)
+
+AGGREGATIONS = ("mean", "l2", "var")
+LAYER_METHODS = ("bi", "drop", "block")
+
+
+@dataclass(frozen=True)
+class ImportanceSettings:
+    """How scores are aggregated. Defaults follow the paper's best: batch=l2, seq=mean (§4, Table 4).
+
+    Attributes:
+        seq_agg: reduction over tokens of one sample.
+        batch_agg: reduction over samples.
+        neuron_source: "pre" scores `X W1^T` (the paper), "post" the down projection's input.
+        drop_samples: samples used for the loss-when-dropped scores (each costs a forward per layer set).
+        block_sizes: sizes k for which the loss of dropping every contiguous block of k layers is scored.
+        batch_size: samples per forward.
+    """
+
+    seq_agg: str = "mean"
+    batch_agg: str = "l2"
+    neuron_source: str = "pre"
+    drop_samples: int = 8
+    block_sizes: tuple[int, ...] = ()
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for key in ("seq_agg", "batch_agg"):
+            if getattr(self, key) not in AGGREGATIONS:
+                raise ValueError(f"{key}={getattr(self, key)!r}: must be one of {AGGREGATIONS}")
+        if self.neuron_source not in ("pre", "post"):
+            raise ValueError(f"neuron_source={self.neuron_source!r}: must be 'pre' or 'post'")
+        object.__setattr__(self, "block_sizes", tuple(sorted({int(k) for k in self.block_sizes})))
+
+
+@dataclass(frozen=True)
+class Importances:
+    """Importance scores of one parent; higher means keep.
+
+    Attributes:
+        hidden: [hidden_size] embedding channels, summed over every norm layer.
+        heads: [num_layers, num_attention_heads] per query head.
+        neurons: [num_layers, intermediate_size] per MLP neuron.
+        layer_bi: [num_layers] Block Importance, mean of 1 - cos(input, output) over tokens.
+        block_loss: k -> [num_layers - k + 1]: LM loss with layers start..start+k-1 dropped
+            (k = 1 is the loss of dropping each layer alone).
+        base_loss: LM loss of the intact parent on the same samples.
+        meta: fingerprints, settings and sample count.
+    """
+
+    hidden: Tensor
+    heads: Tensor
+    neurons: Tensor
+    layer_bi: Tensor
+    block_loss: dict[int, Tensor] = field(default_factory=dict)
+    base_loss: float = float("nan")
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def save(self, path: str | Path) -> None:
+        tensors = {"hidden": self.hidden, "heads": self.heads, "neurons": self.neurons, "layer_bi": self.layer_bi}
+        tensors |= {f"block_loss.{k}": v for k, v in self.block_loss.items()}
+        meta = {"nas": json.dumps({**self.meta, "base_loss": self.base_loss})}
+        with atomic_path(path) as tmp:
+            save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Importances:
+        with safe_open(str(path), framework="pt") as f:
+            meta = json.loads(f.metadata()["nas"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        blocks = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("block_loss.")}
+        base_loss = meta.pop("base_loss")
+        return cls(tensors["hidden"], tensors["heads"], tensors["neurons"], tensors["layer_bi"], blocks, base_loss, meta)
+
+    def shuffled(self, seed: int) -> Importances:
+        """Random scores of the same shapes: the baseline that importance must beat."""
+        g = torch.Generator().manual_seed(seed)
+        rand = lambda t: torch.rand(t.shape, generator=g)  # noqa: E731
+        return replace(self, hidden=rand(self.hidden), heads=rand(self.heads), neurons=rand(self.neurons))
+
+
+class _Running:
+    """Streaming reduction over samples of per-sample score vectors, in fp32."""
+
+    def __init__(self, how: str):
+        self.how, self.n, self.sum, self.sumsq = how, 0, 0.0, 0.0
+
+    def add(self, x: Tensor) -> None:  # x: [B, N]
+        x = x.float()
+        self.n += x.shape[0]
+        self.sum = self.sum + x.sum(0)
+        self.sumsq = self.sumsq + x.pow(2).sum(0)
+
+    def result(self) -> Tensor:
+        if self.how == "l2":
+            return torch.as_tensor(self.sumsq).sqrt()
+        mean = torch.as_tensor(self.sum) / self.n
+        return mean if self.how == "mean" else (torch.as_tensor(self.sumsq) / self.n - mean.pow(2)).clamp_min(0)
+
+
+def _over_sequence(x: Tensor, how: str) -> Tensor:
+    """[B, S, N] -> [B, N] in fp32."""
+    x = x.float()
+    if how == "mean":
+        return x.mean(1)
+    if how == "l2":
+        return x.norm(dim=1)
+    return x.var(1, unbiased=False)
+
+
+def _decoder(model: nn.Module) -> nn.Module:
+    return model.model
+
+
+@contextlib.contextmanager
+def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> Iterator[dict[str, Any]]:
+    """Install the scoring hooks; yields the accumulators they fill."""
+    layers = _decoder(model).layers
+    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
+        model.config.hidden_size // model.config.num_attention_heads)
+    acc: dict[str, Any] = {
+        "heads": [_Running(settings.batch_agg) for _ in layers],
+        "neurons": [_Running(settings.batch_agg) for _ in layers],
+        "norms": [_Running(settings.batch_agg) for _ in range(2 * len(layers) + 1)],
+        "bi_sum": torch.zeros(len(layers), dtype=torch.float64),
+        "bi_tokens": 0,
+    }
+    seq = settings.seq_agg
+
+    def heads_hook(i: int):
+        def hook(_mod, args):
+            x = args[0]  # [B, S, H * head_dim]: per-head attention outputs before o_proj
+            norms = x.float().unflatten(-1, (-1, head_dim)).norm(dim=-1)
+            acc["heads"][i].add(_over_sequence(norms, seq))
+        return hook
+
+    def neurons_hook(i: int, pre: bool):
+        def hook(_mod, args, out=None):
+            acc["neurons"][i].add(_over_sequence(out if pre else args[0], seq))
+        return hook
+
+    def norm_hook(j: int):
+        def hook(_mod, _args, out):
+            acc["norms"][j].add(_over_sequence(out, seq))
+        return hook
+
+    def bi_hook(i: int):
+        def hook(_mod, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+            acc["bi_sum"][i] += (1 - cos).sum().double().cpu()
+            if i == 0:
+                acc["bi_tokens"] += cos.numel()
+        return hook
+
+    handles = []
+    for i, layer in enumerate(layers):
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(heads_hook(i)))
+        if settings.neuron_source == "pre":
+            handles.append(getattr(layer.mlp, family.neuron_module).register_forward_hook(neurons_hook(i, True)))
+        else:
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(neurons_hook(i, False)))
+        handles.append(layer.input_layernorm.register_forward_hook(norm_hook(2 * i)))
+        handles.append(layer.post_attention_layernorm.register_forward_hook(norm_hook(2 * i + 1)))
+        handles.append(layer.register_forward_hook(bi_hook(i), with_kwargs=True))
+    handles.append(_decoder(model).norm.register_forward_hook(norm_hook(2 * len(layers))))
+    try:
+        yield acc
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _batches(tokens: Tensor, batch_size: int) -> Iterator[Tensor]:
+    for start in range(0, tokens.shape[0], batch_size):
+        yield tokens[start : start + batch_size]
+
+
+@torch.no_grad()
+def lm_loss(model: nn.Module, tokens: Tensor, batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy of `model` over `tokens` [N, S], weighted by token count."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for batch in _batches(tokens, batch_size):
+        batch = batch.to(device)
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        n = batch.shape[0] * (batch.shape[1] - 1)
+        total, count = total + float(loss) * n, count + n
+    return total / count
+
+
+@contextlib.contextmanager
+def _without_layers(model: nn.Module, drop: set[int]) -> Iterator[None]:
+    """Temporarily run the model with some decoder layers removed (restored on exit)."""
+    decoder = _decoder(model)
+    full = decoder.layers
+    decoder.layers = nn.ModuleList([layer for i, layer in enumerate(full) if i not in drop])
+    try:
+        yield
+    finally:
+        decoder.layers = full
+
+
+def block_losses(model: nn.Module, tokens: Tensor, k: int, batch_size: int = 8) -> Tensor:
+    """[L - k + 1]: LM loss with each contiguous block of k layers dropped."""
+    num_layers = len(_decoder(model).layers)
+    out = []
+    for start in range(num_layers - k + 1):
+        with _without_layers(model, set(range(start, start + k))):
+            out.append(lm_loss(model, tokens, batch_size))
+    return torch.tensor(out)
+
+
+@torch.no_grad()
+def compute_importance(model: nn.Module, tokens: Tensor, settings: ImportanceSettings = ImportanceSettings()) -> Importances:
+    """Score every head, neuron, channel and layer of `model` on calibration `tokens` [N, S].
+
+    The model is run as it is (its dtype and device); every reduction is done in fp32.
+    """
+    family = family_of(model.config)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with _hooks(model, family, settings) as acc:
+            for batch in _batches(tokens, settings.batch_size):
+                model(input_ids=batch.to(device), use_cache=False)
+        drop_tokens = tokens[: settings.drop_samples]
+        base_loss = lm_loss(model, drop_tokens, settings.batch_size)
+        blocks = {k: block_losses(model, drop_tokens, k, settings.batch_size) for k in {1, *settings.block_sizes}}
+    finally:
+        model.train(was_training)
+    norms = torch.stack([r.result() for r in acc["norms"]])
+    return Importances(
+        hidden=_magnitude(norms, settings.batch_agg).sum(0).cpu(),
+        heads=torch.stack([r.result() for r in acc["heads"]]).cpu(),
+        neurons=_magnitude(torch.stack([r.result() for r in acc["neurons"]]), settings.batch_agg).cpu(),
+        layer_bi=(acc["bi_sum"] / max(acc["bi_tokens"], 1)).float(),
+        block_loss=blocks,
+        base_loss=base_loss,
+        meta={"samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "settings": _settings_dict(settings)},
+    )
+
+
+def _magnitude(scores: Tensor, batch_agg: str) -> Tensor:
+    # Signed activations (pre-activations, norm outputs) averaged over samples can be negative;
+    # rank by magnitude. l2 and var are already non-negative.
+    return scores.abs() if batch_agg == "mean" else scores
+
+
+def _settings_dict(settings: ImportanceSettings) -> dict[str, Any]:
+    d = dict(settings.__dict__)
+    d["block_sizes"] = list(settings.block_sizes)
+    return d
+
+
+def select_layers(importances: Importances, num_layers: int, method: str = "bi") -> tuple[int, ...]:
+    """Indices of the `num_layers` parent layers to keep.
+
+    Methods: "bi" keeps the highest Block Importance; "drop" keeps the layers whose removal alone raises
+    the loss most; "block" drops the contiguous block whose removal raises the loss least (2408.11796).
+    """
+    total = importances.heads.shape[0]
+    k = total - num_layers
+    if k < 0:
+        raise ValueError(f"num_hidden_layers={num_layers} exceeds the parent's {total} layers")
+    if k == 0:
+        return tuple(range(total))
+    if method == "block":
+        if k not in importances.block_loss:
+            raise ValueError(f"no block losses for k={k} dropped layers; compute importance with block_sizes including {k}")
+        start = int(importances.block_loss[k].argmin())
+        return tuple(i for i in range(total) if not start <= i < start + k)
+    if method == "bi":
+        scores = importances.layer_bi
+    elif method == "drop":
+        scores = importances.block_loss[1]
+    else:
+        raise ValueError(f"layer method {method!r}: must be one of {LAYER_METHODS}")
+    return tuple(sorted(scores.topk(num_layers).indices.tolist()))
+
+
+def fingerprint_model(model: nn.Module) -> str:
+    """A cheap, weight-dependent fingerprint: config plus per-tensor shape, dtype and sums."""
+    h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            stats = (float(p.double().sum()), float(p.double().abs().sum())) if p.is_floating_point() else (0.0, 0.0)
+            h.update(f"{name}{tuple(p.shape)}{p.dtype}{stats}".encode())
+    return h.hexdigest()[:16]
+
+
+def fingerprint_tokens(tokens: Tensor) -> str:
+    return hashlib.sha256(tokens.cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def cached_importance(model: nn.Module, tokens: Tensor, path: str | Path,
+                      settings: ImportanceSettings = ImportanceSettings()) -> Importances:
+    """Load scores from `path` when they were made from this parent, data and settings; else compute and save.
+
+    A corrupt or mismatched file is recomputed (and replaced atomically), never trusted.
+    """
+    key = {"parent": fingerprint_model(model), "data": fingerprint_tokens(tokens), "settings": _settings_dict(settings)}
+    path = Path(path)
+    if path.exists():
+        try:
+            cached = Importances.load(path)
+            if all(cached.meta.get(k) == v for k, v in key.items()):
+                log.info("importance: reusing %s", path)
+                return cached
+            log.info("importance: %s was made from another parent, data or settings; recomputing", path)
+        except Exception as e:  # a truncated or foreign file: recompute rather than fail
+            log.warning("importance: %s is unreadable (%s); recomputing", path, e)
+    result = compute_importance(model, tokens, settings)
+    result = replace(result, meta={**result.meta, **key})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    result.save(path)
+    return result
+

