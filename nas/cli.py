@@ -34,6 +34,7 @@ def cmd_importance(args) -> None:
     from nas.parents import load_parent
 
     settings = ImportanceSettings(seq_agg=args.seq_agg, batch_agg=args.batch_agg, neuron_source=args.neuron_source,
+                                  head_source=args.head_source,
                                   drop_samples=args.drop_samples, block_sizes=tuple(args.block_sizes),
                                   batch_size=args.batch_size)
     model, tokenizer = load_parent(args.parent, _device(args))
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-agg", choices=("mean", "l2", "var"), default="mean")
     p.add_argument("--batch-agg", choices=("mean", "l2", "var"), default="l2")
     p.add_argument("--neuron-source", choices=("pre", "post"), default="pre")
+    p.add_argument("--head-source", choices=("output", "attn"), default="output")
     p.add_argument("--drop-samples", type=int, default=8, help="sequences for loss-when-dropped layer scores")
     p.add_argument("--block-sizes", type=int, nargs="*", default=[], help="contiguous layer-block sizes to score")
     p.add_argument("--batch-size", type=int, default=8)
@@ -114,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
+    if not args.verbose:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
     try:
         args.func(args)
     except NasError as e:

@@ -93,7 +93,11 @@ class Family:
                 data[key] = [value[i] for i in arch.layers]
         data.update({k: v for k, v in arch.to_dict().items() if k != "layers"})
         data.pop("transformers_version", None)
-        return type(config).from_dict(data)
+        try:
+            return type(config).from_dict(data)
+        except Exception as e:  # the stock config's own validators (huggingface_hub strict dataclasses)
+            reason = str(e).strip().splitlines()[-1].strip()
+            raise ArchitectureError(f"{arch.short()}: {type(config).__name__} rejects it: {reason}") from None
 
 
 FAMILIES: dict[str, Family] = {

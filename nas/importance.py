@@ -38,7 +38,11 @@ class ImportanceSettings:
         seq_agg: reduction over tokens of one sample.
         batch_agg: reduction over samples.
         neuron_source: "pre" scores `X W1^T` (the paper), "post" the down projection's input.
-        drop_samples: samples used for the loss-when-dropped scores (each costs a forward per layer set).
+        head_source: "output" scores each head by the norm of its contribution through its slice of
+            o_proj, "attn" by the norm of its attention output (the paper's literal metric). Under GQA
+            the heads of a group read the same values, so "attn" barely separates them (see README).
+        drop_samples: samples used for the loss-when-dropped scores (each costs a forward per layer set);
+            0 skips them (then only "bi" can select layers).
         block_sizes: sizes k for which the loss of dropping every contiguous block of k layers is scored.
         batch_size: samples per forward.
     """
@@ -46,6 +50,7 @@ class ImportanceSettings:
     seq_agg: str = "mean"
     batch_agg: str = "l2"
     neuron_source: str = "pre"
+    head_source: str = "output"
     drop_samples: int = 8
     block_sizes: tuple[int, ...] = ()
     batch_size: int = 8
@@ -56,6 +61,8 @@ class ImportanceSettings:
                 raise ValueError(f"{key}={getattr(self, key)!r}: must be one of {AGGREGATIONS}")
         if self.neuron_source not in ("pre", "post"):
             raise ValueError(f"neuron_source={self.neuron_source!r}: must be 'pre' or 'post'")
+        if self.head_source not in ("output", "attn"):
+            raise ValueError(f"head_source={self.head_source!r}: must be 'output' or 'attn'")
         object.__setattr__(self, "block_sizes", tuple(sorted({int(k) for k in self.block_sizes})))
 
 
@@ -153,10 +160,19 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
     }
     seq = settings.seq_agg
 
-    def heads_hook(i: int):
+    def heads_hook(i: int, o_proj: nn.Linear):
+        gram = None
+        if settings.head_source == "output":
+            # ||W_o,h a_h||^2 = a_h^T (W_o,h^T W_o,h) a_h: a [d, d] Gram matrix per head, not a full projection.
+            w = o_proj.weight.detach().float().unflatten(1, (-1, head_dim))  # [hidden, H, d]
+            gram = torch.einsum("ohd,ohe->hde", w, w)
+
         def hook(_mod, args):
-            x = args[0]  # [B, S, H * head_dim]: per-head attention outputs before o_proj
-            norms = x.float().unflatten(-1, (-1, head_dim)).norm(dim=-1)
+            x = args[0].float().unflatten(-1, (-1, head_dim))  # [B, S, H, d]: per-head outputs before o_proj
+            if gram is None:
+                norms = x.norm(dim=-1)
+            else:
+                norms = torch.einsum("bshd,hde,bshe->bsh", x, gram, x).clamp_min(0).sqrt()
             acc["heads"][i].add(_over_sequence(norms, seq))
         return hook
 
@@ -182,7 +198,7 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
 
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(heads_hook(i)))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(heads_hook(i, layer.self_attn.o_proj)))
         if settings.neuron_source == "pre":
             handles.append(getattr(layer.mlp, family.neuron_module).register_forward_hook(neurons_hook(i, True)))
         else:
@@ -252,9 +268,11 @@ def compute_importance(model: nn.Module, tokens: Tensor, settings: ImportanceSet
         with _hooks(model, family, settings) as acc:
             for batch in _batches(tokens, settings.batch_size):
                 model(input_ids=batch.to(device), use_cache=False)
-        drop_tokens = tokens[: settings.drop_samples]
-        base_loss = lm_loss(model, drop_tokens, settings.batch_size)
-        blocks = {k: block_losses(model, drop_tokens, k, settings.batch_size) for k in {1, *settings.block_sizes}}
+        base_loss, blocks = float("nan"), {}
+        if settings.drop_samples > 0:
+            drop_tokens = tokens[: settings.drop_samples]
+            base_loss = lm_loss(model, drop_tokens, settings.batch_size)
+            blocks = {k: block_losses(model, drop_tokens, k, settings.batch_size) for k in {1, *settings.block_sizes}}
     finally:
         model.train(was_training)
     norms = torch.stack([r.result() for r in acc["norms"]])
@@ -301,6 +319,8 @@ def select_layers(importances: Importances, num_layers: int, method: str = "bi")
     if method == "bi":
         scores = importances.layer_bi
     elif method == "drop":
+        if 1 not in importances.block_loss:
+            raise ValueError("no loss-when-dropped scores; compute importance with drop_samples > 0")
         scores = importances.block_loss[1]
     else:
         raise ValueError(f"layer method {method!r}: must be one of {LAYER_METHODS}")

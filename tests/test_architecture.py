@@ -1,0 +1,100 @@
+import random
+
+import pytest
+
+from conftest import TINY_CONFIGS, tiny_model
+from nas.architecture import Architecture
+from nas.errors import ArchitectureError, UnsupportedModelError
+from nas.families import FAMILIES, family_of
+from nas.importance import Importances
+from nas.prune import prune
+
+
+def _random_arch(config, rng: random.Random) -> Architecture:
+    full = Architecture.of_config(config)
+    kv = rng.choice([k for k in range(1, full.num_key_value_heads + 1) if full.num_key_value_heads % k == 0])
+    per_group = rng.randint(1, full.queries_per_group)
+    layers = sorted(rng.sample(range(full.num_hidden_layers), rng.randint(1, full.num_hidden_layers)))
+    heads = kv * per_group
+    # Stock LlamaConfig insists on hidden_size % num_attention_heads == 0, so draw multiples of heads.
+    hidden = heads * rng.randint(1, full.hidden_size // heads)
+    return full.replace(num_hidden_layers=len(layers), layers=tuple(layers), num_key_value_heads=kv,
+                        num_attention_heads=heads, hidden_size=hidden,
+                        intermediate_size=rng.randint(1, full.intermediate_size))
+
+
+def _uniform_importances(config) -> Importances:
+    import torch
+
+    L, H, I = config.num_hidden_layers, config.num_attention_heads, config.intermediate_size
+    return Importances(torch.rand(config.hidden_size), torch.rand(L, H), torch.rand(L, I), torch.rand(L))
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_parameter_count_matches_materialised_model(name):
+    model = tiny_model(name)
+    family = family_of(model.config)
+    full = Architecture.of_config(model.config)
+    assert family.num_parameters(model.config, full) == sum(p.numel() for p in model.parameters())
+    rng = random.Random(name)
+    importances = _uniform_importances(model.config)
+    for _ in range(4):
+        arch = _random_arch(model.config, rng)
+        child = prune(model, importances, arch)
+        assert family.num_parameters(model.config, arch) == sum(p.numel() for p in child.parameters()), arch
+
+
+def test_every_family_has_a_tiny_model():
+    assert {TINY_CONFIGS[n]().model_type for n in TINY_CONFIGS} == set(FAMILIES)
+
+
+def test_json_round_trip_uses_hf_keys():
+    arch = Architecture(2, 32, 4, 2, 8, 64, (0, 3))
+    data = arch.to_dict()
+    assert set(data) == {"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                         "head_dim", "intermediate_size", "layers"}
+    assert Architecture.from_dict(data) == arch
+    assert arch.mlp_expansion == 2.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(num_attention_heads=5), "multiple of num_key_value_heads"),
+    (dict(layers=(0,)), "layers has 1 entries"),
+    (dict(layers=(3, 0)), "ascending"),
+    (dict(hidden_size=0), "hidden_size=0"),
+])
+def test_invalid_architectures_name_the_field(kwargs, match):
+    base = dict(num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                intermediate_size=64, layers=(0, 3))
+    with pytest.raises(ArchitectureError, match=match):
+        Architecture(**{**base, **kwargs})
+
+
+def test_child_wider_than_parent_is_rejected():
+    config = TINY_CONFIGS["llama"]()
+    arch = Architecture.of_config(config).replace(intermediate_size=config.intermediate_size + 1)
+    with pytest.raises(ArchitectureError, match="intermediate_size=81 is larger than the parent's 80"):
+        family_of(config).child_config(config, arch)
+
+
+def test_unknown_family_lists_supported_ones():
+    from transformers import GPT2Config
+
+    with pytest.raises(UnsupportedModelError, match="supported families: llama, mistral, nemotron, qwen2, qwen3"):
+        family_of(GPT2Config())
+
+
+def test_child_config_slices_per_layer_lists():
+    config = TINY_CONFIGS["qwen2"]()
+    config.layer_types = ["full_attention", "sliding_attention", "full_attention", "sliding_attention"]
+    arch = Architecture.of_config(config).replace(num_hidden_layers=2, layers=(1, 2))
+    child = family_of(config).child_config(config, arch)
+    assert child.layer_types == ["sliding_attention", "full_attention"]
+    assert child.head_dim == config.head_dim and child.num_hidden_layers == 2
+
+
+def test_stock_config_rejection_is_one_clear_line():
+    config = TINY_CONFIGS["llama"]()
+    arch = Architecture.of_config(config).replace(hidden_size=41)
+    with pytest.raises(ArchitectureError, match=r"^L4-H6-KV2-M80-E41: LlamaConfig rejects it: .*hidden size \(41\)"):
+        family_of(config).child_config(config, arch)

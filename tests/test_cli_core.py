@@ -1,0 +1,87 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config
+
+from nas.architecture import Architecture
+from nas.cli import main
+from nas.families import family_of
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def _importance(capsys, parent, data, out, samples=4):
+    return _run(capsys, "importance", "--parent", parent, "--data", data, "--out", out, "--samples", samples,
+                "--seq-len", 32, "--drop-samples", 2)
+
+
+def test_importance_then_prune_writes_a_stock_checkpoint(capsys, tiny_parent_dir, text_file, tmp_path):
+    scores = tmp_path / "imp.safetensors"
+    assert _importance(capsys, tiny_parent_dir, text_file, scores) == (0, "")
+    arch = {"num_hidden_layers": 3, "hidden_size": 36, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 12, "intermediate_size": 40}  # no "layers": picked by Block Importance
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    code, err = _run(capsys, "prune", "--parent", tiny_parent_dir, "--arch", tmp_path / "arch.json",
+                     "--importance", scores, "--out", tmp_path / "child")
+    assert (code, err) == (0, "")
+    child = AutoModelForCausalLM.from_pretrained(tmp_path / "child")
+    saved = Architecture.from_dict(json.loads((tmp_path / "child" / "architecture.json").read_text()))
+    assert saved.num_hidden_layers == 3 and len(saved.layers) == 3
+    parent_config = AutoModelForCausalLM.from_pretrained(tiny_parent_dir).config
+    assert sum(p.numel() for p in child.parameters()) == family_of(parent_config).num_parameters(parent_config, saved)
+    with torch.no_grad():
+        assert torch.isfinite(child(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"intermediate_size": 81}, "intermediate_size=81 is larger than the parent's 80"),
+    ({"num_attention_heads": 5}, "num_attention_heads=5 must be a multiple of num_key_value_heads=2"),
+])
+def test_bad_architecture_is_one_line(capsys, tiny_parent_dir, text_file, tmp_path, change, message):
+    scores = tmp_path / "imp.safetensors"
+    _importance(capsys, tiny_parent_dir, text_file, scores)
+    arch = {**Architecture(4, 48, 6, 2, 12, 80, (0, 1, 2, 3)).to_dict(), **change}
+    (tmp_path / "arch.json").write_text(json.dumps(arch))
+    code, err = _run(capsys, "prune", "--parent", tiny_parent_dir, "--arch", tmp_path / "arch.json",
+                     "--importance", scores, "--out", tmp_path / "child")
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "child").exists()
+
+
+def test_unknown_family_is_one_line(capsys, tmp_path, text_file):
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
+    code, err = _importance(capsys, tmp_path / "gpt2", text_file, tmp_path / "imp.safetensors")
+    assert code == 2 and "model_type='gpt2' is not supported; supported families: llama" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("text, message", [("", "holds no text"), ("a few words only", "need at least 4")])
+def test_empty_or_short_calibration_data_is_one_line(capsys, tiny_parent_dir, tmp_path, text, message):
+    data = tmp_path / "short.txt"
+    data.write_text(text)
+    code, err = _importance(capsys, tiny_parent_dir, data, tmp_path / "imp.safetensors")
+    assert code == 2 and message in err and len(err.splitlines()) == 1
+
+
+def test_missing_and_corrupt_importance_files(capsys, tiny_parent_dir, tmp_path):
+    (tmp_path / "arch.json").write_text(Architecture(4, 48, 6, 2, 12, 80, (0, 1, 2, 3)).to_json())
+    args = ["prune", "--parent", tiny_parent_dir, "--arch", tmp_path / "arch.json", "--out", tmp_path / "c"]
+    code, err = _run(capsys, *args, "--importance", tmp_path / "none.safetensors")
+    assert code == 2 and "no such file; run `nas importance" in err
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 64)
+    code, err = _run(capsys, *args, "--importance", tmp_path / "bad.safetensors")
+    assert code == 2 and "unreadable or corrupt" in err and len(err.splitlines()) == 1
+
+
+def test_console_script_exits_non_zero_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nas.cli", "importance", "--parent", str(tmp_path / "nowhere"),
+                           "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().endswith("no such checkpoint directory (or use a hub id, or 'smollm2-135m')")
