@@ -71,6 +71,96 @@ def cmd_prune(args) -> None:
     print(f"pruned {args.parent} -> {arch.short()} ({n:,} parameters) -> {args.out}")
 
 
+def _train_val(args, tokenizer):
+    from nas.data import load_tokens, split
+
+    tokens = load_tokens(args.data, tokenizer, args.seq_len, args.text_field, min_sequences=2)
+    return split(tokens, args.val_fraction, args.seed)
+
+
+def _distill_config(args, **overrides):
+    from nas.distill import DistillConfig
+
+    fields = dict(tokens=args.tokens, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+                  warmup_steps=args.warmup_steps, temperature=args.temperature, kd=args.kd, ce_weight=args.ce_weight,
+                  intermediate=args.intermediate, eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
+                  seed=args.seed, grad_checkpointing=args.grad_checkpointing)
+    return DistillConfig(**{**fields, **overrides})
+
+
+def _load_student(path: str, device):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from nas.parents import default_device
+
+    if not (Path(path) / "config.json").exists():
+        raise NasError(f"--student {path}: not an HF checkpoint directory (make one with `nas prune`)")
+    # fp32 master weights; bf16 autocast on CUDA does the fast part.
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device or default_device())
+
+
+def cmd_distill(args) -> None:
+    from nas.distill import Distiller
+    from nas.parents import load_parent
+    from nas.teacher_cache import cached_topk
+
+    teacher, tokenizer = load_parent(args.teacher, _device(args))
+    student = _load_student(args.student, _device(args))
+    train, val = _train_val(args, tokenizer)
+    arch_file = Path(args.student) / "architecture.json"
+    layer_map = json.loads(arch_file.read_text())["layers"] if arch_file.exists() else None
+    cfg = _distill_config(args)
+    topk = None
+    if args.teacher_topk:
+        topk = cached_topk(teacher, train, args.teacher_topk, Path(args.out) / "teacher_topk.safetensors",
+                           cfg.temperature, cfg.batch_size)
+    result = Distiller(student, teacher, train, val, args.out, cfg, layer_map, topk).run(progress=not args.quiet)
+    tokenizer.save_pretrained(Path(args.out) / "model")
+    print(f"distilled -> {args.out}/model: val loss {result['val_loss']:.4f}, val KD {result.get('val_kd', 0):.4f}")
+
+
+def cmd_correct_teacher(args) -> None:
+    from nas.distill import Distiller
+    from nas.parents import load_parent
+
+    parent, tokenizer = load_parent(args.parent, _device(args))
+    parent = parent.float()
+    train, val = _train_val(args, tokenizer)
+    # 2408.11796: a light fine-tune on the distillation data, peak LR a fifth of pre-training's.
+    cfg = _distill_config(args, lr=args.pretrain_lr / 5, kd="none", ce_weight=1.0, intermediate="off")
+    result = Distiller(parent, None, train, val, args.out, cfg).run(progress=not args.quiet)
+    tokenizer.save_pretrained(Path(args.out) / "model")
+    print(f"corrected teacher -> {args.out}/model: val loss {result['val_loss']:.4f}")
+
+
+def cmd_eval(args) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    from nas.data import load_tokens
+    from nas.evaluate import heldout, lm_eval_tasks
+
+    model = _load_student(args.model, _device(args)).eval()
+    if args.device is None and not torch.cuda.is_available():
+        model = model.float()
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    report = {}
+    if args.data:
+        tokens = load_tokens(args.data, tokenizer, args.seq_len, args.text_field)[: args.max_sequences]
+        report["heldout"] = heldout(model, tokens, args.batch_size)
+    if args.tasks:
+        report["lm_eval"] = lm_eval_tasks(model, tokenizer, args.tasks.split(","), args.limit, args.batch_size)
+    if not report:
+        raise NasError("nothing to evaluate: give --data for held-out loss and/or --tasks for lm-eval")
+    text = json.dumps(report, indent=2)
+    if args.out:
+        from nas.files import write_json
+
+        write_json(args.out, report)
+    print(text)
+
+
 def _load_importances(path: str, cls):
     if not Path(path).exists():
         raise NasError(f"--importance {path}: no such file; run `nas importance --out {path}` first")
@@ -109,7 +199,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--residual-heads", action="store_true")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("distill", help="retrain a pruned student by knowledge distillation")
+    p.add_argument("--student", required=True, help="pruned HF checkpoint (from `nas prune`)")
+    p.add_argument("--teacher", default="smollm2-135m", help="the parent (or a corrected teacher)")
+    _add_training(p)
+    p.add_argument("--teacher-topk", type=int, default=0, help="cache the teacher's top-K log-probs (0: online)")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("correct-teacher", help="fine-tune the parent on the distillation data (2408.11796)")
+    p.add_argument("--parent", default="smollm2-135m")
+    p.add_argument("--pretrain-lr", type=float, required=True, help="the parent's peak pre-training LR")
+    _add_training(p)
+    p.set_defaults(func=cmd_correct_teacher)
+
+    p = sub.add_parser("eval", help="held-out loss and lm-eval tasks of a checkpoint")
+    p.add_argument("--model", required=True, help="HF checkpoint directory")
+    p.add_argument("--data", default=None, help="held-out text (file, directory, 'shakespeare', dataset)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--max-sequences", type=int, default=64)
+    p.add_argument("--tasks", default=None, help="comma-separated lm-eval tasks, e.g. nas_cloze,hellaswag")
+    p.add_argument("--limit", type=int, default=None, help="examples per task")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--out", default=None, help="also write the report as JSON")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_eval)
     return parser
+
+
+def _add_training(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", default="shakespeare")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--tokens", type=int, required=True, help="training tokens")
+    p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, default=5)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--kd", choices=("forward", "reverse", "none"), default="forward")
+    p.add_argument("--ce-weight", type=float, default=0.0)
+    p.add_argument("--intermediate", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--eval-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=int, default=20)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device", default=None)
 
 
 def main(argv: list[str] | None = None) -> int:

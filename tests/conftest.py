@@ -22,7 +22,7 @@ os.environ.setdefault("NAS_CACHE", str(ROOT / ".cache"))
 
 VOCAB = 320
 _COMMON = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=80, num_hidden_layers=4, num_attention_heads=6,
-               num_key_value_heads=2, head_dim=12, max_position_embeddings=128)
+               num_key_value_heads=2, head_dim=12, max_position_embeddings=128, initializer_range=0.15)
 
 TINY_CONFIGS = {
     "llama": lambda: LlamaConfig(**_COMMON, attention_bias=True, mlp_bias=True, tie_word_embeddings=False),

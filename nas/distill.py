@@ -1,0 +1,314 @@
+"""Knowledge-distillation retraining of a pruned student (paper §3), as one explicit, resumable loop.
+
+Output folder:
+    model/          the student as a stock HF checkpoint (written at the end, atomically)
+    metrics.jsonl   one JSON line per logged step and per evaluation
+    checkpoint/     model, optimizer, scheduler, RNG and step, for resuming (removed when done)
+    result.json     final figures; its presence means the run finished and is not redone
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from nas import losses
+from nas.errors import ConfigError, TrainingError
+from nas.files import atomic_dir, write_json
+from nas.importance import lm_loss
+from nas.teacher_cache import TeacherTopK
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """One distillation run. Defaults follow the paper's best practices: KD only, forward KL, T = 1.
+
+    Attributes:
+        tokens: training tokens in total (steps = tokens / (batch_size * grad_accum * seq_len)).
+        lr: peak learning rate, reached after `warmup_steps`, then cosine decay to `lr * min_lr_ratio`.
+        kd: "forward" or "reverse" KL on logits, or "none" for plain cross-entropy training.
+        ce_weight: weight of next-token cross-entropy added to the KD loss (paper: 0 is best).
+        intermediate: "auto" adds the intermediate-state loss when the student dropped more than
+            `depth_threshold` of the teacher's layers (§3); "on" / "off" force it.
+        eval_every / checkpoint_every: in optimizer steps; 0 means only at the end.
+    """
+
+    tokens: int = 16_384
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 5
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    kd: str = "forward"
+    ce_weight: float = 0.0
+    intermediate: str = "auto"
+    depth_threshold: float = 0.25
+    eval_every: int = 0
+    checkpoint_every: int = 20
+    seed: int = 0
+    grad_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.kd not in ("forward", "reverse", "none"):
+            problems.append(f"kd={self.kd!r}: must be 'forward', 'reverse' or 'none'")
+        if self.intermediate not in ("auto", "on", "off"):
+            problems.append(f"intermediate={self.intermediate!r}: must be 'auto', 'on' or 'off'")
+        for key in ("tokens", "batch_size", "grad_accum"):
+            if getattr(self, key) < 1:
+                problems.append(f"{key}={getattr(self, key)}: must be >= 1")
+        if self.kd == "none" and self.ce_weight <= 0:
+            problems.append("kd='none' needs ce_weight > 0 (otherwise there is no loss)")
+        if problems:
+            raise ConfigError("; ".join(problems))
+
+    def steps(self, seq_len: int) -> int:
+        return max(1, self.tokens // (self.batch_size * self.grad_accum * seq_len))
+
+
+def lr_factor(step: int, total: int, warmup: int, floor: float) -> float:
+    """Linear warm-up to 1, then cosine decay to `floor` at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def sample_indices(step: int, micro: int, cfg: DistillConfig, n: int) -> Tensor:
+    """Which training sequences feed (step, micro-batch): seeded epoch permutations, so a resumed run
+    sees exactly the data an uninterrupted one would."""
+    start = (step * cfg.grad_accum + micro) * cfg.batch_size
+    positions = torch.arange(start, start + cfg.batch_size)
+    out = torch.empty_like(positions)
+    for epoch in positions.div(n, rounding_mode="floor").unique().tolist():
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
+        sel = positions.div(n, rounding_mode="floor") == epoch
+        out[sel] = perm[positions[sel] % n]
+    return out
+
+
+def uses_intermediate(cfg: DistillConfig, student_layers: int, teacher_layers: int) -> bool:
+    if cfg.intermediate != "auto":
+        return cfg.intermediate == "on"
+    return 1 - student_layers / teacher_layers > cfg.depth_threshold
+
+
+@contextlib.contextmanager
+def capture_states(model: nn.Module, layers: list[int]) -> Iterator[list[Tensor]]:
+    """Collect [embeddings, outputs of `layers`...] after the model's final norm (paper §3)."""
+    decoder = model.model
+    states: list[Tensor] = []
+    norm = decoder.norm
+
+    def keep(_m, _a, out):
+        states.append(norm(out[0] if isinstance(out, tuple) else out))
+
+    handles = [decoder.embed_tokens.register_forward_hook(keep)]
+    handles += [decoder.layers[i].register_forward_hook(keep) for i in layers]
+    try:
+        yield states
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class Distiller:
+    """Holds a run's student, teacher, optimiser and data; `run()` trains to the end or to `stop_after`."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, train: Tensor, val: Tensor, out: str | Path,
+                 cfg: DistillConfig, layer_map: list[int] | None = None, teacher_topk: TeacherTopK | None = None):
+        if cfg.kd != "none" and teacher is None:
+            raise ConfigError(f"kd={cfg.kd!r} needs a teacher")
+        self.student, self.teacher, self.train_tokens, self.val, self.cfg = student, teacher, train, val, cfg
+        self.out, self.topk = Path(out), teacher_topk
+        self.device = next(student.parameters()).device
+        self.seq_len = train.shape[1]
+        self.total = cfg.steps(self.seq_len)
+        n_student = student.config.num_hidden_layers
+        self.layer_map = layer_map or list(range(n_student))
+        self.intermediate = teacher is not None and uses_intermediate(cfg, n_student, teacher.config.num_hidden_layers)
+        self.projection = None
+        if self.intermediate and student.config.hidden_size != teacher.config.hidden_size:
+            self.projection = nn.Linear(student.config.hidden_size, teacher.config.hidden_size, bias=False,
+                                        device=self.device)
+        if cfg.grad_checkpointing:
+            student.gradient_checkpointing_enable()
+        params = list(student.parameters()) + (list(self.projection.parameters()) if self.projection else [])
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total, cfg.warmup_steps, cfg.min_lr_ratio))
+        self.step = 0
+
+    # -- the loss, written out --------------------------------------------------------------------
+    def loss(self, idx: Tensor) -> dict[str, Tensor]:
+        cfg = self.cfg
+        tokens = self.train_tokens[idx].to(self.device)
+        mask = torch.ones(tokens.shape, dtype=torch.bool, device=self.device)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        teacher_states: list[Tensor] = []
+        teacher_logits = None
+        if self.teacher is not None and (self.topk is None or self.intermediate):
+            with torch.no_grad(), autocast, capture_states(self.teacher, self.layer_map if self.intermediate else []) as ts:
+                teacher_logits = self.teacher(input_ids=tokens, use_cache=False).logits
+                teacher_states = list(ts)
+        with autocast, capture_states(self.student, list(range(len(self.layer_map))) if self.intermediate else []) as ss:
+            logits = self.student(input_ids=tokens, use_cache=False).logits
+            student_states = list(ss)
+        parts: dict[str, Tensor] = {}
+        if cfg.kd == "forward" and self.topk is not None:
+            t_logprobs, t_index = self.topk.rows(idx, self.device)
+            parts["kd"] = losses.topk_forward_kl(logits, t_logprobs, t_index, mask, cfg.temperature)
+        elif cfg.kd == "forward":
+            parts["kd"] = losses.forward_kl(logits, teacher_logits, mask, cfg.temperature)
+        elif cfg.kd == "reverse":
+            parts["kd"] = losses.reverse_kl(logits, teacher_logits, mask, cfg.temperature)
+        total = parts.get("kd", logits.new_zeros(()).float())
+        if cfg.ce_weight > 0:
+            parts["ce"] = losses.cross_entropy(logits[:, :-1], tokens[:, 1:], mask[:, 1:])
+            total = total + cfg.ce_weight * parts["ce"]
+        if self.intermediate:
+            parts["is"] = losses.cosine_loss(student_states, teacher_states, mask, self.projection)
+            # Dynamic weight (§3): scale the intermediate loss to the logit loss's magnitude.
+            alpha = (total.detach() / parts["is"].detach().clamp_min(1e-8))
+            total = total + alpha * parts["is"]
+        parts["loss"] = total
+        return parts
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.out / "checkpoint"
+
+    def save_checkpoint(self) -> None:
+        with atomic_dir(self.checkpoint_dir) as tmp:
+            state = {k: v.contiguous() for k, v in self.student.state_dict().items()}
+            if self.projection is not None:
+                state |= {f"_projection.{k}": v for k, v in self.projection.state_dict().items()}
+            save_file(_untied(state), str(tmp / "model.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg)}))
+
+    def load_checkpoint(self) -> bool:
+        if not (self.checkpoint_dir / "state.json").exists():
+            return False
+        state = json.loads((self.checkpoint_dir / "state.json").read_text())
+        if state["config"] != asdict(self.cfg):
+            raise ConfigError(f"{self.checkpoint_dir} was made with other settings; use a new --out or delete it")
+        weights = load_file(str(self.checkpoint_dir / "model.safetensors"), device=str(self.device))
+        if self.projection is not None:
+            self.projection.load_state_dict({k.split(".", 1)[1]: weights.pop(k) for k in list(weights)
+                                             if k.startswith("_projection.")})
+        self.student.load_state_dict(weights, strict=False)
+        extra = torch.load(self.checkpoint_dir / "optimizer.pt", map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        self.scheduler.load_state_dict(extra["scheduler"])
+        torch.set_rng_state(extra["rng"].cpu())
+        self.step = state["step"]
+        return True
+
+    # -- evaluation and logging -------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        self.student.eval()
+        out = {"val_loss": lm_loss(self.student, self.val, self.cfg.batch_size)}
+        if self.teacher is not None:
+            kd = []
+            for batch in self.val.split(self.cfg.batch_size):
+                batch = batch.to(self.device)
+                mask = torch.ones(batch.shape, dtype=torch.bool, device=self.device)
+                kd.append(float(losses.forward_kl(self.student(input_ids=batch).logits,
+                                                  self.teacher(input_ids=batch).logits, mask)) * batch.shape[0])
+            out["val_kd"] = sum(kd) / self.val.shape[0]
+        self.student.train()
+        return out
+
+    def _log(self, record: dict[str, Any]) -> None:
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def run(self, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
+        """Train to the end (or only up to step `stop_after`, for tests of resuming); returns the result."""
+        if (self.out / "result.json").exists():
+            return json.loads((self.out / "result.json").read_text())
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.cfg.seed)
+        if self.load_checkpoint():
+            log.info("resuming %s at step %d", self.out, self.step)
+        self.student.train()
+        tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.seq_len
+        bar = tqdm(total=self.total, initial=self.step, disable=not progress, unit="step", desc="distill")
+        start, start_step, record = time.perf_counter(), self.step, {}
+        while self.step < self.total and (stop_after is None or self.step < stop_after):
+            parts_sum: dict[str, float] = {}
+            for micro in range(self.cfg.grad_accum):
+                parts = self.loss(sample_indices(self.step, micro, self.cfg, self.train_tokens.shape[0]))
+                if not torch.isfinite(parts["loss"]):
+                    raise TrainingError(f"non-finite loss {float(parts['loss'].detach())} at step {self.step}; the last good "
+                                        f"checkpoint is kept in {self.checkpoint_dir}; lower --lr and resume")
+                (parts["loss"] / self.cfg.grad_accum).backward()
+                for k, v in parts.items():
+                    parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            elapsed = time.perf_counter() - start
+            record = {"step": self.step, "tokens": self.step * tokens_per_step, **parts_sum,
+                      "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+                      "tokens_per_s": (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)}
+            self._log(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts_sum['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total:
+                self._log({"step": self.step, **self.evaluate()})
+            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 or self.step == stop_after:
+                self.save_checkpoint()
+        bar.close()
+        if self.step < self.total:
+            return {"step": self.step, "finished": False}
+        return self.finish(record)
+
+    def finish(self, last: dict[str, Any]) -> dict[str, Any]:
+        evaluation = self.evaluate()
+        self._log({"step": self.step, **evaluation})
+        with atomic_dir(self.out / "model") as tmp:
+            self.student.save_pretrained(tmp)
+        result = {"finished": True, "steps": self.step, "tokens": self.step * self.cfg.batch_size *
+                  self.cfg.grad_accum * self.seq_len, "train_loss": last.get("loss"), **evaluation,
+                  "intermediate_loss": self.intermediate, "tokens_per_s": last.get("tokens_per_s")}
+        write_json(self.out / "result.json", result)
+        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        return result
+
+
+def _untied(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """safetensors refuses shared storage (tied embeddings): store each shared tensor once more, cloned."""
+    seen: dict[int, str] = {}
+    out = {}
+    for k, v in state.items():
+        ptr = v.data_ptr()
+        out[k] = v.clone() if ptr in seen else v
+        seen.setdefault(ptr, k)
+    return out

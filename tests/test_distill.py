@@ -1,0 +1,122 @@
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from nas.architecture import Architecture
+from nas.distill import DistillConfig, Distiller, lr_factor, sample_indices
+from nas.errors import ConfigError, TrainingError
+from nas.importance import ImportanceSettings, compute_importance
+from nas.prune import prune
+from nas.teacher_cache import cached_topk, compute_topk
+
+TRAIN = torch.randint(0, 320, (12, 16), generator=torch.Generator().manual_seed(2))
+VAL = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(3))
+CFG = DistillConfig(tokens=8 * 4 * 16, batch_size=4, lr=1e-3, warmup_steps=2, checkpoint_every=0)
+
+
+def _pair(layers=(0, 1, 2, 3), hidden=48):
+    teacher = tiny_model("llama")
+    imp = compute_importance(teacher, TRAIN, ImportanceSettings(drop_samples=0))
+    arch = Architecture.of_config(teacher.config).replace(num_hidden_layers=len(layers), layers=tuple(layers),
+                                                          hidden_size=hidden, intermediate_size=40)
+    return prune(teacher, imp, arch).train(), teacher, list(layers)
+
+
+def test_lr_schedule_warms_up_then_decays_to_floor():
+    values = [lr_factor(s, 10, 2, 0.1) for s in range(12)]
+    assert values[0] == 0.5 and values[1] == 1.0 and values[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(values[1:], values[2:])) and values[10] == pytest.approx(0.1)
+
+
+def test_sampling_covers_each_epoch_once():
+    cfg = DistillConfig(batch_size=4)
+    epoch = torch.cat([sample_indices(s, 0, cfg, 12) for s in range(3)])
+    assert sorted(epoch.tolist()) == list(range(12))
+    assert torch.equal(sample_indices(5, 0, cfg, 12), sample_indices(5, 0, cfg, 12))
+
+
+def test_kd_lowers_the_kd_loss_and_writes_a_stock_checkpoint(tmp_path):
+    student, teacher, layers = _pair()
+    before = Distiller(student, teacher, TRAIN, VAL, tmp_path / "x", CFG, layers).evaluate()
+    result = Distiller(student, teacher, TRAIN, VAL, tmp_path / "run", CFG, layers).run(progress=False)
+    assert result["finished"] and result["val_kd"] < before["val_kd"]
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(VAL).logits, student.eval()(VAL).logits)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 9)) and "val_loss" in lines[-1]
+    assert not (tmp_path / "run" / "checkpoint").exists()
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    cfg = DistillConfig(**{**CFG.__dict__, "grad_accum": 2, "tokens": 6 * 2 * 4 * 16})
+    student, teacher, layers = _pair()
+    whole = Distiller(student, teacher, TRAIN, VAL, tmp_path / "whole", cfg, layers).run(progress=False)
+    student, teacher, layers = _pair()
+    partial = Distiller(student, teacher, TRAIN, VAL, tmp_path / "cut", cfg, layers).run(stop_after=3, progress=False)
+    assert partial == {"step": 3, "finished": False} and (tmp_path / "cut" / "checkpoint").exists()
+    student, teacher, layers = _pair()  # a fresh process: nothing but the folder carries over
+    resumed = Distiller(student, teacher, TRAIN, VAL, tmp_path / "cut", cfg, layers).run(progress=False)
+    assert resumed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
+    again = Distiller(student, teacher, TRAIN, VAL, tmp_path / "cut", cfg, layers).run(progress=False)
+    assert again == resumed  # a finished run is not redone
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    student, teacher, layers = _pair()
+    run = Distiller(student, teacher, TRAIN, VAL, tmp_path / "run", CFG, layers)
+    run.run(stop_after=2, progress=False)
+    with torch.no_grad():  # the teacher is not in the checkpoint, so resuming cannot undo this
+        teacher.model.embed_tokens.weight.fill_(float("nan"))
+    with pytest.raises(TrainingError, match="non-finite loss nan at step 2; the last good checkpoint"):
+        run.run(progress=False)
+    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+
+
+def test_cached_teacher_with_exact_storage_equals_online_kd(tmp_path):
+    student, teacher, layers = _pair()
+    exact = cached_topk(teacher, TRAIN, 320, tmp_path / "t.safetensors", dtype=torch.float32)
+    online = Distiller(student, teacher, TRAIN, VAL, tmp_path / "a", CFG, layers)
+    cached = Distiller(student, teacher, TRAIN, VAL, tmp_path / "b", CFG, layers, teacher_topk=exact)
+    idx = torch.tensor([0, 5, 7])
+    with torch.no_grad():
+        assert float(cached.loss(idx)["kd"]) == pytest.approx(float(online.loss(idx)["kd"]), rel=1e-5)
+    again = cached_topk(teacher, TRAIN, 320, tmp_path / "t.safetensors", dtype=torch.float32)
+    assert torch.equal(again.index, exact.index)
+    small = compute_topk(teacher, TRAIN[:2], 8)
+    assert small.logprobs.dtype == torch.float16 and small.index.shape == (2, 16, 8)
+
+
+def test_intermediate_loss_turns_on_when_depth_drops_past_threshold(tmp_path):
+    student, teacher, layers = _pair(layers=(0, 3), hidden=36)
+    run = Distiller(student, teacher, TRAIN, VAL, tmp_path / "deep", CFG, layers)
+    assert run.intermediate and run.projection.weight.shape == (48, 36)
+    parts = run.loss(torch.tensor([0, 1]))
+    assert {"kd", "is", "loss"} <= set(parts) and torch.isfinite(parts["loss"])
+    # dynamic alpha: the intermediate term is scaled to the logit term's size
+    assert float(parts["loss"]) == pytest.approx(2 * float(parts["kd"]), rel=1e-5)
+    shallow, teacher, layers = _pair(layers=(0, 1, 3))
+    assert not Distiller(shallow, teacher, TRAIN, VAL, tmp_path / "s", CFG, layers).intermediate
+
+
+def test_plain_cross_entropy_needs_no_teacher(tmp_path):
+    student, _, _ = _pair()
+    cfg = DistillConfig(**{**CFG.__dict__, "kd": "none", "ce_weight": 1.0})
+    result = Distiller(student, None, TRAIN, VAL, tmp_path / "ce", cfg).run(progress=False)
+    assert result["finished"] and "val_kd" not in result
+    with pytest.raises(ConfigError, match="kd='none' needs ce_weight > 0"):
+        DistillConfig(kd="none")
+
+
+def test_lm_eval_runs_the_shipped_task_offline(tiny_tokenizer):
+    from nas.evaluate import lm_eval_tasks
+
+    model = tiny_model("llama")
+    scores = lm_eval_tasks(model, tiny_tokenizer, ["nas_cloze"], limit=6, batch_size=4)
+    assert 0.0 <= scores["nas_cloze"]["acc"] <= 1.0 and "acc_norm" in scores["nas_cloze"]
