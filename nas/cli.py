@@ -12,6 +12,8 @@ from nas.errors import NasError
 
 log = logging.getLogger("nas")
 
+DEMO_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "smollm2-135m-demo.yaml"
+
 
 def _add_parent_data(p: argparse.ArgumentParser, data_default: str | None = "shakespeare") -> None:
     p.add_argument("--parent", default="smollm2-135m", help="HF directory, hub id, or 'smollm2-135m' (default)")
@@ -161,6 +163,67 @@ def cmd_eval(args) -> None:
     print(text)
 
 
+def _space_config(space):
+    """The parent's config: inline in the space (enumeration without weights) or read from the parent."""
+    from transformers import AutoConfig
+
+    from nas.families import family_of
+    from nas.parents import parent_config
+
+    if space.parent_config:
+        data = dict(space.parent_config)
+        try:
+            config = AutoConfig.for_model(data.pop("model_type"), **data)
+        except (KeyError, ValueError) as e:
+            raise NasError(f"parent_config: cannot build a config ({e})") from None
+        family_of(config)
+        return config
+    return parent_config(space.parent)
+
+
+def cmd_candidates(args) -> None:
+    import pandas as pd
+
+    from nas.space import enumerate_candidates, infeasible_hint, load_space
+
+    space = load_space(args.space)
+    config = _space_config(space)
+    rows = enumerate_candidates(space, config)
+    if not rows:
+        raise NasError(f"{args.space}: {infeasible_hint(space, config)}")
+    frame = pd.DataFrame(rows).drop(columns=["counted"] if space.budget.kind == "total" else [])
+    frame["params"] = frame["params"].map("{:,}".format)
+    frame["share_of_parent"] = frame["share_of_parent"].map("{:.1%}".format)
+    print(f"{len(rows)} feasible candidates for {space.name}:")
+    print(frame.to_string(index=False))
+
+
+def cmd_search(args) -> None:
+    from nas.search import run_search, storage_url, study_dir
+    from nas.space import load_space
+
+    space = load_space(args.space)
+    frame = run_search(space, args.root, args.address)
+    folder = study_dir(space, args.root)
+    done = frame[frame["state"] == "COMPLETE"].sort_values("val_loss")
+    print(done[["label", "params", "val_loss", "promoted_val_loss", "wall_s"]].to_string(index=False))
+    from nas.search import export_best
+
+    best = export_best(space.study, storage_url(space, args.root), folder / "best.json", root=args.root)
+    print(f"winner {best['label']} ({best['stage']} val loss {best['val_loss']:.4f}) -> {folder / 'best.json'}")
+    print(f"watch: optuna-dashboard {storage_url(space, args.root)}")
+
+
+def cmd_export(args) -> None:
+    from nas.search import export_best
+
+    storage = args.storage or f"sqlite:///{(Path(args.root).resolve() / args.study / 'study.db')}"
+    if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
+        raise NasError(f"--storage {storage}: no such sqlite file; give --storage or run `nas search` first")
+    best = export_best(args.study, storage, args.out, args.checkpoint, args.root)
+    print(json.dumps(best, indent=2))
+
+
 def _load_importances(path: str, cls):
     if not Path(path).exists():
         raise NasError(f"--importance {path}: no such file; run `nas importance --out {path}` first")
@@ -225,6 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="also write the report as JSON")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("candidates", help="list the feasible candidates of a search space")
+    p.add_argument("space", help="search-space YAML")
+    p.set_defaults(func=cmd_candidates)
+
+    p = sub.add_parser("search", help="run the architecture search (re-running resumes)")
+    p.add_argument("space", nargs="?", default=str(DEMO_SPACE), help="search-space YAML (default: the SmolLM2 demo)")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray on 127.0.0.1)")
+    p.add_argument("--root", default="trials", help="folder for run outputs")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("export", help="write the best architecture of a study as JSON (and its checkpoint)")
+    p.add_argument("--study", required=True)
+    p.add_argument("--storage", default=None, help="Optuna storage URL (default: trials/<study>/study.db)")
+    p.add_argument("--root", default="trials")
+    p.add_argument("--out", required=True, help="JSON file")
+    p.add_argument("--checkpoint", default=None, help="also write the winner as an HF checkpoint here")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
@@ -265,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     except NasError as e:
         print(f"nas {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head`
+        return 0
     return 0
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -156,6 +156,7 @@ class Distiller:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total, cfg.warmup_steps, cfg.min_lr_ratio))
         self.step = 0
+        self.on_eval: Callable[[dict[str, Any]], None] | None = None  # e.g. a report to Ray Tune
 
     # -- the loss, written out --------------------------------------------------------------------
     def loss(self, idx: Tensor) -> dict[str, Tensor]:
@@ -245,9 +246,19 @@ class Distiller:
         with (self.out / "metrics.jsonl").open("a") as f:
             f.write(json.dumps(record) + "\n")
 
+    def _evaluate_and_log(self) -> dict[str, Any]:
+        record = {"step": self.step, "tokens": self.step * self.cfg.batch_size * self.cfg.grad_accum * self.seq_len,
+                  **self.evaluate()}
+        self._log(record)
+        if self.on_eval is not None:
+            self.on_eval(record)
+        return record
+
     # -- the loop ---------------------------------------------------------------------------------
-    def run(self, stop_after: int | None = None, progress: bool = True) -> dict[str, Any]:
-        """Train to the end (or only up to step `stop_after`, for tests of resuming); returns the result."""
+    def run(self, stop_after: int | None = None, progress: bool = True, save_model: bool = True) -> dict[str, Any]:
+        """Train to the end (or only up to step `stop_after`, for tests of resuming); returns the result.
+
+        `save_model=False` skips writing `model/` (search trials keep only their figures)."""
         if (self.out / "result.json").exists():
             return json.loads((self.out / "result.json").read_text())
         self.out.mkdir(parents=True, exist_ok=True)
@@ -282,22 +293,21 @@ class Distiller:
             bar.update(1)
             bar.set_postfix(loss=f"{parts_sum['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total:
-                self._log({"step": self.step, **self.evaluate()})
+                self._evaluate_and_log()
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 or self.step == stop_after:
                 self.save_checkpoint()
         bar.close()
         if self.step < self.total:
             return {"step": self.step, "finished": False}
-        return self.finish(record)
+        return self.finish(record, save_model, time.perf_counter() - start)
 
-    def finish(self, last: dict[str, Any]) -> dict[str, Any]:
-        evaluation = self.evaluate()
-        self._log({"step": self.step, **evaluation})
-        with atomic_dir(self.out / "model") as tmp:
-            self.student.save_pretrained(tmp)
-        result = {"finished": True, "steps": self.step, "tokens": self.step * self.cfg.batch_size *
-                  self.cfg.grad_accum * self.seq_len, "train_loss": last.get("loss"), **evaluation,
-                  "intermediate_loss": self.intermediate, "tokens_per_s": last.get("tokens_per_s")}
+    def finish(self, last: dict[str, Any], save_model: bool, wall_s: float) -> dict[str, Any]:
+        evaluation = self._evaluate_and_log()
+        if save_model:
+            with atomic_dir(self.out / "model") as tmp:
+                self.student.save_pretrained(tmp)
+        result = {"finished": True, "steps": self.step, **evaluation, "train_loss": last.get("loss"),
+                  "intermediate_loss": self.intermediate, "tokens_per_s": last.get("tokens_per_s"), "wall_s": wall_s}
         write_json(self.out / "result.json", result)
         shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
         return result

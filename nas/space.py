@@ -1,0 +1,322 @@
+"""Search spaces: a YAML file of values, validated against typed dataclasses, and its feasible candidates.
+
+A candidate is named by its label (`Architecture.short()` form, e.g. "L30-H6-KV3-M1024-E576"); the kept layers
+are chosen from importance scores when the candidate is pruned, so enumeration needs only the parent's config.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nas.architecture import Architecture
+from nas.errors import ArchitectureError, ConfigError
+from nas.families import family_of
+
+AXES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Target size. `params` (absolute) or `fraction` (of the parent's count); candidates within ±tolerance.
+
+    `kind` is "total" or "non_embedding" (the latter ignores embedding and LM-head matrices).
+    `max_weight_gb` additionally caps the weights' memory at `bytes_per_param` (2 for bf16).
+    """
+
+    params: float | None = None
+    fraction: float | None = None
+    tolerance: float = 0.05
+    kind: str = "total"
+    max_weight_gb: float | None = None
+    bytes_per_param: int = 2
+
+
+@dataclass(frozen=True)
+class Axes:
+    """Values to search. `mlp_expansion` (multiples of hidden_size) may replace `intermediate_size`.
+    An axis left empty keeps the parent's value."""
+
+    num_hidden_layers: list[int] = field(default_factory=list)
+    num_attention_heads: list[int] = field(default_factory=list)
+    num_key_value_heads: list[int] = field(default_factory=list)
+    intermediate_size: list[int] = field(default_factory=list)
+    mlp_expansion: list[float] = field(default_factory=list)
+    hidden_size: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ImportanceSpec:
+    samples: int = 64
+    seq_agg: str = "mean"
+    batch_agg: str = "l2"
+    neuron_source: str = "pre"
+    head_source: str = "output"
+    drop_samples: int = 0
+    layer_method: str = "bi"
+
+
+@dataclass(frozen=True)
+class RetrainSpec:
+    """A distillation budget (short retrain per trial, or full for promoted candidates)."""
+
+    tokens: int = 4096
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 2
+    reports: int = 4
+    teacher_topk: int = 0
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """How trials are chosen and run. `sampler`: "grid" (every feasible candidate, the paper's choice),
+    "tpe" (Optuna TPE for `max_trials`), or "auto" (grid up to `max_trials` candidates, else TPE)."""
+
+    sampler: str = "auto"
+    max_trials: int = 32
+    asha: bool = False
+    retries: int = 1
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus_per_trial: int = 1
+    gpus_per_trial: float = 0
+    max_concurrent: int = 1
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    parent: str
+    budget: Budget
+    axes: Axes
+    data: str = "shakespeare"
+    text_field: str = "text"
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    parent_config: dict[str, Any] | None = None
+    importance: ImportanceSpec = field(default_factory=ImportanceSpec)
+    short_retrain: RetrainSpec = field(default_factory=RetrainSpec)
+    promote: int = 1
+    full_retrain: RetrainSpec = field(default_factory=lambda: RetrainSpec(tokens=16384))
+    search: SearchSpec = field(default_factory=SearchSpec)
+    resources: Resources = field(default_factory=Resources)
+    storage: str | None = None
+    study_name: str | None = None
+
+    @property
+    def study(self) -> str:
+        return self.study_name or self.name
+
+
+_SECTIONS = {"budget": Budget, "axes": Axes, "importance": ImportanceSpec, "short_retrain": RetrainSpec,
+             "full_retrain": RetrainSpec, "search": SearchSpec, "resources": Resources}
+_REQUIRED = ("name", "parent", "budget", "axes")
+
+
+def _build(cls, data: Any, where: str, errors: list[str]):
+    if not isinstance(data, dict):
+        errors.append(f"{where}: must be a mapping, got {data!r}")
+        return None
+    known = {f.name for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            errors.append(f"{where}.{key}: unknown field; known: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(v, f.type, f"{where}.{k}", errors) for f in fields(cls) for k, v in data.items()
+              if k == f.name}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        errors.append(f"{where}: {e}")
+        return None
+
+
+def _coerce(value: Any, hint: str, where: str, errors: list[str]) -> Any:
+    """Numbers for numeric fields: PyYAML reads `8.18e9` (no sign in the exponent) as a string."""
+    numeric = hint.split(" | ")[0] in ("int", "float")
+    if numeric and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            errors.append(f"{where}={value!r}: must be a number")
+            return None
+        return int(number) if hint.startswith("int") and number.is_integer() else number
+    if numeric and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        errors.append(f"{where}={value!r}: must be a number")
+        return None
+    return value
+
+
+def _check(space: SearchSpace, errors: list[str]) -> None:
+    def need(cond: bool, message: str) -> None:
+        if not cond:
+            errors.append(message)
+
+    b = space.budget
+    need((b.params is None) != (b.fraction is None), "budget: give exactly one of params or fraction")
+    need(b.params is None or b.params > 0, f"budget.params={b.params}: must be > 0")
+    need(b.fraction is None or 0 < b.fraction < 1, f"budget.fraction={b.fraction}: must be in (0, 1)")
+    need(0 <= b.tolerance < 1, f"budget.tolerance={b.tolerance}: must be in [0, 1)")
+    need(b.kind in ("total", "non_embedding"), f"budget.kind={b.kind!r}: must be 'total' or 'non_embedding'")
+    a = space.axes
+    for name in (*AXES, "mlp_expansion"):
+        values = getattr(a, name)
+        need(isinstance(values, list) and all(isinstance(v, (int, float)) and v > 0 for v in values),
+             f"axes.{name}={values!r}: must be a list of positive numbers")
+    need(not (a.intermediate_size and a.mlp_expansion), "axes: give intermediate_size or mlp_expansion, not both")
+    need(all(float(v).is_integer() for name in AXES for v in getattr(a, name) if isinstance(v, (int, float))),
+         "axes: layer, head and width values must be integers")
+    imp = space.importance
+    need(imp.samples >= 1, f"importance.samples={imp.samples}: must be >= 1")
+    need(imp.layer_method in ("bi", "drop", "block"), f"importance.layer_method={imp.layer_method!r}: "
+                                                      "must be 'bi', 'drop' or 'block'")
+    need(imp.layer_method == "bi" or imp.drop_samples > 0,
+         f"importance.layer_method={imp.layer_method!r} needs importance.drop_samples > 0")
+    for section in ("short_retrain", "full_retrain"):
+        r = getattr(space, section)
+        need(r.tokens >= 1 and r.batch_size >= 1, f"{section}: tokens and batch_size must be >= 1")
+        need(r.tokens >= r.batch_size * r.grad_accum * space.seq_len,
+             f"{section}.tokens={r.tokens}: below one step of batch_size*grad_accum*seq_len="
+             f"{r.batch_size * r.grad_accum * space.seq_len}")
+        need(r.reports >= 1, f"{section}.reports={r.reports}: must be >= 1")
+    need(space.search.sampler in ("auto", "grid", "tpe"), f"search.sampler={space.search.sampler!r}: "
+                                                           "must be 'auto', 'grid' or 'tpe'")
+    need(space.search.retries >= 0, f"search.retries={space.search.retries}: must be >= 0")
+    need(space.promote >= 0, f"promote={space.promote}: must be >= 0")
+    need(space.seq_len >= 2, f"seq_len={space.seq_len}: must be >= 2")
+    need(space.resources.cpus_per_trial >= 1, f"resources.cpus_per_trial={space.resources.cpus_per_trial}: "
+                                              "must be >= 1")
+    need(str(space.name).replace("-", "").replace("_", "").replace(".", "").isalnum(),
+         f"name={space.name!r}: use letters, digits, '-', '_' and '.' (it names the study folder)")
+
+
+def load_space(path: str | Path) -> SearchSpace:
+    """Read and validate a search-space YAML, reporting every problem at once."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: no such search-space file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    return parse_space(data, str(path))
+
+
+def parse_space(data: Any, where: str = "space") -> SearchSpace:
+    errors: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: must be a mapping of fields")
+    errors += [f"{key}: required" for key in _REQUIRED if key not in data]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _SECTIONS:
+            kwargs[key] = _build(_SECTIONS[key], value or {}, key, errors)
+        else:
+            kwargs[key] = value
+    space = _build(SearchSpace, kwargs, "space", errors) if not errors else None
+    if space is not None and not errors:
+        _check(space, errors)
+    if errors:
+        raise ConfigError(f"{where}: {len(errors)} problem(s): " + "; ".join(errors))
+    return space
+
+
+# -- enumeration ------------------------------------------------------------------------------------
+
+def target_range(space: SearchSpace, parent_params: int) -> tuple[float, float]:
+    target = space.budget.params if space.budget.params is not None else space.budget.fraction * parent_params
+    return target * (1 - space.budget.tolerance), target * (1 + space.budget.tolerance)
+
+
+def counted_params(space: SearchSpace, config: Any, arch: Architecture) -> int:
+    total = family_of(config).num_parameters(config, arch)
+    if space.budget.kind == "non_embedding":
+        tied = getattr(config, "tie_word_embeddings", False)
+        total -= config.vocab_size * arch.hidden_size * (1 if tied else 2)
+    return total
+
+
+def _grid(space: SearchSpace, config: Any) -> list[Architecture]:
+    parent = Architecture.of_config(config)
+    ax = space.axes
+    values = {name: [int(v) for v in getattr(ax, name)] or [getattr(parent, name)] for name in AXES}
+    out = []
+    expansions = ax.mlp_expansion or [None]
+    for layers, heads, kv, mlp, hidden, expansion in itertools.product(
+            values["num_hidden_layers"], values["num_attention_heads"], values["num_key_value_heads"],
+            values["intermediate_size"], values["hidden_size"], expansions):
+        inter = int(round(hidden * expansion)) if expansion is not None else mlp
+        try:
+            out.append(parent.replace(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
+                                      intermediate_size=inter, hidden_size=hidden, layers=tuple(range(layers))))
+        except ArchitectureError:
+            continue  # e.g. heads not a multiple of KV heads: not a valid child
+    return out
+
+
+def _valid_child(config: Any, arch: Architecture) -> bool:
+    try:
+        family_of(config).child_config(config, arch)
+        return True
+    except ArchitectureError:
+        return False
+
+
+def enumerate_candidates(space: SearchSpace, config: Any) -> list[dict[str, Any]]:
+    """Every valid child in the axes' product whose counted parameters fall in the budget, sorted by size."""
+    parent_params = family_of(config).num_parameters(config, Architecture.of_config(config))
+    low, high = target_range(space, parent_params)
+    rows = []
+    for arch in _grid(space, config):
+        if not _valid_child(config, arch):
+            continue
+        params = family_of(config).num_parameters(config, arch)
+        counted = counted_params(space, config, arch)
+        memory_ok = space.budget.max_weight_gb is None or \
+            params * space.budget.bytes_per_param <= space.budget.max_weight_gb * 2**30
+        if low <= counted <= high and memory_ok:
+            rows.append({"label": arch.short(), **{k: getattr(arch, k) for k in AXES},
+                         "params": params, "counted": counted, "share_of_parent": params / parent_params})
+    return sorted(rows, key=lambda r: (-r["params"], r["label"]))
+
+
+def infeasible_hint(space: SearchSpace, config: Any) -> str:
+    """Why no candidate fits, and which axis to widen."""
+    parent_params = family_of(config).num_parameters(config, Architecture.of_config(config))
+    low, high = target_range(space, parent_params)
+    grid = [a for a in _grid(space, config) if _valid_child(config, a)]
+    if not grid:
+        return "no valid child in the axes' product (check heads against KV heads and hidden_size)"
+    counts = [counted_params(space, config, a) for a in grid]
+    if max(counts) < low:
+        side, bound, fix = "largest", max(counts), "larger values"
+    elif min(counts) > high:
+        side, bound, fix = "smallest", min(counts), "smaller values"
+    else:
+        return (f"candidates span {min(counts):,}..{max(counts):,} but none falls in [{low:,.0f}, {high:,.0f}]; "
+                f"add intermediate values to the axes or raise budget.tolerance")
+    # The axis whose range moves the count most is the one worth widening first.
+    sensitivity = {}
+    for name in AXES:
+        if len({getattr(a, name) for a in grid}) > 1:
+            by_value: dict[int, list[int]] = {}
+            for a, c in zip(grid, counts):
+                by_value.setdefault(getattr(a, name), []).append(c)
+            means = [sum(v) / len(v) for v in by_value.values()]
+            sensitivity[name] = max(means) - min(means)
+    axis = max(sensitivity, key=sensitivity.get) if sensitivity else "hidden_size"
+    return (f"no candidate within budget [{low:,.0f}, {high:,.0f}] ({space.budget.kind} parameters): the {side} "
+            f"has {bound:,}; add {fix} to axes.{axis}")
+
+
+def architecture_of(row: dict[str, Any], config: Any, layers: tuple[int, ...]) -> Architecture:
+    parent = Architecture.of_config(config)
+    return parent.replace(**{k: int(row[k]) for k in AXES}, layers=layers)
