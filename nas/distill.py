@@ -281,13 +281,14 @@ class Distiller:
                     parts_sum[k] = parts_sum.get(k, 0.0) + float(v.detach()) / self.cfg.grad_accum
             grad_norm = torch.nn.utils.clip_grad_norm_(
                 [p for g in self.optimizer.param_groups for p in g["params"]], self.cfg.grad_clip)
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step used
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             elapsed = time.perf_counter() - start
             record = {"step": self.step, "tokens": self.step * tokens_per_step, **parts_sum,
-                      "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+                      "grad_norm": float(grad_norm), "lr": lr,
                       "tokens_per_s": (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)}
             self._log(record)
             bar.update(1)

@@ -313,6 +313,8 @@ def infeasible_hint(space: SearchSpace, config: Any) -> str:
             means = [sum(v) / len(v) for v in by_value.values()]
             sensitivity[name] = max(means) - min(means)
     axis = max(sensitivity, key=sensitivity.get) if sensitivity else "hidden_size"
+    if axis == "intermediate_size" and space.axes.mlp_expansion:
+        axis = "mlp_expansion"  # name the axis as the file spells it
     return (f"no candidate within budget [{low:,.0f}, {high:,.0f}] ({space.budget.kind} parameters): the {side} "
             f"has {bound:,}; add {fix} to axes.{axis}")
 

@@ -1,0 +1,268 @@
+"""Benchmarks (not tests): speed and quality figures on SmolLM2-135M, written to JSON and printed as a table.
+
+    nas-bench core      importance overhead, prune time, zero-shot held-out loss of pruning strategies
+    nas-bench distill   KD vs CE recovery, step-time ratios, teacher top-K cost
+    nas-bench search    demo search wall time, Ray/Optuna overhead vs a plain loop, ASHA vs exhaustive
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from nas.architecture import Architecture
+from nas.data import load_tokens
+from nas.files import write_json
+from nas.importance import ImportanceSettings, Importances, compute_importance, lm_loss, select_layers
+from nas.parents import load_parent
+from nas.prune import PruneOptions, prune
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+RESULTS = ROOT / "benchmarks" / "results"
+WIDTH_2_3 = dict(num_attention_heads=6, intermediate_size=768)  # 88.1M of 134.5M parameters (65.5%)
+DEPTH_2_3 = 17  # layers kept: 88.5M parameters (65.8%)
+
+
+def _timed(fn: Callable[[], Any], repeat: int = 1) -> tuple[float, Any]:
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        start = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, out
+
+
+def _setup(calibration: int = 32, heldout: int = 16):
+    torch.manual_seed(0)
+    model, tokenizer = load_parent("smollm2-135m", device=torch.device("cpu"))
+    cal = load_tokens("shakespeare", tokenizer, 128)[:calibration]
+    held = load_tokens(str(WIKITEXT), tokenizer, 128)[:heldout]
+    return model, tokenizer, cal, held
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def magnitude_importances(model, like: Importances) -> Importances:
+    """Weight-magnitude scores: a data-free baseline (row/column norms of the weights)."""
+    d = model.config.head_dim
+    layers = model.model.layers
+    heads = torch.stack([l.self_attn.o_proj.weight.detach().unflatten(1, (-1, d)).norm(dim=(0, 2)) for l in layers])
+    neurons = torch.stack([(l.mlp.gate_proj.weight.detach().norm(dim=1) * l.mlp.down_proj.weight.detach().norm(dim=0))
+                           for l in layers])
+    hidden = model.model.embed_tokens.weight.detach().norm(dim=0)
+    return dataclasses.replace(like, hidden=hidden, heads=heads, neurons=neurons)
+
+
+def bench_core() -> dict[str, Any]:
+    model, _, cal, held = _setup()
+    settings = ImportanceSettings(drop_samples=0)
+    with torch.no_grad():
+        forward_s, _ = _timed(lambda: [model(input_ids=b, use_cache=False) for b in cal.split(8)], repeat=2)
+    importance_s, imp = _timed(lambda: compute_importance(model, cal, settings), repeat=2)
+    drop_settings = ImportanceSettings(drop_samples=4, block_sizes=(30 - DEPTH_2_3,))
+    drop_s, drops = _timed(lambda: compute_importance(model, cal[:4], drop_settings))
+    imp = dataclasses.replace(imp, block_loss=drops.block_loss)
+    full = Architecture.of_config(model.config)
+    width = full.replace(**WIDTH_2_3)
+    prune_s, _ = _timed(lambda: prune(model, imp, width), repeat=3)
+    rows = {"parent": (model, _params(model))}
+
+    def add(name: str, importances: Importances, arch: Architecture, options: PruneOptions = PruneOptions()):
+        child = prune(model, importances, arch, options)
+        rows[name] = (child, _params(child))
+
+    add("width (ours)", imp, width)
+    add("width, no norm rescale", imp, width, PruneOptions(rescale_norms=False))
+    add("width, residual heads", imp, width, PruneOptions(residual_heads=True))
+    add("width, paper head metric", compute_importance(model, cal, dataclasses.replace(settings, head_source="attn")),
+        width)
+    for seed in range(3):
+        add(f"width, random importance #{seed}", imp.shuffled(seed), width)
+    add("width, weight magnitude", magnitude_importances(model, imp), width)
+    for method in ("bi", "drop", "block"):
+        layers = select_layers(imp, DEPTH_2_3, method)
+        add(f"depth by {method}", imp, full.replace(num_hidden_layers=DEPTH_2_3, layers=layers))
+    quality = {name: {"params": n, "share": n / rows["parent"][1], "heldout_loss": lm_loss(m, held)}
+               for name, (m, n) in rows.items()}
+    random_losses = [v["heldout_loss"] for k, v in quality.items() if k.startswith("width, random")]
+    return {
+        "importance_pass_s": importance_s, "plain_forward_s": forward_s,
+        "importance_over_forward": importance_s / forward_s, "goal_importance_over_forward": 1.10,
+        "calibration_tokens": int(cal.numel()), "drop_and_block_losses_s": drop_s, "prune_s": prune_s,
+        "heldout_tokens": int(held.numel()), "quality": quality,
+        "random_importance_mean_loss": sum(random_losses) / len(random_losses),
+    }
+
+
+def _child(model, cal):
+    imp = compute_importance(model, cal, ImportanceSettings(drop_samples=0))
+    return prune(model, imp, Architecture.of_config(model.config).replace(**WIDTH_2_3)).float()
+
+
+def bench_distill(tokens: int = 4096) -> dict[str, Any]:
+    from nas.distill import DistillConfig, Distiller
+    from nas.losses import forward_kl, topk_forward_kl
+    from nas.teacher_cache import compute_topk
+    import tempfile
+
+    model, _, cal, held = _setup()
+    train = load_tokens("shakespeare", load_parent("smollm2-135m", torch.device("cpu"))[1], 128)[100:]
+    out: dict[str, Any] = {"train_tokens": tokens}
+    base = lm_loss(_child(model, cal), held)
+    out["heldout_before"] = base
+    for name, cfg, teacher in [
+        ("kd", DistillConfig(tokens=tokens, batch_size=4, lr=1e-4, checkpoint_every=0), model),
+        ("ce", DistillConfig(tokens=tokens, batch_size=4, lr=1e-4, checkpoint_every=0, kd="none", ce_weight=1.0),
+         None),
+    ]:
+        student = _child(model, cal)
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            result = Distiller(student, teacher, train, held[:4], Path(tmp), cfg).run(progress=False, save_model=False)
+        out[f"{name}_heldout_after"] = lm_loss(student, held)
+        out[f"{name}_wall_s"] = time.perf_counter() - start
+        out[f"{name}_tokens_per_s"] = result["tokens_per_s"]
+
+    # Step times of the same student on the same batch: online KD, cached KD, CE, teacher forward alone.
+    batch = train[:4]
+    topk = compute_topk(model, batch, 64)
+    idx = torch.arange(4)
+
+    def step(cfg: DistillConfig, teacher, cache=None):
+        student = _child(model, cal)
+        with tempfile.TemporaryDirectory() as tmp:
+            d = Distiller(student, teacher, batch, batch, Path(tmp), cfg, teacher_topk=cache)
+
+            def once():
+                d.loss(idx)["loss"].backward()
+                d.optimizer.step()
+                d.optimizer.zero_grad()
+            once()  # warm-up
+            return _timed(once, repeat=3)[0]
+
+    kd_cfg = DistillConfig(tokens=512, batch_size=4, checkpoint_every=0)
+    ce_cfg = dataclasses.replace(kd_cfg, kd="none", ce_weight=1.0)
+    with torch.no_grad():
+        teacher_s = _timed(lambda: model(input_ids=batch, use_cache=False), repeat=3)[0]
+    out["step_s"] = {"kd_online": step(kd_cfg, model), "kd_cached_top64": step(kd_cfg, model, topk),
+                     "ce": step(ce_cfg, None), "teacher_forward": teacher_s}
+    s = out["step_s"]
+    out["kd_online_over_teacher_plus_ce"] = s["kd_online"] / (s["teacher_forward"] + s["ce"])
+    out["kd_cached_over_ce"] = s["kd_cached_top64"] / s["ce"]
+    out["goals"] = {"kd_online_over_teacher_plus_ce": 1.10, "kd_cached_over_ce": 1.15}
+
+    # Quality cost of a smaller K: relative error of the cached KD loss against the exact one.
+    student = _child(model, cal)
+    sample = held[:4]
+    with torch.no_grad():
+        s_logits, t_logits = student(input_ids=sample).logits, model(input_ids=sample).logits
+        mask = torch.ones(sample.shape, dtype=torch.bool)
+        exact = float(forward_kl(s_logits, t_logits, mask))
+        topk_error = {}
+        for k in (8, 64, 512, 4096):
+            cache = compute_topk(model, sample, k)
+            approx = float(topk_forward_kl(s_logits, cache.logprobs, cache.index, mask))
+            topk_error[k] = {"kd": approx, "relative_error": abs(approx - exact) / exact,
+                             "bytes_per_token": k * 6}
+    out["kd_exact"] = exact
+    out["topk"] = topk_error
+    return out
+
+
+def bench_search() -> dict[str, Any]:
+    import optuna
+
+    from nas.search import prepare, replay_trial, run_search, storage_url
+    from nas.space import load_space
+
+    space = load_space(ROOT / "search_spaces" / "smollm2-135m-demo.yaml")
+    root = RESULTS / "search-trials"
+    out: dict[str, Any] = {}
+    start = time.perf_counter()
+    frame = run_search(space, root)
+    out["demo_wall_s"] = time.perf_counter() - start
+    done = frame[frame["state"] == "COMPLETE"]
+    out["trials"] = int(len(done))
+    out["ray_trial_wall_s"] = float(done["wall_s"].sum())
+    study = optuna.load_study(study_name=space.study, storage=storage_url(space, root))
+    out["ray_trial_durations_s"] = float(sum(t.duration.total_seconds() for t in study.trials if t.duration))
+    out["exhaustive_winner"] = done.loc[done["val_loss"].idxmin(), "label"]
+
+    shared = prepare(space, RESULTS / "plain-loop")
+    plain = []
+    for label in shared.rows:
+        t0 = time.perf_counter()
+        replay_trial(shared, label)
+        plain.append(time.perf_counter() - t0)
+    out["plain_loop_trial_s"] = sum(plain)
+    out["ray_overhead_per_trial_s"] = (out["ray_trial_durations_s"] - sum(plain)) / len(plain)
+    out["ray_overhead_share"] = out["ray_trial_durations_s"] / sum(plain) - 1
+
+    asha = dataclasses.replace(space, name="smollm2-135m-demo-asha",
+                               search=dataclasses.replace(space.search, asha=True),
+                               short_retrain=dataclasses.replace(space.short_retrain, reports=4), promote=0)
+    start = time.perf_counter()
+    asha_frame = run_search(asha, root)
+    out["asha_wall_s"] = time.perf_counter() - start
+    asha_done = asha_frame[asha_frame["state"] == "COMPLETE"]
+    out["asha_winner"] = asha_done.loc[asha_done["val_loss"].idxmin(), "label"]
+    asha_tokens = 0
+    for label in asha_done["label"]:
+        metrics = (root / asha.study / label / "metrics.jsonl").read_text().splitlines()
+        asha_tokens += max(json.loads(line).get("tokens", 0) for line in metrics)
+    out["asha_retrain_tokens"] = asha_tokens
+    out["exhaustive_retrain_tokens"] = int(done["tokens"].fillna(0).sum()) or \
+        len(done) * space.short_retrain.tokens
+    out["same_winner"] = out["asha_winner"] == out["exhaustive_winner"]
+    out["goal_ray_overhead_share"] = 0.10
+    return out
+
+
+def _table(name: str, figures: dict[str, Any]) -> str:
+    lines = [f"== nas-bench {name} =="]
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            lines.append(f"{prefix:<58} {shown}")
+    walk("", figures)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nas-bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("which", choices=("core", "distill", "search"))
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<which>.json)")
+    args = parser.parse_args(argv)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    figures = {"core": bench_core, "distill": bench_distill, "search": bench_search}[args.which]()
+    figures["machine"] = {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
+                          "python": platform.python_version(), "cuda": torch.cuda.is_available()}
+    path = Path(args.out or RESULTS / f"{args.which}.json")
+    write_json(path, figures)
+    print(_table(args.which, figures))
+    print(f"-> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
