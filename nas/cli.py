@@ -102,11 +102,18 @@ def _load_student(path: str, device):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device or default_device())
 
 
+def _check_resume(args) -> None:
+    out = Path(args.out)
+    if not args.resume and ((out / "checkpoint").exists() or (out / "result.json").exists()):
+        raise NasError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
+
+
 def cmd_distill(args) -> None:
     from nas.distill import Distiller
     from nas.parents import load_parent
     from nas.teacher_cache import cached_topk
 
+    _check_resume(args)
     teacher, tokenizer = load_parent(args.teacher, _device(args))
     student = _load_student(args.student, _device(args))
     train, val = _train_val(args, tokenizer)
@@ -126,6 +133,7 @@ def cmd_correct_teacher(args) -> None:
     from nas.distill import Distiller
     from nas.parents import load_parent
 
+    _check_resume(args)
     parent, tokenizer = load_parent(args.parent, _device(args))
     parent = parent.float()
     train, val = _train_val(args, tokenizer)
@@ -315,7 +323,8 @@ def _add_training(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--tokens", type=int, required=True, help="training tokens")
-    p.add_argument("--out", required=True, help="run folder (re-running the same command resumes)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (a finished one is not redone)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=1e-4)

@@ -163,23 +163,28 @@ def promote(shared: Shared, label: str) -> dict:
 
 def init_ray(address: str | None, folder: Path, num_cpus: int | None = None) -> None:
     """Connect to a cluster, or start a local Ray bound to loopback with its files in the run folder."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if not address:
+        # Ray reads this when `ray_constants` is imported (and its agents when they start): with it off, every
+        # Ray process takes the loopback address as the node's and never binds another interface's.
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     env = {"env_vars": {k: os.environ[k] for k in ("NAS_CACHE", "HF_HUB_OFFLINE") if k in os.environ}}
     if address:
         ray.init(address=address, runtime_env=env, log_to_driver=False)
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before the variable was set
     temp = folder / "ray"
     if len(str(temp)) > 60:
         # Ray's Unix socket paths must stay under 107 bytes; a deep run folder would overflow them.
         temp = Path(tempfile.gettempdir()) / f"nas-ray-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
         log.warning("run folder path is long; Ray's temporary files go to %s", temp)
-    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _node_ip_address="127.0.0.1",
-             _temp_dir=str(temp), runtime_env=env, log_to_driver=False)
+    ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
+             _node_ip_address="127.0.0.1", _temp_dir=str(temp), runtime_env=env, log_to_driver=False)
 
 
 def open_study(space: SearchSpace, root: str | Path = "trials", url: str | None = None):

@@ -29,9 +29,12 @@ def test_prune_distill_eval_and_correct_teacher(capsys, tiny_parent_dir, text_fi
     result = json.loads((run / "result.json").read_text())
     assert result["intermediate_loss"] is True  # 2 of 4 layers kept: more than 25% dropped
     AutoModelForCausalLM.from_pretrained(run / "model")
+    assert main(["distill", "--student", str(child), "--teacher", str(tiny_parent_dir), "--out", str(run),
+                 *map(str, train)]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
     again = _ok(capsys, "distill", "--student", child, "--teacher", tiny_parent_dir, "--out", run, *train,
-                "--teacher-topk", 16)
-    assert again == out  # finished: re-running returns the same result without training
+                "--teacher-topk", 16, "--resume")
+    assert again == out  # finished: resuming returns the same result without training
     report = json.loads(_ok(capsys, "eval", "--model", run / "model", "--data", text_file, "--seq-len", 32,
                             "--tasks", "nas_cloze", "--limit", 4, "--out", tmp_path / "eval.json"))
     assert report["heldout"]["loss"] > 0 and "acc" in report["lm_eval"]["nas_cloze"]
