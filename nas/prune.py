@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from nas.architecture import Architecture
-from nas.families import Family, family_of
+from nas.families import family_of
 from nas.importance import Importances
 
 # Which kept-index set each dimension of a parameter is sliced by, keyed by the parameter's last two
