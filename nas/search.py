@@ -350,7 +350,7 @@ def export_best(study_name: str, storage: str, out: str | Path, checkpoint: str 
         else folder / label / "architecture.json"
     arch = json.loads(arch_file.read_text())
     row = study.user_attrs.get("architectures", {}).get(label, {})
-    best = {**{k: arch[k] for k in (*Architecture.from_dict(arch).to_dict(),)}, "params": row.get("params"),
+    best = {**Architecture.from_dict(arch).to_dict(), "params": row.get("params"),
             **losses, "label": label, "parent": study.user_attrs.get("parent")}
     write_json(out, best)
     if checkpoint:

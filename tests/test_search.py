@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import WIKITEXT, tiny_model
+from nas.architecture import Architecture
 from nas.families import family_of
 from nas.search import TRIAL_FILES, export_best, init_ray, run_search, run_trial, storage_url, study_dir
 from nas.space import parse_space
@@ -86,8 +87,7 @@ def test_search_records_trials_promotes_exports_and_resumes(ray_session, space):
     arch = json.loads((promoted / "architecture.json").read_text())
     config = AutoModelForCausalLM.from_pretrained(space.parent).config
     assert sum(p.numel() for p in child.parameters()) == arch["params"]
-    assert arch["params"] == family_of(config).num_parameters(config, __import__("nas").architecture.Architecture
-                                                              .from_dict(arch))
+    assert arch["params"] == family_of(config).num_parameters(config, Architecture.from_dict(arch))
     with torch.no_grad():
         assert torch.isfinite(child(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
