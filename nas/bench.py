@@ -3,6 +3,9 @@
     nas-bench core      importance overhead, prune time, zero-shot held-out loss of pruning strategies
     nas-bench distill   KD vs CE recovery, step-time ratios, teacher top-K cost
     nas-bench search    demo search wall time, Ray/Optuna overhead vs a plain loop, ASHA vs exhaustive
+    nas-bench fidelity  ranking stability over KD budgets, width vs depth, KD vs CE vs random init, our
+                        departures from the paper, ASHA (about an hour on 2 cores; resumable); writes
+                        benchmarks/FIDELITY.md
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from nas.parents import load_parent
 from nas.prune import PruneOptions, prune
 
 ROOT = Path(__file__).resolve().parents[1]
-WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+HELDOUT = ROOT / "data" / "wikitext-2" / "test.txt"  # shipped excerpt (data/README.md); never trained on
 RESULTS = ROOT / "benchmarks" / "results"
 WIDTH_2_3 = dict(num_attention_heads=6, intermediate_size=768)  # 88.1M of 134.5M parameters (65.5%)
 DEPTH_2_3 = 17  # layers kept: 88.5M parameters (65.8%)
@@ -45,7 +48,7 @@ def _setup(calibration: int = 32, heldout: int = 16):
     torch.manual_seed(0)
     model, tokenizer = load_parent("smollm2-135m", device=torch.device("cpu"))
     cal = load_tokens("shakespeare", tokenizer, 128)[:calibration]
-    held = load_tokens(str(WIKITEXT), tokenizer, 128)[:heldout]
+    held = load_tokens(str(HELDOUT), tokenizer, 128)[:heldout]
     return model, tokenizer, cal, held
 
 
@@ -229,6 +232,26 @@ def bench_search() -> dict[str, Any]:
     return out
 
 
+def _machine() -> dict[str, Any]:
+    return {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version(),
+            "cuda": torch.cuda.is_available(), "processor": platform.processor() or platform.machine()}
+
+
+def bench_fidelity(path: Path) -> int:
+    """Runs every arm (resuming from `path`), then writes benchmarks/FIDELITY.md and its plots."""
+    from nas.fidelity import Fidelity, smollm2_plan, write_report
+
+    fid = Fidelity(smollm2_plan(ROOT), path, log=lambda line: print(line, flush=True))
+    summary = fid.run_all()
+    m = _machine()
+    machine = f"{m['cpu_threads']} CPU threads ({m['processor']}), torch {m['torch']}, no GPU" if not m["cuda"] else \
+        f"CUDA, torch {m['torch']}"
+    report = write_report(fid, summary, ROOT / "benchmarks", "nas-bench fidelity", machine)
+    write_json(path.with_name("fidelity-summary.json"), summary)
+    print(f"-> {path}, {report}")
+    return 0
+
+
 def _table(name: str, figures: dict[str, Any]) -> str:
     lines = [f"== nas-bench {name} =="]
 
@@ -246,7 +269,7 @@ def _table(name: str, figures: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nas-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("core", "distill", "search"))
+    parser.add_argument("which", choices=("core", "distill", "search", "fidelity"))
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<which>.json)")
     args = parser.parse_args(argv)
     import transformers
@@ -254,10 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    figures = {"core": bench_core, "distill": bench_distill, "search": bench_search}[args.which]()
-    figures["machine"] = {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "python": platform.python_version(), "cuda": torch.cuda.is_available()}
     path = Path(args.out or RESULTS / f"{args.which}.json")
+    if args.which == "fidelity":
+        return bench_fidelity(path)
+    figures = {"core": bench_core, "distill": bench_distill, "search": bench_search}[args.which]()
+    figures["machine"] = _machine()
     write_json(path, figures)
     print(_table(args.which, figures))
     print(f"-> {path}")

@@ -15,8 +15,7 @@ import transformers
 transformers.utils.logging.disable_progress_bar()
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-WIKITEXT = SHARED / "data" / "wikitext-2"
+WIKITEXT = ROOT / "data" / "wikitext-2"  # shipped in the repository (see data/README.md)
 # The converted SmolLM2 parent and token arrays are cached across tests and runs (ignored by git).
 os.environ.setdefault("NAS_CACHE", str(ROOT / ".cache"))
 
