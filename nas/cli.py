@@ -90,14 +90,14 @@ def _distill_config(args, **overrides):
     return DistillConfig(**{**fields, **overrides})
 
 
-def _load_student(path: str, device):
+def _load_student(path: str, device, flag: str = "--student"):
     import torch
     from transformers import AutoModelForCausalLM
 
     from nas.parents import default_device
 
     if not (Path(path) / "config.json").exists():
-        raise NasError(f"--student {path}: not an HF checkpoint directory (make one with `nas prune`)")
+        raise NasError(f"{flag} {path}: not an HF checkpoint directory (make one with `nas prune`)")
     # fp32 master weights; bf16 autocast on CUDA does the fast part.
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device or default_device())
 
@@ -151,7 +151,7 @@ def cmd_eval(args) -> None:
     from nas.data import load_tokens
     from nas.evaluate import heldout, lm_eval_tasks
 
-    model = _load_student(args.model, _device(args)).eval()
+    model = _load_student(args.model, _device(args), "--model").eval()
     if args.device is None and not torch.cuda.is_available():
         model = model.float()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -207,19 +207,20 @@ def cmd_candidates(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from nas.search import run_search, storage_url, study_dir
+    from nas.search import export_best, run_search, storage_url
     from nas.space import load_space
+    from nas.storage import RunStorage
 
     space = load_space(args.space)
-    frame = run_search(space, args.root, args.address)
-    folder = study_dir(space, args.root)
+    echo = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
+    frame = run_search(space, args.root, args.address, echo=echo)
     done = frame[frame["state"] == "COMPLETE"].sort_values("val_loss")
     print(done[["label", "params", "val_loss", "promoted_val_loss", "wall_s"]].to_string(index=False))
-    from nas.search import export_best
-
-    best = export_best(space.study, storage_url(space, args.root), folder / "best.json", root=args.root)
-    print(f"winner {best['label']} ({best['stage']} val loss {best['val_loss']:.4f}) -> {folder / 'best.json'}")
-    print(f"watch: optuna-dashboard {storage_url(space, args.root)}")
+    storage = RunStorage(args.root, space.study)
+    with storage.workdir("") as out:
+        best = export_best(space.study, storage_url(space, args.root), out / "best.json", root=args.root)
+        storage.upload(out / "best.json", "best.json")
+    print(f"winner {best['label']} ({best['stage']} val loss {best['val_loss']:.4f}) -> {storage.uri}/best.json")
 
 
 def cmd_export(args) -> None:
@@ -303,14 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="run the architecture search (re-running resumes)")
     p.add_argument("space", nargs="?", default=str(DEMO_SPACE), help="search-space YAML (default: the SmolLM2 demo)")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: a local Ray on 127.0.0.1)")
-    p.add_argument("--root", default="trials", help="folder for run outputs")
+    p.add_argument("--address", default=None, help="Ray cluster to join (default: the one RAY_ADDRESS or a Ray job "
+                                                    "names, else a private Ray on 127.0.0.1)")
+    p.add_argument("--root", default="trials", help="run folder: a path, or a URI every node reaches (s3://..., "
+                                                    "gs://..., file:///nfs/...)")
+    p.add_argument("--quiet", action="store_true", help="print only errors and the final table")
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("export", help="write the best architecture of a study as JSON (and its checkpoint)")
     p.add_argument("--study", required=True)
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: trials/<study>/study.db)")
-    p.add_argument("--root", default="trials")
+    p.add_argument("--root", default="trials", help="the search's run folder (path or URI)")
     p.add_argument("--out", required=True, help="JSON file")
     p.add_argument("--checkpoint", default=None, help="also write the winner as an HF checkpoint here")
     p.set_defaults(func=cmd_export)

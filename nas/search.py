@@ -1,8 +1,16 @@
 """The search service (paper §2.3, best practice #9): importance once, a Ray Tune run over the feasible
 candidates with Optuna choosing them, promotion of the best to full distillation, a study summary.
 
-Ray and Optuna sit behind this module only; a trial is a plain function of its `arch` label and the shared
-inputs, so it can be replayed from its parameters alone (`replay_trial`).
+Ray and Optuna sit behind this module only. An Optuna trial's parameters are the architecture axes
+(`nas.space.AXES`), so the dashboard's slice, contour and importance plots read them; its user attributes
+hold the candidate's label, exact parameter count, share of the parent and stage. A trial is a plain function
+of those axes and the shared inputs, so it can be replayed from its parameters alone (`replay_trial`).
+
+Files live in the run folder (`nas.storage.RunStorage`: a local path or a URI every node reaches):
+    importance.safetensors, teacher_topk.safetensors   computed once by the driver, read by every trial
+    <label>/{architecture.json, metrics.jsonl, result.json}   one folder per trial
+    promoted/<label>/{..., model/}                      full distillation of the promoted candidates
+    summary.{parquet,csv}, pareto.png, curves.png, best.json
 """
 
 from __future__ import annotations
@@ -12,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,70 +28,98 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from ray import tune
+from ray.tune.search.optuna import OptunaSearch
 
-from nas.architecture import Architecture
 from nas.data import load_tokens, split
 from nas.distill import DistillConfig, Distiller
 from nas.errors import ConfigError, NasError
 from nas.files import atomic_dir, write_json
-from nas.importance import ImportanceSettings, Importances, cached_importance, select_layers
+from nas.importance import ImportanceSettings, Importances, cached_importance, lm_loss, select_layers
 from nas.parents import load_parent, parent_config, resolve_parent
 from nas.prune import prune
-from nas.space import SearchSpace, architecture_of, enumerate_candidates, infeasible_hint
+from nas.space import AXES, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, infeasible_hint
+from nas.storage import RunStorage, is_uri
 from nas.teacher_cache import TeacherTopK, cached_topk
 
 log = logging.getLogger(__name__)
 
 METRIC = "val_loss"
 TRIAL_FILES = ("architecture.json", "metrics.jsonl", "result.json")
-
-
-def study_dir(space: SearchSpace, root: str | Path = "trials") -> Path:
-    return Path(root).resolve() / space.study
+SHORT, FULL = "short_retrain", "full_distillation"
 
 
 def storage_url(space: SearchSpace, root: str | Path = "trials") -> str:
-    return space.storage or f"sqlite:///{study_dir(space, root) / 'study.db'}"
+    """The Optuna database: `storage:` from the space, else SQLite in a local run folder."""
+    if space.storage:
+        return space.storage
+    if is_uri(str(root)):
+        raise ConfigError(f"storage: the run folder {root} is not a local path, so the study cannot be SQLite there; "
+                          f"set `storage:` in the space to a database every node reaches (postgresql://...)")
+    return f"sqlite:///{Path(root).resolve() / space.study / 'study.db'}"
+
+
+def label_of(axes: dict[str, Any]) -> str:
+    """The candidate label (`Architecture.short()` form) of an axes dict."""
+    a = {k: int(axes[k]) for k in AXES}
+    return (f"L{a['num_hidden_layers']}-H{a['num_attention_heads']}-KV{a['num_key_value_heads']}"
+            f"-M{a['intermediate_size']}-E{a['hidden_size']}")
 
 
 @dataclass
 class Shared:
-    """What every trial reads: passed once through Ray's object store."""
+    """What every trial reads: small, passed once through Ray's object store (the caches stay in storage)."""
 
     space: SearchSpace
     rows: dict[str, dict[str, Any]]
-    importances: Importances
+    storage: RunStorage
     train: torch.Tensor
     val: torch.Tensor
-    topk: TeacherTopK | None
-    folder: str
+    has_topk: bool
     nas_cache: str
 
 
 def prepare(space: SearchSpace, root: str | Path = "trials") -> Shared:
-    """Step 1: candidates, data and importance (computed once, cached in the study folder)."""
+    """Step 1: candidates, data, importance and the teacher cache (computed once, kept in the run folder)."""
     config = parent_config(space.parent)
     rows = enumerate_candidates(space, config)
     if not rows:
         raise ConfigError(f"{space.name}: {infeasible_hint(space, config)}")
-    folder = study_dir(space, root)
-    folder.mkdir(parents=True, exist_ok=True)
+    storage = RunStorage(root, space.study)
     parent, tokenizer = load_parent(space.parent)
     tokens = load_tokens(space.data, tokenizer, space.seq_len, space.text_field,
                          min_sequences=space.importance.samples + 2)
     calibration = tokens[: space.importance.samples]
     train, val = split(tokens[space.importance.samples:], space.val_fraction, space.search.seed)
+    train, val = train[: _sequences_needed(space)], val[:16]
     imp = space.importance
     settings = ImportanceSettings(seq_agg=imp.seq_agg, batch_agg=imp.batch_agg, neuron_source=imp.neuron_source,
                                   head_source=imp.head_source, drop_samples=imp.drop_samples,
                                   block_sizes=_block_sizes(space, config))
-    importances = cached_importance(parent, calibration, folder / "importance.safetensors", settings)
-    train = train[: _sequences_needed(space)]
-    topk = None
-    if space.short_retrain.teacher_topk:
-        topk = cached_topk(parent, train, space.short_retrain.teacher_topk, folder / "teacher_topk.safetensors")
-    return Shared(space, {r["label"]: r for r in rows}, importances, train, val[:16], topk, str(folder),
-                  os.environ.get("NAS_CACHE", ""))
+    _kept_in(storage, "importance.safetensors", lambda path: cached_importance(parent, calibration, path, settings))
+    k = space.short_retrain.teacher_topk
+    if k:
+        _kept_in(storage, "teacher_topk.safetensors", lambda path: cached_topk(parent, train, k, path))
+    if storage.read_json("parent.json") is None:  # the reference line of the plots
+        storage.write_json("parent.json", {"parent": space.parent, "val_loss": lm_loss(parent, val),
+                                           "params": sum(p.numel() for p in parent.parameters())})
+    return Shared(space, {r["label"]: r for r in rows}, storage, train, val, bool(k), os.environ.get("NAS_CACHE", ""))
+
+
+def _kept_in(storage: RunStorage, rel: str, load_or_compute: Callable[[Path], Any]) -> None:
+    """Run a cache function (which reuses a matching file at its path, else recomputes it) on a file of the run
+    folder: in place for a local folder, else on a local copy that is uploaded when it changed."""
+    if storage.local is not None:
+        load_or_compute(storage.local / rel)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(rel).name
+        if storage.exists(rel):
+            shutil.copyfile(storage.fetch(rel), path)
+        before = path.stat().st_mtime_ns if path.exists() else None
+        load_or_compute(path)
+        if path.stat().st_mtime_ns != before:
+            storage.upload(path, rel)
 
 
 def _block_sizes(space: SearchSpace, config: Any) -> tuple[int, ...]:
@@ -107,84 +144,116 @@ def _device(space: SearchSpace) -> torch.device:
 
 
 def build_candidate(shared: Shared, label: str, device: torch.device | None = None):
-    """(teacher, child, arch) for a label: the parent, and the child pruned from it with the shared scores."""
+    """(teacher, child, arch) for a label: the parent, and the child pruned from it with the stored scores."""
     if shared.nas_cache:
         os.environ.setdefault("NAS_CACHE", shared.nas_cache)
     space = shared.space
     teacher, _ = load_parent(space.parent, device or _device(space))
-    layers = select_layers(shared.importances, int(shared.rows[label]["num_hidden_layers"]),
-                           space.importance.layer_method)
+    importances = Importances.load(shared.storage.fetch("importance.safetensors"))
+    layers = select_layers(importances, int(shared.rows[label]["num_hidden_layers"]), space.importance.layer_method)
     arch = architecture_of(shared.rows[label], teacher.config, layers)
-    child = prune(teacher, shared.importances, arch).float()
+    child = prune(teacher, importances, arch).float()
     return teacher, child, arch
 
 
-def run_trial(config: dict[str, Any], shared: Shared, report: Callable[[dict], None] | None = None) -> dict:
-    """One trial: prune the candidate, distil it briefly, report validation loss at intervals."""
-    from ray import tune
-
-    report = report or tune.report
+def _retrain(shared: Shared, label: str, rel: str, spec, on_eval: Callable[[dict], None], promoted: bool) -> dict:
+    """Prune `label` and distil it into the run folder's `rel`; a finished one (its result.json) is not redone."""
+    storage = shared.storage
+    done = storage.read_json(f"{rel}/result.json")
+    if done is not None:
+        return done
     torch.set_num_threads(max(1, shared.space.resources.cpus_per_trial))
-    label = config["arch"]
     teacher, child, arch = build_candidate(shared, label)
-    out = Path(shared.folder) / label
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "architecture.json", {**arch.to_dict(), "params": shared.rows[label]["params"]})
-    cfg = retrain_config(shared.space.short_retrain, shared.space.seq_len, shared.space.search.seed)
-    distiller = Distiller(child, teacher, shared.train, shared.val, out, cfg, list(arch.layers), shared.topk)
-    distiller.on_eval = lambda m: report({METRIC: m["val_loss"], "val_kd": m.get("val_kd"), "step": m["step"]})
-    result = distiller.run(progress=False, save_model=False)
-    # A trial finished by an earlier, killed run returns its saved result: report it so Optuna records it.
-    report({METRIC: result["val_loss"], "val_kd": result.get("val_kd"), "step": result["steps"]})
+    # The teacher cache covers the short retrain's tokens; full distillation runs the teacher online.
+    topk = TeacherTopK.load(storage.fetch("teacher_topk.safetensors")) if shared.has_topk and not promoted else None
+    with storage.workdir(rel) as out:
+        write_json(out / "architecture.json", {**arch.to_dict(), "params": shared.rows[label]["params"]})
+        cfg = retrain_config(spec, shared.space.seq_len, shared.space.search.seed)
+        distiller = Distiller(child, teacher, shared.train, shared.val, out, cfg, list(arch.layers), topk)
+        distiller.on_eval = on_eval
+        result = distiller.run(progress=False, save_model=promoted)
+        if promoted:
+            from transformers import AutoTokenizer
+
+            AutoTokenizer.from_pretrained(resolve_parent(shared.space.parent)).save_pretrained(out / "model")
+        result = {**result, "node": _node()}
+        write_json(out / "result.json", result)
+        _publish(storage, out, rel)
+    return result
+
+
+def _node() -> str | None:
+    """The Ray node a trial ran on (None outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+
+def _publish(storage: RunStorage, out: Path, rel: str) -> None:
+    """Copy a finished run folder to a remote run folder, `result.json` (the 'finished' marker) last."""
+    if storage.local is not None:
+        return
+    for path in sorted(out.iterdir()):
+        if path.name != "result.json":
+            storage.upload(path, f"{rel}/{path.name}")
+    storage.upload(out / "result.json", f"{rel}/result.json")
+
+
+def run_trial(config: dict[str, Any], shared: Shared, report: Callable[[dict], None] | None = None) -> dict:
+    """One trial: prune the candidate with these axes, distil it briefly, report validation loss by tokens."""
+    report = report or tune.report
+    reported = []
+
+    def on_eval(m: dict) -> None:
+        reported.append(m["tokens"])
+        report({METRIC: m["val_loss"], "val_kd": m.get("val_kd"), "tokens": m["tokens"], "step": m["step"]})
+
+    result = _retrain(shared, label_of(config), label_of(config), shared.space.short_retrain, on_eval, False)
+    if not reported:  # finished by an earlier, killed run: report its result once so Optuna records it
+        report({METRIC: result["val_loss"], "val_kd": result.get("val_kd"), "tokens": result["tokens"],
+                "step": result["steps"]})
     return result
 
 
 def replay_trial(shared: Shared, label: str) -> dict:
     """Run one trial in this process, outside Ray and Optuna (debugging, benchmarks)."""
-    return run_trial({"arch": label}, shared, report=lambda m: None)
+    return run_trial(dict(zip(AXES, (shared.rows[label][k] for k in AXES))), shared, report=lambda m: None)
 
 
 def promote(shared: Shared, label: str) -> dict:
     """Full distillation of one promoted candidate into `promoted/<label>/model` (a stock HF checkpoint)."""
-    torch.set_num_threads(max(1, shared.space.resources.cpus_per_trial))
-    teacher, child, arch = build_candidate(shared, label)
-    out = Path(shared.folder) / "promoted" / label
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "architecture.json", {**arch.to_dict(), "params": shared.rows[label]["params"]})
-    cfg = retrain_config(shared.space.full_retrain, shared.space.seq_len, shared.space.search.seed)
-    result = Distiller(child, teacher, shared.train, shared.val, out, cfg, list(arch.layers), None).run(progress=False)
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(resolve_parent(shared.space.parent)).save_pretrained(out / "model")
-    return {"label": label, **result}
+    return {"label": label, **_retrain(shared, label, f"promoted/{label}", shared.space.full_retrain,
+                                       lambda m: None, True)}
 
 
 # -- Ray and Optuna adapters ------------------------------------------------------------------------
 
-def init_ray(address: str | None, folder: Path, num_cpus: int | None = None) -> None:
-    """Connect to a cluster, or start a local Ray bound to loopback with its files in the run folder."""
+def init_ray(address: str | None, folder: Path, num_cpus: int | None = None) -> str:
+    """Join a cluster (`--address`, or the one a Ray job or RAY_ADDRESS names), else start a private Ray on
+    loopback for the run folder `folder`. Returns how Ray was reached."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not address:
-        # Ray reads this when `ray_constants` is imported (and its agents when they start): with it off, every
-        # Ray process takes the loopback address as the node's and never binds another interface's.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray
-    from ray._private import ray_constants
 
     if ray.is_initialized():
-        return
-    env = {"env_vars": {k: os.environ[k] for k in ("NAS_CACHE", "HF_HUB_OFFLINE") if k in os.environ}}
-    if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=False)
-        return
+        return "this process's Ray"
+    if address or os.environ.get("RAY_ADDRESS"):
+        # Bare: inside a Ray job the job's own runtime env applies, and resources are the cluster's.
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        return f"cluster {address or os.environ['RAY_ADDRESS']}"
+    # Ray reads this when `ray_constants` is imported (and its agents when they start): with it off, every
+    # Ray process takes the loopback address as the node's and never binds another interface's.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray._private import ray_constants
+
     ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before the variable was set
-    temp = folder / "ray"
-    if len(str(temp)) > 60:
-        # Ray's Unix socket paths must stay under 107 bytes; a deep run folder would overflow them.
-        temp = Path(tempfile.gettempdir()) / f"nas-ray-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
-        log.warning("run folder path is long; Ray's temporary files go to %s", temp)
+    # Ray's Unix socket paths (temp dir + ~65 bytes of session name) must stay under 107 bytes, which a run folder
+    # deep in a file system would overflow: its files go to a short folder named for the run folder.
+    temp = Path(tempfile.gettempdir()) / f"nas-ray-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
+    env = {"env_vars": {k: os.environ[k] for k in ("NAS_CACHE", "HF_HUB_OFFLINE") if k in os.environ}}
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
-             _node_ip_address="127.0.0.1", _temp_dir=str(temp), runtime_env=env, log_to_driver=False)
+             _node_ip_address="127.0.0.1", _temp_dir=str(temp), runtime_env=env, log_to_driver=False,
+             logging_level=logging.WARNING)
+    return "a private Ray on 127.0.0.1"
 
 
 def open_study(space: SearchSpace, root: str | Path = "trials", url: str | None = None):
@@ -194,56 +263,140 @@ def open_study(space: SearchSpace, root: str | Path = "trials", url: str | None 
     return optuna.create_study(study_name=space.study, storage=storage, direction="minimize", load_if_exists=True)
 
 
+def _stage(trial) -> str:
+    return trial.user_attrs.get("stage", SHORT)
+
+
 def _label(trial) -> str | None:
-    return trial.params.get("arch")
+    return trial.user_attrs.get("label") or (label_of(trial.params) if set(AXES) <= set(trial.params) else None)
+
+
+def _choices(rows: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
+    return {name: sorted({int(r[name]) for r in rows.values()}) for name in AXES}
 
 
 def _plan(space: SearchSpace, study, labels: list[str]) -> tuple[str, list[str], int]:
     """(sampler, labels to enqueue, number of trials still to run), resuming what the study already holds."""
     import optuna
 
-    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+    state = optuna.trial.TrialState
+    for t in study.get_trials(deepcopy=False, states=(state.RUNNING,)):
         # A run that was killed left these behind; record them as failed so they are tried again.
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-    done = {_label(t) for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+        study._storage.set_trial_state_values(t._trial_id, state.FAIL)
+    done = {_label(t) for t in study.get_trials(deepcopy=False, states=(state.COMPLETE,)) if _stage(t) == SHORT}
+    # Candidates a killed run enqueued but never started: the next run's Tune trials take them first.
+    waiting = [label_of(t.system_attrs["fixed_params"]) for t in study.get_trials(deepcopy=False, states=(state.WAITING,))
+               if set(AXES) <= set(t.system_attrs.get("fixed_params", {}))]
     sampler = space.search.sampler
     if sampler == "auto":
         sampler = "grid" if len(labels) <= space.search.max_trials else "tpe"
     if sampler == "grid":
         remaining = [label for label in labels if label not in done]
-        return sampler, remaining, len(remaining)
-    return sampler, [], max(0, space.search.max_trials - len(done))
+        return sampler, [label for label in remaining if label not in waiting], len(remaining) + \
+            len([w for w in waiting if w in done])
+    return sampler, [], max(0, space.search.max_trials - len(done)) + len(waiting)
 
 
 def run_search(space: SearchSpace, root: str | Path = "trials", address: str | None = None,
-               trial_fn: Callable = run_trial) -> "Any":
+               trial_fn: Callable = run_trial, echo: Callable[[str], None] = lambda line: None) -> "Any":
     """The whole job; re-running it resumes (finished trials and promotions are not redone)."""
+    url = storage_url(space, root)
     shared = prepare(space, root)
-    folder = Path(shared.folder)
-    init_ray(address, folder)
+    reached = init_ray(address, Path(shared.storage.uri))
     study = open_study(space, root)
     study.set_user_attr("parent", space.parent)
-    study.set_user_attr("architectures", {label: dict(row) for label, row in shared.rows.items()})
     sampler, enqueue, n_trials = _plan(space, study, list(shared.rows))
-    log.info("%d feasible candidates; %s sampler; %d trials to run", len(shared.rows), sampler, n_trials)
+    echo(f"{space.name}: {len(shared.rows)} feasible candidates, {n_trials} trials to run ({sampler}) on {reached}")
+    echo(f"run folder {shared.storage.uri}; study {space.study} in {url}")
+    echo(f"watch: optuna-dashboard {url}")
     if n_trials:
-        _tune(space, shared, study, enqueue, n_trials, folder, trial_fn)
-    _promote_best(space, shared, study)
+        _tune(space, shared, study, enqueue, n_trials, trial_fn, echo)
+    _promote_best(space, shared, study, echo)
     return summarize(space, root)
 
 
-def _tune(space: SearchSpace, shared: Shared, study, enqueue: list[str], n_trials: int, folder: Path,
-          trial_fn: Callable) -> None:
-    import optuna
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+class Progress(tune.Callback):
+    """One line per finished trial: n/N, label, params, val loss, tokens, trial time, elapsed, ETA."""
 
-    labels = list(shared.rows)
-    searcher = OptunaSearch(space={"arch": optuna.distributions.CategoricalDistribution(labels)}, metric=METRIC,
-                            mode="min", points_to_evaluate=[{"arch": label} for label in enqueue] or None,
-                            sampler=optuna.samplers.TPESampler(seed=space.search.seed),
-                            study_name=space.study, storage=study._storage, seed=space.search.seed)
+    def __init__(self, total: int, rows: dict[str, dict[str, Any]], echo: Callable[[str], None]):
+        self.total, self.rows, self.echo, self.done, self.start = total, rows, echo, 0, time.time()
+
+    def line(self, trial, what: str) -> None:
+        self.done += 1
+        elapsed = time.time() - self.start
+        eta = elapsed / self.done * max(0, self.total - self.done)
+        label = label_of(trial.config)
+        r = trial.last_result or {}
+        self.echo(f"[{self.done}/{self.total}] {label} {self.rows[label]['params'] / 1e6:.1f}M {what} "
+                  f"{_fmt(r.get(METRIC), '.4f')}, {_fmt(r.get('tokens'), ',')} tokens, "
+                  f"{_fmt(r.get('time_total_s'), '.0f')} s; elapsed {elapsed:.0f} s, ETA {eta:.0f} s")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.line(trial, "val loss")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.line(trial, "FAILED after retries; last val loss")
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        self.echo(f"[retry] {label_of(trial.config)} failed (failure {trial.num_failures}); retrying")
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+class _Axes:
+    """Optuna's define-by-run space: one categorical parameter per architecture axis."""
+
+    def __init__(self, choices: dict[str, list[int]]):
+        self.choices = choices
+
+    def __call__(self, trial) -> None:
+        for name in AXES:
+            trial.suggest_categorical(name, self.choices[name])
+
+
+class ArchitectureSearch(OptunaSearch):
+    """Ray Tune's OptunaSearch, adapted so that trials are architectures: infeasible proposals are recorded as
+    pruned with the reason (never trained), feasible ones carry their label, parameter count and share as user
+    attributes, and intermediate values are indexed by training tokens."""
+
+    def __init__(self, space: SearchSpace, rows: dict[str, dict[str, Any]], study, enqueue: list[str]):
+        import optuna
+
+        super().__init__(space=_Axes(_choices(rows)), metric=METRIC, mode="min",
+                         points_to_evaluate=[{k: rows[label][k] for k in AXES} for label in enqueue] or None,
+                         sampler=optuna.samplers.TPESampler(seed=space.search.seed), study_name=space.study,
+                         storage=study._storage)
+        self.nas_space, self.nas_config, self.nas_rows = space, parent_config(space.parent), rows
+
+    def suggest(self, trial_id: str):
+        import optuna
+
+        for _ in range(1000):  # TPE may propose combinations outside the budget; record and skip them
+            params = super().suggest(trial_id)
+            trial = self._ot_trials[trial_id]
+            problem = candidate_problem(self.nas_space, self.nas_config, params)
+            if problem is None:
+                row = self.nas_rows[label_of(params)]
+                for key in ("label", "params", "share_of_parent"):
+                    trial.set_user_attr(key, row[key])
+                trial.set_user_attr("stage", SHORT)
+                return params
+            trial.set_user_attr("pruned_reason", problem)
+            self._ot_study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            del self._ot_trials[trial_id]
+        return None
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        self._ot_trials[trial_id].report(result[METRIC], int(result["tokens"]))
+
+
+def _tune(space: SearchSpace, shared: Shared, study, enqueue: list[str], n_trials: int, trial_fn: Callable,
+          echo: Callable[[str], None]) -> None:
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's console table off (verbose=0 below); nas prints its own lines
     scheduler = ASHAScheduler(grace_period=1, reduction_factor=2, max_t=space.short_retrain.reports + 1) \
         if space.search.asha else FIFOScheduler()
     res = space.resources
@@ -251,70 +404,152 @@ def _tune(space: SearchSpace, shared: Shared, study, enqueue: list[str], n_trial
                                     {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=n_trials, metric=METRIC,
-                                    mode="min", max_concurrent_trials=res.max_concurrent),
-        run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=str(folder / "ray_results"),
-                                  failure_config=tune.FailureConfig(max_failures=space.search.retries), verbose=0),
+        tune_config=tune.TuneConfig(search_alg=ArchitectureSearch(space, shared.rows, study, enqueue),
+                                    scheduler=scheduler,
+                                    num_samples=n_trials, metric=METRIC, mode="min",
+                                    max_concurrent_trials=res.max_concurrent),
+        run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=f"{shared.storage.uri}/ray_results",
+                                  failure_config=tune.FailureConfig(max_failures=space.search.retries), verbose=0,
+                                  callbacks=[Progress(n_trials, shared.rows, echo)]),
     )
     tuner.fit()
 
 
-def _promote_best(space: SearchSpace, shared: Shared, study) -> None:
+def _promote_best(space: SearchSpace, shared: Shared, study, echo: Callable[[str], None]) -> None:
     import optuna
     import ray
 
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if _stage(t) == SHORT]
     best = sorted(complete, key=lambda t: t.value)[: space.promote]
-    if not best:
+    recorded = {_label(t) for t in study.get_trials(deepcopy=False) if _stage(t) == FULL}
+    todo = [_label(t) for t in best if _label(t) not in recorded]
+    if not todo:
         return
     res = space.resources
-    task = ray.remote(promote).options(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial)
-    results = ray.get([task.remote(shared, _label(t)) for t in best])
-    study.set_user_attr("promoted", {r["label"]: {k: v for k, v in r.items() if k != "label"} for r in results})
+    task = ray.remote(promote).options(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
+                                       max_retries=space.search.retries)
+    echo(f"promoting {', '.join(todo)} to full distillation ({space.full_retrain.tokens:,} tokens each)")
+    pending = {task.remote(shared, label): label for label in todo}
+    start = time.time()
+    while pending:
+        ready, _ = ray.wait(list(pending))
+        label = pending.pop(ready[0])
+        result = ray.get(ready[0])
+        _record_promoted(study, shared, result)
+        echo(f"[promoted {len(todo) - len(pending)}/{len(todo)}] {label} val loss {result['val_loss']:.4f} "
+             f"after {result['tokens']:,} tokens; elapsed {time.time() - start:.0f} s")
+
+
+def _record_promoted(study, shared: Shared, result: dict) -> None:
+    """Record a full distillation as a trial of its own (Optuna freezes finished trials), stage 'full_distillation',
+    with the candidate's axes as parameters and its validation curve by tokens."""
+    import optuna
+
+    label = result["label"]
+    row = shared.rows[label]
+    curve = shared.storage.read_text(f"promoted/{label}/metrics.jsonl") or ""
+    evals = [json.loads(line) for line in curve.splitlines() if '"val_loss"' in line]
+    choices = _choices(shared.rows)
+    study.add_trial(optuna.trial.create_trial(
+        params={k: int(row[k]) for k in AXES},
+        distributions={k: optuna.distributions.CategoricalDistribution(choices[k]) for k in AXES},
+        value=result["val_loss"], intermediate_values={int(e["tokens"]): e["val_loss"] for e in evals},
+        user_attrs={"label": label, "params": row["params"], "share_of_parent": row["share_of_parent"], "stage": FULL}))
 
 
 # -- summary and export -----------------------------------------------------------------------------
 
 def summarize(space: SearchSpace, root: str | Path = "trials"):
-    """A table of every trial (architecture, params, losses, tokens, wall time) saved as parquet, CSV and a plot."""
+    """A table of every trial (architecture, params, losses, tokens, wall time) saved as parquet, CSV and plots."""
     import pandas as pd
 
     study = open_study(space, root)
-    folder = study_dir(space, root)
-    archs = study.user_attrs.get("architectures", {})
-    promoted = study.user_attrs.get("promoted", {})
+    storage = RunStorage(root, space.study)
+    promoted = {_label(t): t.value for t in study.get_trials(deepcopy=False) if _stage(t) == FULL}
     rows = []
     for t in study.get_trials(deepcopy=False):
+        if _stage(t) == FULL:
+            continue
         label = _label(t)
-        result_file = folder / str(label) / "result.json"
-        result = json.loads(result_file.read_text()) if result_file.exists() else {}
-        rows.append({"trial": t.number, "state": t.state.name, "label": label, **archs.get(label, {}),
-                     METRIC: t.value, "val_kd": result.get("val_kd"), "tokens": result.get("tokens"),
+        result = (storage.read_json(f"{label}/result.json") or {}) if label else {}
+        rows.append({"trial": t.number, "state": t.state.name, "label": label,
+                     **{k: t.params.get(k) for k in AXES}, "params": t.user_attrs.get("params"),
+                     "share_of_parent": t.user_attrs.get("share_of_parent"), METRIC: t.value,
+                     "val_kd": result.get("val_kd"), "tokens": result.get("tokens"),
                      "wall_s": result.get("wall_s") or (t.duration.total_seconds() if t.duration else None),
-                     "promoted_val_loss": promoted.get(label, {}).get("val_loss")})
+                     "promoted_val_loss": promoted.get(label), "note": t.user_attrs.get("pruned_reason")})
     frame = pd.DataFrame(rows)
-    frame.to_parquet(folder / "summary.parquet", index=False)
-    frame.to_csv(folder / "summary.csv", index=False)
-    _plot(frame, folder / "pareto.png")
+    parent = storage.read_json("parent.json") or {}
+    curves = {_label(t): (_stage(t), sorted(t.intermediate_values.items())) for t in study.get_trials(deepcopy=False)
+              if t.intermediate_values}
+    with storage.workdir("") as out:
+        frame.to_parquet(out / "summary.parquet", index=False)
+        frame.to_csv(out / "summary.csv", index=False)
+        _plot_pareto(frame, parent, out / "pareto.png")
+        _plot_curves(curves, parent, out / "curves.png")
+        for name in ("summary.parquet", "summary.csv", "pareto.png", "curves.png"):
+            storage.upload(out / name, name)
     return frame
 
 
-def _plot(frame, path: Path) -> None:
+def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (params, loss) points no other point beats on both, by increasing params."""
+    front, best = [], float("inf")
+    for p, loss in sorted(points):
+        if loss < best:
+            front.append((p, loss))
+            best = loss
+    return front
+
+
+def _plot_pareto(frame, parent: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     done = frame[frame["state"] == "COMPLETE"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(8, 5))
     if len(done):
-        ax.scatter(done["params"] / 1e6, done[METRIC], label="short retrain")
-        best = done.loc[done[METRIC].idxmin()]
-        ax.scatter([best["params"] / 1e6], [best[METRIC]], marker="*", s=250, color="red",
-                   label=f"winner {best['label']}")
-        ax.legend(fontsize=8)
+        ax.scatter(done["params"] / 1e6, done[METRIC], label="short retrain", color="tab:blue")
+        for _, r in done.iterrows():
+            ax.annotate(r["label"], (r["params"] / 1e6, r[METRIC]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
+        front = _pareto_front(list(zip(done["params"] / 1e6, done[METRIC])))
+        ax.step(*zip(*front), where="post", color="tab:blue", alpha=0.5, label="Pareto front")
+        promoted = done[done["promoted_val_loss"].notna()]
+        if len(promoted):
+            ax.scatter(promoted["params"] / 1e6, promoted["promoted_val_loss"], marker="*", s=220, color="red",
+                       label="promoted: full distillation")
+    if parent.get("val_loss") is not None:
+        ax.axhline(parent["val_loss"], color="gray", linestyle="--", label=f"parent ({parent['params'] / 1e6:.1f}M)")
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("validation loss")
+    ax.set_title("candidates: size vs validation loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _plot_curves(curves: dict[str, tuple[str, list[tuple[int, float]]]], parent: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, (stage, points) in sorted(curves.items()):
+        x, y = zip(*points)
+        ax.plot(x, y, marker="o", linestyle="--" if stage == FULL else "-",
+                label=f"{label}{' (full)' if stage == FULL else ''}")
+    if parent.get("val_loss") is not None:
+        ax.axhline(parent["val_loss"], color="gray", linestyle=":", label="parent")
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss")
+    ax.set_title("validation loss during retraining")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -324,15 +559,12 @@ def winner(study) -> tuple[str, dict[str, Any]]:
     """The best candidate: lowest full-distillation loss among promoted ones, else lowest short-retrain loss."""
     import optuna
 
-    promoted = study.user_attrs.get("promoted", {})
-    if promoted:
-        label = min(promoted, key=lambda k: promoted[k]["val_loss"])
-        return label, {"val_loss": promoted[label]["val_loss"], "stage": "full_distillation"}
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if not complete:
         raise NasError(f"study {study.study_name!r} has no completed trial yet")
-    best = min(complete, key=lambda t: t.value)
-    return _label(best), {"val_loss": best.value, "stage": "short_retrain"}
+    full = [t for t in complete if _stage(t) == FULL]
+    best = min(full or complete, key=lambda t: t.value)
+    return _label(best), {"val_loss": best.value, "stage": _stage(best), "params": best.user_attrs.get("params")}
 
 
 def export_best(study_name: str, storage: str, out: str | Path, checkpoint: str | Path | None = None,
@@ -340,27 +572,25 @@ def export_best(study_name: str, storage: str, out: str | Path, checkpoint: str 
     """Write the winner's Architecture (+ params, losses, parent) as JSON; optionally its checkpoint."""
     import optuna
 
+    from nas.architecture import Architecture
+
     try:
         study = optuna.load_study(study_name=study_name, storage=optuna.storages.RDBStorage(storage))
     except KeyError:
         raise NasError(f"--study {study_name}: no such study in {storage}") from None
     label, losses = winner(study)
-    folder = Path(root).resolve() / study_name
-    arch_file = (folder / "promoted" / label / "architecture.json") if losses["stage"] == "full_distillation" \
-        else folder / label / "architecture.json"
-    arch = json.loads(arch_file.read_text())
-    row = study.user_attrs.get("architectures", {}).get(label, {})
-    best = {**Architecture.from_dict(arch).to_dict(), "params": row.get("params"),
-            **losses, "label": label, "parent": study.user_attrs.get("parent")}
+    run = RunStorage(root, study_name)
+    rel = f"promoted/{label}" if losses["stage"] == FULL else label
+    arch = run.read_json(f"{rel}/architecture.json")
+    if arch is None:
+        raise NasError(f"--root {root}: {run.uri}/{rel}/architecture.json is missing; give the run folder of this study")
+    best = {**Architecture.from_dict(arch).to_dict(), **losses, "label": label, "parent": study.user_attrs.get("parent")}
     write_json(out, best)
     if checkpoint:
-        source = folder / "promoted" / label / "model"
-        if not source.exists():
+        if not run.exists(f"promoted/{label}/model"):
             raise NasError(f"--checkpoint: {label} was not promoted to full distillation, so it has no checkpoint; "
                            f"raise `promote` in the search space and re-run `nas search`")
-        import shutil
-
         with atomic_dir(checkpoint) as tmp:
-            shutil.copytree(source, tmp, dirs_exist_ok=True)
+            shutil.copytree(run.fetch(f"promoted/{label}/model"), tmp, dirs_exist_ok=True)
             (tmp / "architecture.json").write_text(json.dumps(best, indent=2) + "\n")
     return best

@@ -288,6 +288,25 @@ def enumerate_candidates(space: SearchSpace, config: Any) -> list[dict[str, Any]
     return sorted(rows, key=lambda r: (-r["params"], r["label"]))
 
 
+def candidate_problem(space: SearchSpace, config: Any, axes: dict[str, int]) -> str | None:
+    """Why an axes combination is not a candidate of `space` (None when it is one)."""
+    parent = Architecture.of_config(config)
+    try:
+        arch = parent.replace(**{k: int(axes[k]) for k in AXES}, layers=tuple(range(int(axes["num_hidden_layers"]))))
+        family_of(config).child_config(config, arch)
+    except ArchitectureError as e:
+        return f"not a valid child: {e}"
+    low, high = target_range(space, family_of(config).num_parameters(config, parent))
+    counted = counted_params(space, config, arch)
+    if not low <= counted <= high:
+        return f"{counted:,} {space.budget.kind} parameters, outside the budget [{low:,.0f}, {high:,.0f}]"
+    if space.budget.max_weight_gb is not None:
+        gb = family_of(config).num_parameters(config, arch) * space.budget.bytes_per_param / 2**30
+        if gb > space.budget.max_weight_gb:
+            return f"{gb:.2f} GB of weights, above budget.max_weight_gb={space.budget.max_weight_gb}"
+    return None
+
+
 def infeasible_hint(space: SearchSpace, config: Any) -> str:
     """Why no candidate fits, and which axis to widen."""
     parent_params = family_of(config).num_parameters(config, Architecture.of_config(config))

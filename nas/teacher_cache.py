@@ -31,6 +31,11 @@ class TeacherTopK:
     def rows(self, idx: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
         return self.logprobs[idx].to(device), self.index[idx].to(device)
 
+    @classmethod
+    def load(cls, path: str | Path) -> TeacherTopK:
+        data = load_file(str(path))
+        return cls(data["logprobs"], data["index"])
+
 
 @torch.no_grad()
 def compute_topk(teacher: nn.Module, tokens: Tensor, k: int, temperature: float = 1.0, batch_size: int = 8,
@@ -59,8 +64,7 @@ def cached_topk(teacher: nn.Module, tokens: Tensor, k: int, path: str | Path, te
 
             with safe_open(str(path), framework="pt") as f:
                 if f.metadata() == key:
-                    data = load_file(str(path))
-                    return TeacherTopK(data["logprobs"], data["index"])
+                    return TeacherTopK.load(path)
         except Exception as e:
             log.warning("teacher cache %s is unreadable (%s); recomputing", path, e)
     result = compute_topk(teacher, tokens, k, temperature, batch_size, dtype)

@@ -6,6 +6,14 @@
 # installed, which on the project's machines resolves to the local CPU wheel rather than a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The slow tests start a real PostgreSQL and look at the Optuna dashboard in Chromium (Debian packages).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v chromium >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql chromium >/dev/null
+  else
+    echo "note: PostgreSQL or Chromium is missing; the tests that need them are skipped (apt-get install postgresql chromium)"
+  fi
+fi
 python3 -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate

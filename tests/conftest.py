@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ transformers.utils.logging.disable_progress_bar()
 
 ROOT = Path(__file__).resolve().parents[1]
 WIKITEXT = ROOT / "data" / "wikitext-2"  # shipped in the repository (see data/README.md)
+sys.path.insert(0, str(ROOT / "scripts"))  # the dashboard helpers the browser test shares with its script
 # The converted SmolLM2 parent and token arrays are cached across tests and runs (ignored by git).
 os.environ.setdefault("NAS_CACHE", str(ROOT / ".cache"))
 
@@ -72,3 +74,26 @@ def text_file(tmp_path) -> Path:
     path = tmp_path / "calib.txt"
     path.write_text((WIKITEXT / "valid.txt").read_text()[:60_000])
     return path
+
+
+def tiny_space(folder: Path, tokenizer, name: str = "tiny", **overrides) -> dict:
+    """A search space over a saved tiny Llama parent and a little text in `folder` (4 candidates)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / "parent" / "config.json").exists():
+        tiny_model("llama").save_pretrained(folder / "parent")
+        tokenizer.save_pretrained(folder / "parent")
+        (folder / "data.txt").write_text((WIKITEXT / "valid.txt").read_text()[:120_000])
+    spec = {
+        "name": name, "parent": str(folder / "parent"), "data": str(folder / "data.txt"), "seq_len": 32,
+        "budget": {"fraction": 0.6, "tolerance": 0.25},
+        "axes": {"num_hidden_layers": [4, 3], "num_attention_heads": [6], "intermediate_size": [80, 40],
+                 "hidden_size": [48, 36]},
+        "importance": {"samples": 8},
+        "short_retrain": {"tokens": 4 * 32 * 3, "batch_size": 4, "lr": 1e-3, "reports": 2},
+        "full_retrain": {"tokens": 4 * 32 * 4, "batch_size": 4, "lr": 1e-3, "reports": 1},
+        "promote": 1, "search": {"sampler": "grid", "retries": 1},
+        "resources": {"cpus_per_trial": 1, "max_concurrent": 2},
+    }
+    for key, value in overrides.items():
+        spec[key] = {**spec[key], **value} if isinstance(value, dict) and key in spec else value
+    return spec

@@ -42,3 +42,12 @@ def test_missing_and_unsupported_sources_name_the_fix(tmp_path):
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(DataError, match="unsupported file type '.csv'"):
         read_texts(str(tmp_path / "x.csv"))
+
+
+def test_corrupt_token_cache_is_recomputed_not_trusted(text_file, tiny_tokenizer, tmp_path, monkeypatch):
+    monkeypatch.setenv("NAS_CACHE", str(tmp_path / "cache"))
+    first = load_tokens(str(text_file), tiny_tokenizer, 32)
+    [cached] = (tmp_path / "cache" / "tokens").iterdir()
+    cached.write_bytes(cached.read_bytes()[:50])  # a crash mid-write elsewhere, or a damaged disk
+    assert torch.equal(load_tokens(str(text_file), tiny_tokenizer, 32), first)
+    assert cached.stat().st_size > 50  # rewritten whole

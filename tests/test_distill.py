@@ -120,3 +120,13 @@ def test_lm_eval_runs_the_shipped_task_offline(tiny_tokenizer):
     model = tiny_model("llama")
     scores = lm_eval_tasks(model, tiny_tokenizer, ["nas_cloze"], limit=6, batch_size=4)
     assert 0.0 <= scores["nas_cloze"]["acc"] <= 1.0 and "acc_norm" in scores["nas_cloze"]
+
+
+def test_corrupt_teacher_cache_is_recomputed_not_trusted(tmp_path):
+    _, teacher, _ = _pair()
+    path = tmp_path / "t.safetensors"
+    first = cached_topk(teacher, TRAIN, 16, path)
+    path.write_bytes(path.read_bytes()[:200])
+    again = cached_topk(teacher, TRAIN, 16, path)
+    assert torch.equal(again.index, first.index) and torch.equal(again.logprobs, first.logprobs)
+    assert cached_topk(teacher, TRAIN, 16, path).index.shape == first.index.shape  # the rewritten file reads back

@@ -1,6 +1,7 @@
 """The search service end to end: a real local Ray, a real sqlite Optuna study, a tiny random Llama parent."""
 
 import json
+import shutil
 import sys
 
 import ray.cloudpickle as cloudpickle
@@ -9,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import WIKITEXT, tiny_model
+from conftest import tiny_space
 from nas.architecture import Architecture
 from nas.families import family_of
-from nas.search import TRIAL_FILES, export_best, init_ray, run_search, run_trial, storage_url, study_dir
-from nas.space import parse_space
+from nas.search import TRIAL_FILES, export_best, init_ray, label_of, run_search, run_trial, storage_url
+from nas.space import AXES, parse_space
 
 pytestmark = pytest.mark.slow
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
@@ -22,7 +23,7 @@ FAILING = "L3-H6-KV2-M40-E48"
 
 
 def failing_trial(config, shared, report=None):
-    if config["arch"] == FAILING:
+    if label_of(config) == FAILING:
         raise RuntimeError("injected failure")
     return run_trial(config, shared, report)
 
@@ -39,50 +40,64 @@ def ray_session(tmp_path_factory):
 @pytest.fixture(scope="module")
 def space(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("search")
-    tiny_model("llama").save_pretrained(root / "parent")
-    tiny_tokenizer.save_pretrained(root / "parent")
-    (root / "data.txt").write_text((WIKITEXT / "valid.txt").read_text()[:120_000])
-    spec = {
-        "name": "tiny", "parent": str(root / "parent"), "data": str(root / "data.txt"), "seq_len": 32,
-        "budget": {"fraction": 0.6, "tolerance": 0.25},
-        "axes": {"num_hidden_layers": [4, 3], "num_attention_heads": [6], "intermediate_size": [80, 40],
-                 "hidden_size": [48, 36]},
-        "importance": {"samples": 8},
-        "short_retrain": {"tokens": 4 * 32 * 3, "batch_size": 4, "lr": 1e-3, "reports": 2},
-        "full_retrain": {"tokens": 4 * 32 * 4, "batch_size": 4, "lr": 1e-3, "reports": 1},
-        "promote": 1, "search": {"sampler": "grid", "retries": 1},
-        "resources": {"cpus_per_trial": 1, "max_concurrent": 2},
-    }
-    return parse_space(spec), root
+    return parse_space(tiny_space(root, tiny_tokenizer)), root
 
 
-def _trials(space, root):
-    return optuna.load_study(study_name=space.study, storage=storage_url(space, root)).get_trials()
+def _trials(space, root, stage="short_retrain"):
+    trials = optuna.load_study(study_name=space.study, storage=storage_url(space, root)).get_trials()
+    return [t for t in trials if stage is None or t.user_attrs.get("stage") == stage]
 
 
-def test_search_records_trials_promotes_exports_and_resumes(ray_session, space):
+def _label(trial):
+    return trial.user_attrs["label"]
+
+
+@pytest.fixture(scope="module")
+def searched(ray_session, space):
     space, root = space
-    frame = run_search(space, root, trial_fn=failing_trial)
+    lines = []
+    frame = run_search(space, root, trial_fn=failing_trial, echo=lines.append)
+    return space, root, frame, lines
+
+
+def test_search_records_trials_promotes_exports_and_resumes(searched):
+    space, root, frame, lines = searched
     trials = _trials(space, root)
-    labels = {t.params["arch"] for t in trials}
+    labels = {_label(t) for t in trials}
     assert len(labels) >= 4 and FAILING in labels
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert {t.params["arch"] for t in complete} == labels - {FAILING}
+    assert {_label(t) for t in complete} == labels - {FAILING}
     assert all(t.value > 0 for t in complete)
-    assert [t.state for t in trials if t.params["arch"] == FAILING] == [optuna.trial.TrialState.FAIL]
+    assert [t.state for t in trials if _label(t) == FAILING] == [optuna.trial.TrialState.FAIL]
+    # Progress: a start line, one line per trial (n/N), one per promotion.
+    assert lines[0].startswith(f"tiny: {len(labels)} feasible candidates, {len(labels)} trials to run (grid)")
+    assert any(line.startswith("watch: optuna-dashboard sqlite:///") for line in lines)
+    assert sorted(line.split()[0] for line in lines if line.startswith("[") and "promoted" not in line) == \
+        sorted(f"[{n}/{len(labels)}]" for n in range(1, len(labels) + 1))
+    assert any(FAILING in line and "FAILED" in line for line in lines)
+    assert sum(line.startswith("[promoted 1/1]") for line in lines) == 1
 
-    folder = study_dir(space, root)
-    for t in complete:  # the fixed artifact contract of a trial
-        files = sorted(p.name for p in (folder / t.params["arch"]).iterdir())
+    folder = root / space.study
+    config = AutoModelForCausalLM.from_pretrained(space.parent).config
+    steps = [32 * 4 * 1, 32 * 4 * 2, 32 * 4 * 3]  # tokens at each report: 3 steps, reports=2 -> every step
+    for t in complete:  # the fixed artifact contract of a trial, and what the dashboard reads
+        files = sorted(p.name for p in (folder / _label(t)).iterdir())
         assert files == sorted(TRIAL_FILES), files
-        result = json.loads((folder / t.params["arch"] / "result.json").read_text())
+        result = json.loads((folder / _label(t) / "result.json").read_text())
         assert result["val_loss"] == pytest.approx(t.value)
+        assert set(t.params) == set(AXES) and label_of(t.params) == _label(t)
+        arch = Architecture.from_dict(json.loads((folder / _label(t) / "architecture.json").read_text()))
+        assert t.user_attrs["params"] == family_of(config).num_parameters(config, arch)
+        assert t.user_attrs["share_of_parent"] == pytest.approx(t.user_attrs["params"] / sum(
+            p.numel() for p in AutoModelForCausalLM.from_pretrained(space.parent).parameters()))
+        assert sorted(t.intermediate_values) == steps  # indexed by training tokens, each once
+        assert t.intermediate_values[steps[-1]] == pytest.approx(t.value)
     assert (folder / "summary.parquet").exists() and (folder / "summary.csv").exists()
-    assert (folder / "pareto.png").stat().st_size > 1000
+    assert (folder / "pareto.png").stat().st_size > 1000 and (folder / "curves.png").stat().st_size > 1000
     assert set(frame["label"]) == labels
 
     best_short = min(complete, key=lambda t: t.value)
-    promoted = folder / "promoted" / best_short.params["arch"]
+    promoted = folder / "promoted" / _label(best_short)
     child = AutoModelForCausalLM.from_pretrained(promoted / "model")
     arch = json.loads((promoted / "architecture.json").read_text())
     config = AutoModelForCausalLM.from_pretrained(space.parent).config
@@ -91,8 +106,13 @@ def test_search_records_trials_promotes_exports_and_resumes(ray_session, space):
     with torch.no_grad():
         assert torch.isfinite(child(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
+    [full] = _trials(space, root, "full_distillation")  # the promoted loss, recorded on a trial of its own
+    assert _label(full) == _label(best_short) and full.params == best_short.params
+    assert full.value == pytest.approx(json.loads((promoted / "result.json").read_text())["val_loss"])
+    assert max(full.intermediate_values) == 32 * 4 * 4
+
     best = export_best(space.study, storage_url(space, root), root / "best.json", root / "ckpt", root=root)
-    assert best["label"] == best_short.params["arch"] and best["stage"] == "full_distillation"
+    assert best["label"] == _label(best_short) and best["stage"] == "full_distillation"
     assert json.loads((root / "best.json").read_text()) == best
     assert {k: best[k] for k in ("hidden_size", "intermediate_size", "layers")} == \
         {k: arch[k] for k in ("hidden_size", "intermediate_size", "layers")}
@@ -102,6 +122,52 @@ def test_search_records_trials_promotes_exports_and_resumes(ray_session, space):
     # Re-running the same search repeats no finished trial (only the failed one is tried again).
     run_search(space, root, trial_fn=failing_trial)
     again = _trials(space, root)
-    finished = [t.params["arch"] for t in again if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(finished) == sorted(t.params["arch"] for t in complete)
+    finished = [_label(t) for t in again if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(finished) == sorted(_label(t) for t in complete)
     assert len(again) == len(trials) + 1
+    assert len(_trials(space, root, "full_distillation")) == 1  # the promotion is not redone
+
+
+def test_dashboard_shows_the_axes_in_a_browser(searched):
+    """optuna-dashboard on the search's study, looked at in headless Chromium: the trials carry their axes and
+    label, and the slice plot over num_hidden_layers has a point per finished trial."""
+    from playwright.sync_api import sync_playwright
+
+    if not shutil.which("chromium"):
+        pytest.skip("Chromium is missing: apt-get install chromium (scripts/setup.sh does)")
+    from dashboard_screenshot import CHROMIUM_ARGS, chromium, dashboard, show_slice, study_id
+
+    space, root, _, _ = searched
+    complete = [t for t in _trials(space, root, None) if t.state == optuna.trial.TrialState.COMPLETE]
+    with dashboard(storage_url(space, root)) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 900})
+        sid = study_id(url, space.study)
+        page.goto(f"{url}/dashboard/studies/{sid}/trials")
+        page.get_by_text("Parameter", exact=True).first.wait_for()
+        text = page.locator("main").inner_text()
+        assert all(axis in text for axis in AXES) and "label" in text and "share_of_parent" in text
+        plot = show_slice(page, url, sid)
+        assert plot.locator(".scatterlayer .point").count() == len(complete)
+        browser.close()
+
+
+def test_tpe_prunes_infeasible_proposals_and_writes_to_a_uri_run_folder(ray_session, tmp_path, tiny_tokenizer):
+    """TPE proposes axis combinations outside the budget: they are recorded as pruned with the reason and never
+    trained. The run folder is a file:// URI (written through pyarrow, as s3:// would be)."""
+    spec = tiny_space(tmp_path / "inputs", tiny_tokenizer, name="tpe", promote=0,
+                      axes={"num_hidden_layers": [4, 3, 2], "hidden_size": [48, 36, 24]},
+                      budget={"fraction": 0.6, "tolerance": 0.1}, search={"sampler": "tpe", "max_trials": 3},
+                      storage=f"sqlite:///{tmp_path / 'study.db'}")
+    space, root = parse_space(spec), f"file://{tmp_path / 'runs'}"
+    run_search(space, root)
+    trials = optuna.load_study(study_name="tpe", storage=spec["storage"]).get_trials()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert len(complete) == 3
+    folders = {p.name for p in (tmp_path / "runs" / "tpe").iterdir() if p.is_dir() and p.name != "ray_results"}
+    assert folders == {t.user_attrs["label"] for t in complete}  # pruned proposals were never trained
+    for t in pruned:
+        assert "outside the budget" in t.user_attrs["pruned_reason"] or "not a valid child" in t.user_attrs["pruned_reason"]
+        assert label_of(t.params) not in folders
+    assert (tmp_path / "runs" / "tpe" / "summary.csv").exists() and (tmp_path / "runs" / "tpe" / "pareto.png").exists()
