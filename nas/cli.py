@@ -225,7 +225,11 @@ def cmd_search(args) -> None:
 
 def cmd_export(args) -> None:
     from nas.search import export_best
+    from nas.storage import is_uri
 
+    if args.storage is None and is_uri(args.root):
+        raise NasError(f"--storage: the run folder {args.root} is a URI, so the study lives in a database; "
+                       f"give its URL (the space's `storage:`)")
     storage = args.storage or f"sqlite:///{(Path(args.root).resolve() / args.study / 'study.db')}"
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
         raise NasError(f"--storage {storage}: no such sqlite file; give --storage or run `nas search` first")
@@ -350,10 +354,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
     if not args.verbose:
+        import optuna
         import transformers
 
         transformers.utils.logging.disable_progress_bar()
         transformers.utils.logging.set_verbosity_error()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
         args.func(args)
     except NasError as e:

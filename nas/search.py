@@ -250,9 +250,10 @@ def init_ray(address: str | None, folder: Path, num_cpus: int | None = None) -> 
     # deep in a file system would overflow: its files go to a short folder named for the run folder.
     temp = Path(tempfile.gettempdir()) / f"nas-ray-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
     env = {"env_vars": {k: os.environ[k] for k in ("NAS_CACHE", "HF_HUB_OFFLINE") if k in os.environ}}
+    # ERROR: its notice that token authentication is on concerns clusters, not this private, loopback-only one.
     ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, dashboard_host="127.0.0.1",
              _node_ip_address="127.0.0.1", _temp_dir=str(temp), runtime_env=env, log_to_driver=False,
-             logging_level=logging.WARNING)
+             logging_level=logging.ERROR)
     return "a private Ray on 127.0.0.1"
 
 
@@ -369,6 +370,7 @@ class ArchitectureSearch(OptunaSearch):
                          sampler=optuna.samplers.TPESampler(seed=space.search.seed), study_name=space.study,
                          storage=study._storage)
         self.nas_space, self.nas_config, self.nas_rows = space, parent_config(space.parent), rows
+        self.nas_reported: dict[str, set[int]] = {}
 
     def suggest(self, trial_id: str):
         import optuna
@@ -389,7 +391,11 @@ class ArchitectureSearch(OptunaSearch):
         return None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        self._ot_trials[trial_id].report(result[METRIC], int(result["tokens"]))
+        # Tune hands a function trainable's last result over twice (as a result, then as the final one).
+        tokens, reported = int(result["tokens"]), self.nas_reported.setdefault(trial_id, set())
+        if tokens not in reported:
+            reported.add(tokens)
+            self._ot_trials[trial_id].report(result[METRIC], tokens)
 
 
 def _tune(space: SearchSpace, shared: Shared, study, enqueue: list[str], n_trials: int, trial_fn: Callable,

@@ -214,15 +214,17 @@ def parse_space(data: Any, where: str = "space") -> SearchSpace:
     errors: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: must be a mapping of fields")
-    errors += [f"{key}: required" for key in _REQUIRED if key not in data]
+    missing = [key for key in _REQUIRED if key not in data]
+    errors += [f"{key}: required" for key in missing]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if key in _SECTIONS:
-            kwargs[key] = _build(_SECTIONS[key], value or {}, key, errors)
-        else:
+        if key not in _SECTIONS:
             kwargs[key] = value
-    space = _build(SearchSpace, kwargs, "space", errors) if not errors else None
-    if space is not None and not errors:
+        elif (section := _build(_SECTIONS[key], value or {}, key, errors)) is not None:
+            kwargs[key] = section  # a section that could not be built keeps its defaults; its error is recorded
+    # Unknown fields are reported and left out, so every other problem in the file is found in the same pass.
+    space = _build(SearchSpace, kwargs, "space", errors) if not missing else None
+    if space is not None:
         _check(space, errors)
     if errors:
         raise ConfigError(f"{where}: {len(errors)} problem(s): " + "; ".join(errors))

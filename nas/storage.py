@@ -91,6 +91,7 @@ class RunStorage:
 
         if local.is_dir():
             # Objects are written one by one; `result.json`-style markers are uploaded last by the callers.
+            self.fs.create_dir(self._remote(rel), recursive=True)
             pyarrow.fs.copy_files(str(local), self._remote(rel), destination_filesystem=self.fs)
         else:
             parent = self._remote(rel).rsplit("/", 1)[0]
@@ -115,7 +116,10 @@ class RunStorage:
         key = hashlib.sha256(f"{self.uri}/{rel}{info.size}{info.mtime_ns}".encode()).hexdigest()[:16]
         target = cache_dir() / "storage" / key / Path(rel).name
         if not target.exists():
-            with _atomic_local(target, info.type == pyarrow.fs.FileType.Directory) as tmp:
+            is_dir = info.type == pyarrow.fs.FileType.Directory
+            with _atomic_local(target, is_dir) as tmp:
+                if is_dir:
+                    tmp.mkdir()  # pyarrow copies a folder's files into an existing folder
                 pyarrow.fs.copy_files(self._remote(rel), str(tmp), source_filesystem=self.fs)
         return target
 

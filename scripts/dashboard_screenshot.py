@@ -64,7 +64,8 @@ def show_slice(page, url: str, sid: int, param: str = "num_hidden_layers"):
     """Open the analytics page and switch the slice plot to `param`; returns the slice plot's locator."""
     page.goto(f"{url}/dashboard/studies/{sid}/analytics")
     panel = page.locator("div.MuiCard-root", has=page.get_by_text("Slice", exact=True)).first
-    panel.get_by_role("combobox").first.click()
+    # The panel may also offer an "Objective:" choice (numeric user attributes); take the "Parameter:" one.
+    panel.locator(".MuiFormControl-root", has=page.get_by_text("Parameter:")).get_by_role("combobox").click()
     page.get_by_role("option", name=f"Param {param}", exact=True).click()
     plot = panel.locator(".js-plotly-plot")
     plot.get_by_text(f"Param {param}").wait_for()

@@ -83,7 +83,10 @@ class RayCluster:
     """
 
     def __init__(self, env: dict[str, str] | None = None):
-        self.temp = Path(tempfile.mkdtemp(prefix="nasray-", dir="/tmp"))  # short: Ray's socket paths are limited
+        # Short (Ray's socket paths are limited) and one per node: on a real cluster each node has its own disk, and
+        # two nodes sharing one session folder delete each other's runtime-env packages (a job's working dir).
+        self.temp = Path(tempfile.mkdtemp(prefix="nasray-", dir="/tmp"))
+        self.temp_b = Path(tempfile.mkdtemp(prefix="nasrayb-", dir="/tmp"))
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -110,6 +113,7 @@ class RayCluster:
                      "--ray-client-server-port", str(free_port()), "--dashboard-agent-listen-port",
                      str(free_port()), "--resources", '{"head": 1}', *common])
         self._start([sys.executable, "-c", _WORKER_NODE, "start", "--address", f"127.0.0.1:{self.gcs_port}",
+                     "--temp-dir", str(self.temp_b),
                      "--dashboard-agent-listen-port", str(free_port()), "--resources", '{"node_b": 1}', *common])
         return self
 
@@ -134,13 +138,10 @@ class RayCluster:
                     return p
         raise RuntimeError("node_b's raylet is not running")
 
-    def node_id(self, raylet) -> str:
-        """The Ray node id of a raylet (read from its agents' command lines)."""
-        for child in raylet.children():
-            for arg in child.cmdline():
-                if arg.startswith("--node-id="):
-                    return arg.split("=", 1)[1]
-        raise RuntimeError("no agent of that raylet names its node id")
+    @staticmethod
+    def node_id(raylet) -> str:
+        """The Ray node id of a raylet process (from its command line)."""
+        return next(a.split("=", 1)[1] for a in raylet.cmdline() if a.startswith("--node_id="))
 
     def listening_addresses(self) -> set[str]:
         import psutil
@@ -156,6 +157,7 @@ class RayCluster:
         while self.processes() and time.time() < deadline:
             time.sleep(0.5)
         shutil.rmtree(self.temp, ignore_errors=True)
+        shutil.rmtree(self.temp_b, ignore_errors=True)
 
 
 def _group(pid: int) -> int | None:

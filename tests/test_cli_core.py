@@ -85,3 +85,15 @@ def test_console_script_exits_non_zero_without_traceback(tmp_path):
                            "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().endswith("no such checkpoint directory (or use a hub id, or 'smollm2-135m')")
+
+
+def test_eval_with_a_bad_model_folder_names_the_model_flag(capsys, tmp_path):
+    assert main(["eval", "--model", str(tmp_path), "--tasks", "nas_cloze"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"nas eval: error: --model {tmp_path}: not an HF checkpoint") and len(err.splitlines()) == 1
+
+
+def test_export_from_a_uri_run_folder_needs_the_database_url(capsys):
+    assert main(["export", "--study", "s", "--root", "s3://bucket/runs", "--out", "best.json"]) == 2
+    err = capsys.readouterr().err
+    assert "--storage: the run folder s3://bucket/runs is a URI" in err and len(err.splitlines()) == 1

@@ -70,7 +70,12 @@ def test_loading_reports_every_error_at_once(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_space(path)
     message = str(e.value)
-    assert "axes.colour: unknown field" in message
+    # An unknown field does not hide the file's other problems.
+    assert "3 problem(s)" in message and "axes.colour: unknown field" in message
+    assert "budget.fraction=1.5: must be in (0, 1)" in message and "search.sampler='random'" in message
+    path.write_text("name: x\nparent: p\nbudget: {fraction: 0.5}\naxes: {hidden_size: [64]}\ncolour: red\n")
+    with pytest.raises(ConfigError, match=r"1 problem\(s\): space.colour: unknown field"):
+        load_space(path)
     path.write_text("name: x\nparent: p\nbudget: {fraction: 1.5, tolerance: 0.1}\naxes: {hidden_size: [64]}\n"
                     "search: {sampler: random}\nshort_retrain: {tokens: 2}\n")
     with pytest.raises(ConfigError) as e:
