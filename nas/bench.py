@@ -87,7 +87,7 @@ def bench_core() -> dict[str, Any]:
 
     add("width (ours)", imp, width)
     add("width, no norm rescale", imp, width, PruneOptions(rescale_norms=False))
-    add("width, residual heads", imp, width, PruneOptions(residual_heads=True))
+    add("width, no residual heads", imp, width, PruneOptions(residual_heads=False))
     add("width, paper head metric", compute_importance(model, cal, dataclasses.replace(settings, head_source="attn")),
         width)
     for seed in range(3):

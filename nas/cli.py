@@ -62,7 +62,7 @@ def cmd_prune(args) -> None:
         data["layers"] = select_layers(importances, int(data["num_hidden_layers"]), args.layer_method)
     arch = Architecture.from_dict(data)
     child = prune(model, importances, arch, PruneOptions(rescale_norms=not args.no_rescale_norms,
-                                                        residual_heads=args.residual_heads))
+                                                        residual_heads=not args.no_residual_heads))
     from nas.files import atomic_dir
 
     with atomic_dir(args.out) as tmp:
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer-method", choices=("bi", "drop", "block"), default="bi",
                    help="how to pick kept layers when the JSON has no 'layers'")
     p.add_argument("--no-rescale-norms", action="store_true")
-    p.add_argument("--residual-heads", action="store_true")
+    p.add_argument("--no-residual-heads", action="store_true", help="do not fold pruned heads' output projections")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_prune)
 

@@ -243,7 +243,7 @@ class Fidelity:
         runs = {
             "head metric: attention-output norm (paper)": (prunes_heads, {"importances": self.scores(
                 ImportanceSettings(drop_samples=0, head_source="attn"), "head-attn")}),
-            "residual heads on": (prunes_heads, {"options": PruneOptions(residual_heads=True)}),
+            "residual heads off": (prunes_heads, {"options": PruneOptions(residual_heads=False)}),
             "RMSNorm rescale off": (prunes_hidden, {"options": PruneOptions(rescale_norms=False)}),
         }
         for seq, batch in self.plan.departure_aggregations:

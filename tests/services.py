@@ -115,7 +115,21 @@ class RayCluster:
         self._start([sys.executable, "-c", _WORKER_NODE, "start", "--address", f"127.0.0.1:{self.gcs_port}",
                      "--temp-dir", str(self.temp_b),
                      "--dashboard-agent-listen-port", str(free_port()), "--resources", '{"node_b": 1}', *common])
+        self._wait_for_job_agent()
         return self
+
+    def _wait_for_job_agent(self, timeout: float = 180) -> None:
+        """`ray start` returns before the head's job agent registers; a loaded machine answers a submission in
+        that window with "No available agent to submit job". Submit a no-op job until one is accepted."""
+        deadline = time.time() + timeout
+        while True:
+            probe = subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", self.dashboard, "--no-wait",
+                                    "--", "true"], env=self.env, capture_output=True, text=True)
+            if probe.returncode == 0:
+                return
+            if time.time() > deadline:
+                raise RuntimeError(f"the cluster accepts no job:\n{probe.stdout[-2000:]}{probe.stderr[-2000:]}")
+            time.sleep(2)
 
     def submit(self, *entrypoint: str, working_dir: Path, runtime_env: dict | None = None) -> subprocess.Popen:
         """`ray job submit` (a client with the cluster's token), following the job's logs to the end."""

@@ -99,8 +99,8 @@ def test_residual_heads_fold_pruned_output_projection():
     parent = tiny_model("llama")
     importances = _importances(parent)
     arch = Architecture.of_config(parent.config).replace(num_attention_heads=4)
-    plain = prune(parent, importances, arch)
-    folded = prune(parent, importances, arch, PruneOptions(residual_heads=True))
+    plain = prune(parent, importances, arch, PruneOptions(residual_heads=False))
+    folded = prune(parent, importances, arch)  # the default
     o_plain = plain.model.layers[0].self_attn.o_proj.weight
     o_folded = folded.model.layers[0].self_attn.o_proj.weight
     # Two pruned heads' columns (one per group) were added: the difference has their total norm.

@@ -8,7 +8,7 @@ from nas.architecture import Architecture
 from nas.data import load_tokens
 from nas.importance import ImportanceSettings, compute_importance, lm_loss
 from nas.parents import load_parent
-from nas.prune import prune
+from nas.prune import PruneOptions, prune
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,10 @@ def smollm2():
 def test_importance_beats_random_ranking(smollm2, axis, change):
     model, importances, heldout = smollm2
     arch = Architecture.of_config(model.config).replace(**change)
-    ranked = lm_loss(prune(model, importances, arch), heldout)
-    random = [lm_loss(prune(model, importances.shuffled(seed), arch), heldout) for seed in range(3)]
+    # The ranking alone: folding pruned heads into kept ones (the default) recovers much of any ranking's loss.
+    plain = PruneOptions(residual_heads=False)
+    ranked = lm_loss(prune(model, importances, arch, plain), heldout)
+    random = [lm_loss(prune(model, importances.shuffled(seed), arch, plain), heldout) for seed in range(3)]
     print(f"{axis}: importance {ranked:.3f} vs random {sum(random) / 3:.3f} {random}")
     assert ranked < sum(random) / 3 - MARGIN[axis], (ranked, random)
 
