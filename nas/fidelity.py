@@ -16,7 +16,6 @@ Every finished run is saved at once (`results[key]`), so an interrupted benchmar
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import re
@@ -290,10 +289,6 @@ class Fidelity:
                 "asha": asha, "best_width_only": self.best(self.width_only), "best": self.best()}
 
 
-def plan_to_dict(plan: FidelityPlan) -> dict[str, Any]:
-    return dataclasses.asdict(plan)
-
-
 # -- the report --------------------------------------------------------------------------------------
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -319,7 +314,7 @@ def write_report(fid: Fidelity, summary: dict[str, Any], folder: Path, command: 
     name = lambda t: "zero-shot" if t == 0 else f"{t:,} tokens"  # noqa: E731
     per_seed = lambda c, t: ([r[f"zero-shot|{c}"]["heldout_loss"]] if t == 0 else  # noqa: E731
                              [r[f"kd|{c}|{t}|{s}"]["heldout_loss"] for s in plan.seeds])
-    out = [f"# Fidelity of the search's ranking (SmolLM2-135M)\n",
+    out = ["# Fidelity of the search's ranking (SmolLM2-135M)\n",
            f"Command: `{command}` · date {time.strftime('%Y-%m-%d')} · machine: {machine}.",
            f"Held-out: {plan.heldout}x{plan.seq_len} tokens of WikiText-2 test (`{Path(plan.heldout_data).name}`); "
            f"training: `{plan.train_data}`, {plan.longest // plan.seq_len} sequences after {plan.calibration} "
