@@ -3,6 +3,7 @@ authentication, `ray job submit ... -- nas search`, the study in a real PostgreS
 
 import json
 import time
+import urllib.request
 
 import optuna
 import pytest
@@ -11,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, tiny_space
 from nas.cli import main
-from nas.space import enumerate_candidates, parse_space
+from dashboard_screenshot import dashboard, study_id
+from nas.space import AXES, enumerate_candidates, parse_space
 from services import RayCluster, have_postgres, postgres
 
 pytestmark = pytest.mark.slow
@@ -80,6 +82,14 @@ def test_ray_job_runs_trials_on_both_nodes_into_postgres(cluster, database, tmp_
     best = json.loads((tmp_path / "best.json").read_text())
     assert best == {k: v for k, v in json.loads((runs / "best.json").read_text()).items()}
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").config.hidden_size == best["hidden_size"]
+
+    # optuna-dashboard reads the same PostgreSQL study: every trial, with the architecture axes as parameters.
+    with dashboard(database) as url:
+        detail = json.loads(urllib.request.urlopen(f"{url}/api/studies/{study_id(url, 'cluster')}?after=0",
+                                                   timeout=60).read())
+    shown = [t for t in detail["trials"] if t["state"] == "Complete"]
+    assert len(shown) == len(labels) + 1  # the short retrains and the promoted full distillation
+    assert all({p["name"] for p in t["params"]} == set(AXES) for t in shown)
 
     # Re-submitting resumes against PostgreSQL: nothing is trained again.
     again, _ = _run(cluster, job, root).communicate(timeout=600)
