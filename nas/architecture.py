@@ -106,7 +106,12 @@ class Architecture:
 
     def short(self) -> str:
         """A compact label: layers/heads/kv/mlp/hidden."""
-        return (
-            f"L{self.num_hidden_layers}-H{self.num_attention_heads}-KV{self.num_key_value_heads}"
-            f"-M{self.intermediate_size}-E{self.hidden_size}"
-        )
+        return short_label(self.to_dict())
+
+
+def short_label(axes: dict[str, Any]) -> str:
+    """The compact label of a candidate's axes (e.g. "L30-H6-KV3-M768-E576"), as `Architecture.short()` gives it."""
+    a = {k: int(axes[k]) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                                   "intermediate_size", "hidden_size")}
+    return (f"L{a['num_hidden_layers']}-H{a['num_attention_heads']}-KV{a['num_key_value_heads']}"
+            f"-M{a['intermediate_size']}-E{a['hidden_size']}")

@@ -21,7 +21,7 @@ import json
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -181,8 +181,8 @@ class Fidelity:
         if tokens:
             cfg = DistillConfig(tokens=tokens, batch_size=self.plan.batch_size, lr=self.plan.lr, seed=seed,
                                 warmup_steps=self.plan.warmup_steps, checkpoint_every=0,
-                                eval_every=max(1, tokens // (self.plan.batch_size * self.plan.seq_len) // self.plan.reports),
                                 **({"kd": "none", "ce_weight": 1.0} if mode == "ce" else {}))
+            cfg = replace(cfg, eval_every=max(1, cfg.steps(self.plan.seq_len) // self.plan.reports))
             with tempfile.TemporaryDirectory() as tmp:
                 teacher = None if mode == "ce" else self.parent
                 d = Distiller(student, teacher, self.train, self.heldout[: self.plan.curve_sequences], tmp, cfg,

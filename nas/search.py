@@ -31,6 +31,7 @@ import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
+from nas.architecture import short_label as label_of
 from nas.data import load_tokens, split
 from nas.distill import DistillConfig, Distiller
 from nas.errors import ConfigError, NasError
@@ -57,13 +58,6 @@ def storage_url(space: SearchSpace, root: str | Path = "trials") -> str:
         raise ConfigError(f"storage: the run folder {root} is not a local path, so the study cannot be SQLite there; "
                           f"set `storage:` in the space to a database every node reaches (postgresql://...)")
     return f"sqlite:///{Path(root).resolve() / space.study / 'study.db'}"
-
-
-def label_of(axes: dict[str, Any]) -> str:
-    """The candidate label (`Architecture.short()` form) of an axes dict."""
-    a = {k: int(axes[k]) for k in AXES}
-    return (f"L{a['num_hidden_layers']}-H{a['num_attention_heads']}-KV{a['num_key_value_heads']}"
-            f"-M{a['intermediate_size']}-E{a['hidden_size']}")
 
 
 @dataclass
@@ -269,7 +263,7 @@ def _stage(trial) -> str:
 
 
 def _label(trial) -> str | None:
-    return trial.user_attrs.get("label") or (label_of(trial.params) if set(AXES) <= set(trial.params) else None)
+    return label_of(trial.params) if set(AXES) <= set(trial.params) else None
 
 
 def _choices(rows: dict[str, dict[str, Any]]) -> dict[str, list[int]]:

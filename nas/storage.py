@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 import uuid
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from nas.errors import ConfigError
-from nas.files import cache_dir
+from nas.files import atomic_dir, atomic_path, cache_dir
 
 
 def is_uri(location: str) -> bool:
@@ -84,8 +83,12 @@ class RunStorage:
             target = Path(self.base) / rel
             if local.resolve() == target.resolve():
                 return
-            with _atomic_local(target, local.is_dir()) as tmp:
-                shutil.copytree(local, tmp, dirs_exist_ok=True) if local.is_dir() else shutil.copyfile(local, tmp)
+            if local.is_dir():
+                with atomic_dir(target) as tmp:
+                    shutil.copytree(local, tmp, dirs_exist_ok=True)
+            else:
+                with atomic_path(target) as tmp:
+                    shutil.copyfile(local, tmp)
             return
         import pyarrow.fs
 
@@ -116,10 +119,9 @@ class RunStorage:
         key = hashlib.sha256(f"{self.uri}/{rel}{info.size}{info.mtime_ns}".encode()).hexdigest()[:16]
         target = cache_dir() / "storage" / key / Path(rel).name
         if not target.exists():
-            is_dir = info.type == pyarrow.fs.FileType.Directory
-            with _atomic_local(target, is_dir) as tmp:
-                if is_dir:
-                    tmp.mkdir()  # pyarrow copies a folder's files into an existing folder
+            # atomic_dir makes the folder pyarrow copies a folder's files into; atomic_path the file it overwrites.
+            atomic = atomic_dir if info.type == pyarrow.fs.FileType.Directory else atomic_path
+            with atomic(target) as tmp:
                 pyarrow.fs.copy_files(self._remote(rel), str(tmp), source_filesystem=self.fs)
         return target
 
@@ -138,16 +140,3 @@ class RunStorage:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-
-@contextlib.contextmanager
-def _atomic_local(target: Path, is_dir: bool) -> Iterator[Path]:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        yield tmp
-        if is_dir and target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink()
