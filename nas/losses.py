@@ -5,6 +5,8 @@ Shapes: B batch, S sequence, V vocabulary, K kept teacher log-probabilities per 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -16,6 +18,40 @@ def _masked_mean(per_token: Tensor, mask: Tensor) -> Tensor:
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+def _log_softmax(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    logits = logits.float()
+    return F.log_softmax(logits / temperature if temperature != 1 else logits, dim=-1)
+
+
+# Per-token losses from student log-probabilities `s` (with a gradient) and teacher ones `t` (none). They are
+# written so that autograd keeps as few [tokens, V] tensors as it can: the chunked loss's memory is a few of them.
+
+def _forward_kl_tokens(s: Tensor, t: Tensor) -> Tensor:
+    """sum_v p_t (log p_t - log p_s); overwrites `t` with p_t."""
+    with torch.no_grad():
+        entropy_term = torch.linalg.vecdot(t.exp(), t)
+        p = t.exp_()
+    return entropy_term - torch.linalg.vecdot(p, s)
+
+
+def _reverse_kl_tokens(s: Tensor, t: Tensor) -> Tensor:
+    """sum_v p_s (log p_s - log p_t); overwrites `t`."""
+    return torch.linalg.vecdot(s.exp(), s - t)
+
+
+def _topk_forward_kl_tokens(s: Tensor, teacher_logprobs: Tensor, teacher_index: Tensor) -> Tensor:
+    s_top = s.gather(-1, teacher_index.long())
+    t_top = teacher_logprobs.float()
+    t_rest = torch.log1p(-t_top.exp().sum(-1).clamp(max=1.0 - 1e-6))
+    s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1.0 - 1e-6))
+    return (t_top.exp() * (t_top - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
+
+
+def _teacher_log_softmax(teacher_logits: Tensor, temperature: float) -> Tensor:
+    with torch.no_grad():
+        return _log_softmax(teacher_logits, temperature)
+
+
 def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(teacher || student) per token, averaged over unmasked tokens, scaled by T^2.
 
@@ -24,17 +60,15 @@ def forward_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, tem
         teacher_logits: [B, S, V].
         mask: [B, S] bool, True where the token counts.
     """
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    per_token = (t.exp() * (t - s)).sum(-1)
+    per_token = _forward_kl_tokens(_log_softmax(student_logits, temperature),
+                                   _teacher_log_softmax(teacher_logits, temperature))
     return _masked_mean(per_token, mask) * temperature**2
 
 
 def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor, temperature: float = 1.0) -> Tensor:
     """KL(student || teacher), mode-seeking; same shapes as `forward_kl`."""
-    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    per_token = (s.exp() * (s - t)).sum(-1)
+    per_token = _reverse_kl_tokens(_log_softmax(student_logits, temperature),
+                                   _teacher_log_softmax(teacher_logits, temperature))
     return _masked_mean(per_token, mask) * temperature**2
 
 
@@ -51,12 +85,7 @@ def topk_forward_kl(student_logits: Tensor, teacher_logprobs: Tensor, teacher_in
         teacher_index: [B, S, K] their token ids.
         mask: [B, S] bool.
     """
-    s_all = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    s_top = s_all.gather(-1, teacher_index.long())
-    t_top = teacher_logprobs.float()
-    t_rest = torch.log1p(-t_top.exp().sum(-1).clamp(max=1.0 - 1e-6))
-    s_rest = torch.log1p(-s_top.exp().sum(-1).clamp(max=1.0 - 1e-6))
-    per_token = (t_top.exp() * (t_top - s_top)).sum(-1) + t_rest.exp() * (t_rest - s_rest)
+    per_token = _topk_forward_kl_tokens(_log_softmax(student_logits, temperature), teacher_logprobs, teacher_index)
     return _masked_mean(per_token, mask) * temperature**2
 
 
@@ -82,3 +111,106 @@ def cosine_loss(student_states: list[Tensor], teacher_states: list[Tensor], mask
         cos = F.cosine_similarity(s.float(), t.float(), dim=-1)
         losses.append(_masked_mean(1 - cos, mask))
     return torch.stack(losses).mean()
+
+
+@dataclass(frozen=True)
+class LogitTargets:
+    """What the student's logits are compared with, per token of a [B, S] batch: the teacher's final hidden
+    states and LM-head weight (online KD), or its cached top-K log-probabilities and ids; and the next tokens
+    for cross-entropy (`labels` [B, S], token i + 1 at position i; the last position has none and is left out)."""
+
+    kd: str = "forward"  # "forward", "reverse" or "none"
+    temperature: float = 1.0
+    teacher_hidden: Tensor | None = None  # [B, S, D_teacher]
+    teacher_head: Tensor | None = None  # [V, D_teacher]
+    topk_logprobs: Tensor | None = None  # [B, S, K]
+    topk_index: Tensor | None = None  # [B, S, K]
+    labels: Tensor | None = None
+    ce_weight: float = 0.0
+
+
+def logit_losses(hidden: Tensor, head: Tensor, mask: Tensor, targets: LogitTargets,
+                 chunk_tokens: int = 1024) -> dict[str, Tensor]:
+    """KD (+ weighted CE) from the student's final hidden states [B, S, D] and LM-head weight [V, D], computed
+    `chunk_tokens` tokens at a time, so that no [B, S, V] logits exist at once (the Liger-Kernel idea, in torch).
+
+    Each chunk's logits, loss and gradients (to `hidden` and `head`) are computed in the forward pass and the
+    chunk's logits freed; backward only scales the stored gradients. Returns {"loss", "kd"?, "ce"?}: `loss` has a
+    gradient, the parts are detached. Equal to the unchunked `forward_kl` / `reverse_kl` / `topk_forward_kl` +
+    `ce_weight * cross_entropy` within float tolerance.
+    """
+    flat = hidden.flatten(0, 1)
+    weights = _token_weights(mask, targets)
+    parts: dict[str, Tensor] = {}
+
+    def chunk_loss(h: Tensor, w: Tensor, rows: slice) -> Tensor:
+        # The logits live only inside log_softmax's argument: one [chunk, V] tensor fewer held.
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        log_probs = _log_softmax(F.linear(h, w), targets.temperature)
+        if targets.kd != "none":
+            kd = (_kd_tokens(log_probs, rows, targets) * weights["kd"][rows]).sum()
+            parts["kd"] = parts.get("kd", 0) + kd.detach()
+            total = total + kd
+        if targets.ce_weight > 0:
+            if targets.temperature != 1:
+                log_probs = _log_softmax(F.linear(h, w))
+            ce = (F.nll_loss(log_probs, targets.labels.flatten()[rows], reduction="none") * weights["ce"][rows]).sum()
+            parts["ce"] = parts.get("ce", 0) + ce.detach()
+            total = total + targets.ce_weight * ce
+        return total
+
+    loss = _ChunkedHeadLoss.apply(flat, head, chunk_loss, max(1, chunk_tokens))
+    return {"loss": loss, **parts}
+
+
+def _token_weights(mask: Tensor, targets: LogitTargets) -> dict[str, Tensor]:
+    """Per-token factors that turn chunk sums into the unchunked masked means (T^2 included for KD)."""
+    m = mask.flatten().float()
+    out = {"kd": m / m.sum().clamp_min(1.0) * targets.temperature**2}
+    if targets.ce_weight > 0:
+        ce_mask = torch.zeros_like(mask)
+        ce_mask[:, :-1] = mask[:, 1:]  # position i predicts token i + 1, which must count
+        c = ce_mask.flatten().float()
+        out["ce"] = c / c.sum().clamp_min(1.0)
+    return out
+
+
+def _kd_tokens(log_probs: Tensor, rows: slice, targets: LogitTargets) -> Tensor:
+    if targets.topk_logprobs is not None:
+        return _topk_forward_kl_tokens(log_probs, targets.topk_logprobs.flatten(0, 1)[rows],
+                                       targets.topk_index.flatten(0, 1)[rows])
+    teacher = _teacher_log_softmax(F.linear(targets.teacher_hidden.flatten(0, 1)[rows], targets.teacher_head),
+                                   targets.temperature)
+    return (_forward_kl_tokens if targets.kd == "forward" else _reverse_kl_tokens)(log_probs, teacher)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """sum over chunks of chunk_loss(hidden[chunk], head); gradients computed chunk by chunk in forward."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, head: Tensor, chunk_loss, chunk_tokens: int) -> Tensor:
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
+        grad_head = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for start in range(0, hidden.shape[0], chunk_tokens):
+            rows = slice(start, start + chunk_tokens)
+            h = hidden[rows].detach().requires_grad_(grad_hidden is not None)
+            w = head.detach().requires_grad_(grad_head is not None)
+            with torch.enable_grad():
+                loss = chunk_loss(h, w, rows)
+                wanted = [x for x in (h, w) if x.requires_grad]
+                grads = iter(torch.autograd.grad(loss, wanted)) if wanted and loss.requires_grad else iter(())
+            if grad_hidden is not None:
+                grad_hidden[rows] = next(grads, 0)
+            if grad_head is not None:
+                grad_head += next(grads, 0)
+            total += loss.detach().float()
+        ctx.save_for_backward(*(g for g in (grad_hidden, grad_head) if g is not None))
+        ctx.dtypes = (hidden.dtype, head.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        saved = iter(ctx.saved_tensors)
+        out = [next(saved) * grad_output if needed else None for needed in ctx.needs_input_grad[:2]]
+        return tuple(g.to(d) if g is not None else None for g, d in zip(out, ctx.dtypes)) + (None, None)
