@@ -3,17 +3,20 @@
 Output folder:
     model/          the student as a stock HF checkpoint (written at the end, atomically)
     metrics.jsonl   one JSON line per logged step and per evaluation
-    checkpoint/     model, optimizer, scheduler, RNG and step, for resuming (removed when done)
+    checkpoint/     model, optimizer, scheduler, RNG and step (DCP, sharded; `nas.sharding`), for resuming
+                    (removed when done)
     result.json     final figures; its presence means the run finished and is not redone
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -21,11 +24,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from nas import losses
+from nas import losses, sharding
 from nas.errors import ConfigError, TrainingError
 from nas.files import atomic_dir, write_json
 from nas.importance import lm_loss
@@ -46,6 +48,7 @@ class DistillConfig:
         intermediate: "auto" adds the intermediate-state loss when the student dropped more than
             `depth_threshold` of the teacher's layers (§3); "on" / "off" force it.
         eval_every / checkpoint_every: in optimizer steps; 0 means only at the end.
+        loss_chunk_tokens: tokens whose logits exist at once in the loss (`nas.losses.logit_losses`).
     """
 
     tokens: int = 16_384
@@ -65,6 +68,7 @@ class DistillConfig:
     checkpoint_every: int = 20
     seed: int = 0
     grad_checkpointing: bool = False
+    loss_chunk_tokens: int = 1024
 
     def __post_init__(self) -> None:
         problems = []
@@ -130,15 +134,36 @@ def capture_states(model: nn.Module, layers: list[int]) -> Iterator[list[Tensor]
             h.remove()
 
 
+def final_hidden(model: nn.Module, tokens: Tensor) -> Tensor:
+    """The decoder's output after its final norm [B, S, D], from a forward through the whole model (so that a
+    sharded model gathers its root unit: embeddings and LM head) that computes logits for one position only."""
+    kept: list[Tensor] = []
+    handle = model.model.register_forward_hook(lambda _m, _a, out: kept.append(out.last_hidden_state))
+    try:
+        model(input_ids=tokens, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return kept[0]
+
+
 class Distiller:
-    """Holds a run's student, teacher, optimiser and data; `run()` trains to the end or to `stop_after`."""
+    """Holds a run's student, teacher, optimiser and data; `run()` trains to the end or to `stop_after`.
+
+    Under a process group of N workers (Ray Train, torchrun) the student and teacher are sharded with FSDP2 and
+    each worker takes 1/N of every micro-batch: the global batch and the data order do not depend on N, so N
+    workers reproduce one. Rank 0 writes the files."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, train: Tensor, val: Tensor, out: str | Path,
                  cfg: DistillConfig, layer_map: list[int] | None = None, teacher_topk: TeacherTopK | None = None):
         if cfg.kd != "none" and teacher is None:
             raise ConfigError(f"kd={cfg.kd!r} needs a teacher")
+        self.rank, self.workers = sharding.rank_and_world()
+        if cfg.batch_size % self.workers:
+            raise ConfigError(f"batch_size={cfg.batch_size}: must be a multiple of the {self.workers} workers, which "
+                              f"split every micro-batch; raise batch_size or use fewer workers")
         self.student, self.teacher, self.train_tokens, self.val, self.cfg = student, teacher, train, val, cfg
         self.out, self.topk = Path(out), teacher_topk
+        self.model_class = type(student)
         self.device = next(student.parameters()).device
         self.seq_len = train.shape[1]
         self.total = cfg.steps(self.seq_len)
@@ -150,8 +175,20 @@ class Distiller:
             self.projection = nn.Linear(student.config.hidden_size, teacher.config.hidden_size, bias=False,
                                         device=self.device)
         if cfg.grad_checkpointing:
-            student.gradient_checkpointing_enable()
-        params = list(student.parameters()) + (list(self.projection.parameters()) if self.projection else [])
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+        if sharding.is_sharded():
+            sharding.shard(student, trainable=True)
+            if teacher is not None:
+                sharding.shard(teacher, trainable=False)
+            if self.projection is not None:
+                from torch.distributed.fsdp import fully_shard
+
+                fully_shard(self.projection)
+        # Everything the optimizer trains, as one module for checkpoints.
+        self.trained = nn.ModuleDict({"student": student, **({"projection": self.projection} if self.projection else {})})
+        params = list(self.trained.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, self.total, cfg.warmup_steps, cfg.min_lr_ratio))
@@ -160,37 +197,36 @@ class Distiller:
 
     # -- the loss, written out --------------------------------------------------------------------
     def loss(self, idx: Tensor) -> dict[str, Tensor]:
+        """The loss of this worker's share of the micro-batch `idx` (indices into the training tokens)."""
         cfg = self.cfg
+        idx = idx.tensor_split(self.workers)[self.rank]
         tokens = self.train_tokens[idx].to(self.device)
         mask = torch.ones(tokens.shape, dtype=torch.bool, device=self.device)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
         teacher_states: list[Tensor] = []
-        teacher_logits = None
+        targets = losses.LogitTargets(kd=cfg.kd, temperature=cfg.temperature, labels=tokens.roll(-1, 1),
+                                      ce_weight=cfg.ce_weight)
         if self.teacher is not None and (self.topk is None or self.intermediate):
             with torch.no_grad(), autocast, capture_states(self.teacher, self.layer_map if self.intermediate else []) as ts:
-                teacher_logits = self.teacher(input_ids=tokens, use_cache=False).logits
+                teacher_hidden = final_hidden(self.teacher, tokens)
                 teacher_states = list(ts)
-        with autocast, capture_states(self.student, list(range(len(self.layer_map))) if self.intermediate else []) as ss:
-            logits = self.student(input_ids=tokens, use_cache=False).logits
-            student_states = list(ss)
-        parts: dict[str, Tensor] = {}
+            targets = dataclasses.replace(targets, teacher_hidden=teacher_hidden,
+                                          teacher_head=self.teacher.get_output_embeddings().weight)
         if cfg.kd == "forward" and self.topk is not None:
-            t_logprobs, t_index = self.topk.rows(idx, self.device)
-            parts["kd"] = losses.topk_forward_kl(logits, t_logprobs, t_index, mask, cfg.temperature)
-        elif cfg.kd == "forward":
-            parts["kd"] = losses.forward_kl(logits, teacher_logits, mask, cfg.temperature)
-        elif cfg.kd == "reverse":
-            parts["kd"] = losses.reverse_kl(logits, teacher_logits, mask, cfg.temperature)
-        total = parts.get("kd", logits.new_zeros(()).float())
-        if cfg.ce_weight > 0:
-            parts["ce"] = losses.cross_entropy(logits[:, :-1], tokens[:, 1:], mask[:, 1:])
-            total = total + cfg.ce_weight * parts["ce"]
+            logprobs, index = self.topk.rows(idx, self.device)
+            targets = dataclasses.replace(targets, teacher_hidden=None, teacher_head=None, topk_logprobs=logprobs,
+                                          topk_index=index)
+        with autocast, capture_states(self.student, list(range(len(self.layer_map))) if self.intermediate else []) as ss:
+            hidden = final_hidden(self.student, tokens)
+            student_states = list(ss)
+            parts = losses.logit_losses(hidden, self.student.get_output_embeddings().weight, mask, targets,
+                                        cfg.loss_chunk_tokens)
         if self.intermediate:
             parts["is"] = losses.cosine_loss(student_states, teacher_states, mask, self.projection)
-            # Dynamic weight (§3): scale the intermediate loss to the logit loss's magnitude.
-            alpha = (total.detach() / parts["is"].detach().clamp_min(1e-8))
-            total = total + alpha * parts["is"]
-        parts["loss"] = total
+            # Dynamic weight (§3): scale the intermediate loss to the logit loss's magnitude (over all workers,
+            # so that N workers weigh it as one would).
+            magnitudes = sharding.mean_across_workers({"logit": float(parts["loss"]), "is": float(parts["is"])})
+            parts["loss"] = parts["loss"] + magnitudes["logit"] / max(magnitudes["is"], 1e-8) * parts["is"]
         return parts
 
     # -- checkpoints ------------------------------------------------------------------------------
@@ -199,36 +235,26 @@ class Distiller:
         return self.out / "checkpoint"
 
     def save_checkpoint(self) -> None:
-        with atomic_dir(self.checkpoint_dir) as tmp:
-            state = {k: v.contiguous() for k, v in self.student.state_dict().items()}
-            if self.projection is not None:
-                state |= {f"_projection.{k}": v for k, v in self.projection.state_dict().items()}
-            save_file(_untied(state), str(tmp / "model.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "rng": torch.get_rng_state()}, tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "config": asdict(self.cfg)}))
+        sharding.save_checkpoint(self.checkpoint_dir, self.step, self.trained, self.optimizer,
+                                 {"scheduler": self.scheduler.state_dict()},
+                                 {"config": asdict(self.cfg), "workers": self.workers})
 
     def load_checkpoint(self) -> bool:
-        if not (self.checkpoint_dir / "state.json").exists():
+        latest = sharding.latest_checkpoint(self.checkpoint_dir)
+        if latest is None:
             return False
-        state = json.loads((self.checkpoint_dir / "state.json").read_text())
+        state = json.loads((latest / "state.json").read_text())
         if state["config"] != asdict(self.cfg):
             raise ConfigError(f"{self.checkpoint_dir} was made with other settings; use a new --out or delete it")
-        weights = load_file(str(self.checkpoint_dir / "model.safetensors"), device=str(self.device))
-        if self.projection is not None:
-            self.projection.load_state_dict({k.split(".", 1)[1]: weights.pop(k) for k in list(weights)
-                                             if k.startswith("_projection.")})
-        self.student.load_state_dict(weights, strict=False)
-        extra = torch.load(self.checkpoint_dir / "optimizer.pt", map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(extra["optimizer"])
-        self.scheduler.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["rng"].cpu())
+        trainer = sharding.load_checkpoint(latest, self.trained, self.optimizer)
+        self.scheduler.load_state_dict(trainer["scheduler"])
         self.step = state["step"]
         return True
 
     # -- evaluation and logging -------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
+        """Validation loss (and KD to the teacher); every worker evaluates the same, whole validation set."""
         self.student.eval()
         out = {"val_loss": lm_loss(self.student, self.val, self.cfg.batch_size)}
         if self.teacher is not None:
@@ -243,8 +269,9 @@ class Distiller:
         return out
 
     def _log(self, record: dict[str, Any]) -> None:
-        with (self.out / "metrics.jsonl").open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.rank == 0:
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def _evaluate_and_log(self) -> dict[str, Any]:
         record = {"step": self.step, "tokens": self.step * self.cfg.batch_size * self.cfg.grad_accum * self.seq_len,
@@ -267,7 +294,8 @@ class Distiller:
             log.info("resuming %s at step %d", self.out, self.step)
         self.student.train()
         tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.seq_len
-        bar = tqdm(total=self.total, initial=self.step, disable=not progress, unit="step", desc="distill")
+        bar = tqdm(total=self.total, initial=self.step, disable=not progress or self.rank > 0, unit="step",
+                   desc="distill")
         start, start_step, record = time.perf_counter(), self.step, {}
         while self.step < self.total and (stop_after is None or self.step < stop_after):
             parts_sum: dict[str, float] = {}
@@ -287,12 +315,12 @@ class Distiller:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             elapsed = time.perf_counter() - start
-            record = {"step": self.step, "tokens": self.step * tokens_per_step, **parts_sum,
-                      "grad_norm": float(grad_norm), "lr": lr,
+            record = {"step": self.step, "tokens": self.step * tokens_per_step,
+                      **sharding.mean_across_workers(parts_sum), "grad_norm": _scalar(grad_norm), "lr": lr,
                       "tokens_per_s": (self.step - start_step) * tokens_per_step / max(elapsed, 1e-9)}
             self._log(record)
             bar.update(1)
-            bar.set_postfix(loss=f"{parts_sum['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total:
                 self._evaluate_and_log()
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 or self.step == stop_after:
@@ -305,21 +333,30 @@ class Distiller:
     def finish(self, last: dict[str, Any], save_model: bool, wall_s: float) -> dict[str, Any]:
         evaluation = self._evaluate_and_log()
         if save_model:
-            with atomic_dir(self.out / "model") as tmp:
-                self.student.save_pretrained(tmp)
+            with self._rank0_dir(self.out / "model") as tmp:
+                sharding.save_hf_model(self.student, tmp, self.model_class)
         result = {"finished": True, "steps": self.step, **evaluation, "train_loss": last.get("loss"),
-                  "intermediate_loss": self.intermediate, "tokens_per_s": last.get("tokens_per_s"), "wall_s": wall_s}
-        write_json(self.out / "result.json", result)
-        shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+                  "intermediate_loss": self.intermediate, "tokens_per_s": last.get("tokens_per_s"), "wall_s": wall_s,
+                  "workers": self.workers,
+                  "param_optim_bytes_per_worker": sharding.local_bytes(self.trained, self.optimizer)}
+        if self.rank == 0:
+            write_json(self.out / "result.json", result)
+            shutil.rmtree(self.checkpoint_dir, ignore_errors=True)
+        sharding.barrier()
         return result
 
+    @contextlib.contextmanager
+    def _rank0_dir(self, path: Path) -> Iterator[Path | None]:
+        """An atomic folder written by rank 0 (other ranks take part in gathering and get a scratch folder)."""
+        if self.rank == 0:
+            with atomic_dir(path) as tmp:
+                yield tmp
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                yield Path(tmp)
+        sharding.barrier()
 
-def _untied(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """safetensors refuses shared storage (tied embeddings): store each shared tensor once more, cloned."""
-    seen: dict[int, str] = {}
-    out = {}
-    for k, v in state.items():
-        ptr = v.data_ptr()
-        out[k] = v.clone() if ptr in seen else v
-        seen.setdefault(ptr, k)
-    return out
+
+def _scalar(value: Tensor) -> float:
+    """A float from a plain or distributed (DTensor) scalar."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)

@@ -9,6 +9,7 @@ from nas.distill import DistillConfig, Distiller, lr_factor, sample_indices
 from nas.errors import ConfigError, TrainingError
 from nas.importance import ImportanceSettings, compute_importance
 from nas.prune import prune
+from nas.sharding import latest_checkpoint
 from nas.teacher_cache import cached_topk, compute_topk
 
 TRAIN = torch.randint(0, 320, (12, 16), generator=torch.Generator().manual_seed(2))
@@ -75,7 +76,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
         teacher.model.embed_tokens.weight.fill_(float("nan"))
     with pytest.raises(TrainingError, match="non-finite loss nan at step 2; the last good checkpoint"):
         run.run(progress=False)
-    state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
+    state = json.loads((latest_checkpoint(tmp_path / "run" / "checkpoint") / "state.json").read_text())
     assert state["step"] == 2
 
 
