@@ -90,14 +90,18 @@ def _distill_config(args, **overrides):
     return DistillConfig(**{**fields, **overrides})
 
 
+def _check_student(path: str, flag: str = "--student") -> None:
+    if not (Path(path) / "config.json").exists():
+        raise NasError(f"{flag} {path}: not an HF checkpoint directory (make one with `nas prune`)")
+
+
 def _load_student(path: str, device, flag: str = "--student"):
     import torch
     from transformers import AutoModelForCausalLM
 
     from nas.parents import default_device
 
-    if not (Path(path) / "config.json").exists():
-        raise NasError(f"{flag} {path}: not an HF checkpoint directory (make one with `nas prune`)")
+    _check_student(path, flag)
     # fp32 master weights; bf16 autocast on CUDA does the fast part.
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device or default_device())
 
@@ -108,25 +112,67 @@ def _check_resume(args) -> None:
         raise NasError(f"--out {out} already holds a run; pass --resume to continue it, or choose another --out")
 
 
-def cmd_distill(args) -> None:
-    from nas.distill import Distiller
+def _distill_inputs(args, device):
+    """The `nas distill` inputs, built where they are used (this process, or each Ray Train worker)."""
     from nas.parents import load_parent
-    from nas.teacher_cache import cached_topk
+    from nas.teacher_cache import TeacherTopK
+    from nas.workers import DistillInputs
 
-    _check_resume(args)
-    teacher, tokenizer = load_parent(args.teacher, _device(args))
-    student = _load_student(args.student, _device(args))
+    teacher, tokenizer = load_parent(args.teacher, device)
     train, val = _train_val(args, tokenizer)
     arch_file = Path(args.student) / "architecture.json"
     layer_map = json.loads(arch_file.read_text())["layers"] if arch_file.exists() else None
+    topk = TeacherTopK.load(_topk_path(args)) if args.teacher_topk else None
+    return DistillInputs(_load_student(args.student, device), teacher, train, val, layer_map, topk)
+
+
+def _topk_path(args) -> Path:
+    return Path(args.out) / "teacher_topk.safetensors"
+
+
+def cmd_distill(args) -> None:
+    import functools
+
+    from transformers import AutoTokenizer
+
+    from nas.parents import default_device, load_parent, resolve_parent
+    from nas.teacher_cache import cached_topk
+    from nas.workers import DistillJob, run_here, run_on_workers
+
+    _check_resume(args)
+    if args.workers < 1:
+        raise NasError(f"--workers {args.workers}: must be at least 1")
+    _check_student(args.student)
     cfg = _distill_config(args)
-    topk = None
-    if args.teacher_topk:
-        topk = cached_topk(teacher, train, args.teacher_topk, Path(args.out) / "teacher_topk.safetensors",
-                           cfg.temperature, cfg.batch_size)
-    result = Distiller(student, teacher, train, val, args.out, cfg, layer_map, topk).run(progress=not args.quiet)
+    if cfg.batch_size % args.workers:
+        raise NasError(f"--batch-size {cfg.batch_size}: must be a multiple of --workers {args.workers} (each worker "
+                       f"takes an equal share of every micro-batch)")
+    device = _device(args) or default_device()
+    tokenizer = AutoTokenizer.from_pretrained(resolve_parent(args.teacher))
+    if args.teacher_topk:  # computed once, here; every worker reads the file
+        teacher, _ = load_parent(args.teacher, device)
+        cached_topk(teacher, _train_val(args, tokenizer)[0], args.teacher_topk, _topk_path(args), cfg.temperature,
+                    cfg.batch_size)
+        del teacher
+    job = DistillJob(functools.partial(_distill_inputs, args), cfg, args.out, threads=torch_threads(args.workers))
+    if args.workers == 1:
+        result = run_here(job, device, progress=not args.quiet)
+    else:
+        from nas.search import init_ray
+
+        init_ray(args.address, Path(args.out).resolve(), num_cpus=args.workers if device.type == "cpu" else None)
+        result = run_on_workers(job, args.workers, gpus_per_worker=1 if device.type == "cuda" else 0,
+                                max_failures=args.max_failures)
     tokenizer.save_pretrained(Path(args.out) / "model")
-    print(f"distilled -> {args.out}/model: val loss {result['val_loss']:.4f}, val KD {result.get('val_kd', 0):.4f}")
+    print(f"distilled -> {args.out}/model: val loss {result['val_loss']:.4f}, val KD {result.get('val_kd', 0):.4f}"
+          f" ({args.workers} worker{'s' if args.workers > 1 else ''})")
+
+
+def torch_threads(workers: int) -> int:
+    """CPU threads per worker: this machine's cores shared among the workers it runs."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def cmd_correct_teacher(args) -> None:
@@ -281,6 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default="smollm2-135m", help="the parent (or a corrected teacher)")
     _add_training(p)
     p.add_argument("--teacher-topk", type=int, default=0, help="cache the teacher's top-K log-probs (0: online)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="Ray Train workers, FSDP2-sharded (1: this process, no Ray); each takes 1 GPU on CUDA")
+    p.add_argument("--address", default=None, help="Ray cluster to run the workers on (default: a private Ray)")
+    p.add_argument("--max-failures", type=int, default=1, help="restarts from the last checkpoint after a worker dies")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("correct-teacher", help="fine-tune the parent on the distillation data (2408.11796)")

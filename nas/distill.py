@@ -172,8 +172,10 @@ class Distiller:
         self.intermediate = teacher is not None and uses_intermediate(cfg, n_student, teacher.config.num_hidden_layers)
         self.projection = None
         if self.intermediate and student.config.hidden_size != teacher.config.hidden_size:
-            self.projection = nn.Linear(student.config.hidden_size, teacher.config.hidden_size, bias=False,
-                                        device=self.device)
+            with torch.random.fork_rng(devices=[]):  # the same start on every worker and in every run
+                torch.manual_seed(cfg.seed)
+                self.projection = nn.Linear(student.config.hidden_size, teacher.config.hidden_size, bias=False)
+            self.projection.to(self.device)
         if cfg.grad_checkpointing:
             student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if teacher is not None:
@@ -225,7 +227,8 @@ class Distiller:
             parts["is"] = losses.cosine_loss(student_states, teacher_states, mask, self.projection)
             # Dynamic weight (§3): scale the intermediate loss to the logit loss's magnitude (over all workers,
             # so that N workers weigh it as one would).
-            magnitudes = sharding.mean_across_workers({"logit": float(parts["loss"]), "is": float(parts["is"])})
+            magnitudes = sharding.mean_across_workers({"logit": float(parts["loss"].detach()),
+                                                       "is": float(parts["is"].detach())})
             parts["loss"] = parts["loss"] + magnitudes["logit"] / max(magnitudes["is"], 1e-8) * parts["is"]
         return parts
 

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -66,6 +67,21 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
     again = Distiller(student, teacher, TRAIN, VAL, tmp_path / "cut", cfg, layers).run(progress=False)
     assert again == resumed  # a finished run is not redone
+
+    # A crash while writing leaves a temporary folder, or (crash between the shards and state.json) a step folder
+    # without state.json: neither is loaded; the run resumes from the last complete checkpoint.
+    student, teacher, layers = _pair()
+    Distiller(student, teacher, TRAIN, VAL, tmp_path / "crashed", cfg, layers).run(stop_after=3, progress=False)
+    folder = tmp_path / "crashed" / "checkpoint"
+    for name in (".step-000005.tmp", "step-000004"):
+        shutil.copytree(folder / "step-000003", folder / name)
+        (folder / name / "state.json").unlink()
+        for f in (folder / name).glob("*.distcp"):
+            f.write_bytes(f.read_bytes()[:100])  # truncated
+    assert latest_checkpoint(folder).name == "step-000003"
+    student, teacher, layers = _pair()
+    resumed = Distiller(student, teacher, TRAIN, VAL, tmp_path / "crashed", cfg, layers).run(progress=False)
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):

@@ -1,0 +1,126 @@
+"""Distillation on N Ray Train workers (FSDP2 over gloo on CPU) against the same run in one process, and a
+worker killed mid-run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT
+from nas.architecture import Architecture
+from nas.cli import main
+from nas.search import init_ray
+
+pytestmark = pytest.mark.slow
+STEPS = 24
+
+
+def _ok(capsys, *argv):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def _last_step(run) -> int:
+    try:
+        return max((s["step"] for s in _steps(run)), default=0)
+    except (FileNotFoundError, json.JSONDecodeError):  # not yet written, or a line half-written
+        return 0
+
+
+def _steps(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if "grad_norm" in line]
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, tiny_tokenizer):
+    """A tiny Llama parent, and a child with half its layers and a narrower hidden size, so that the
+    intermediate-state loss and its projection take part too."""
+    from conftest import WIKITEXT, tiny_model
+
+    folder = tmp_path_factory.mktemp("distributed")
+    tiny_model("llama").save_pretrained(folder / "parent")
+    tiny_tokenizer.save_pretrained(folder / "parent")
+    (folder / "text.txt").write_text((WIKITEXT / "valid.txt").read_text()[:60_000])
+    assert main(["importance", "--parent", str(folder / "parent"), "--data", str(folder / "text.txt"), "--out",
+                 str(folder / "imp.safetensors"), "--samples", "4", "--seq-len", "32", "--drop-samples", "0"]) == 0
+    (folder / "arch.json").write_text(Architecture(2, 36, 6, 2, 12, 40, (0, 3)).to_json())
+    assert main(["prune", "--parent", str(folder / "parent"), "--arch", str(folder / "arch.json"), "--importance",
+                 str(folder / "imp.safetensors"), "--out", str(folder / "child")]) == 0
+    train = ["--student", folder / "child", "--teacher", folder / "parent", "--data", folder / "text.txt",
+             "--seq-len", 32, "--quiet", "--tokens", 4 * 2 * 32 * STEPS, "--batch-size", 4, "--grad-accum", 2,
+             "--lr", 1e-3, "--checkpoint-every", 4]
+    return folder, [str(a) for a in train]
+
+
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    import ray
+
+    init_ray(None, tmp_path_factory.mktemp("ray"), num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def runs(student, ray_session):
+    folder, train = student
+    assert main(["distill", *train, "--out", str(folder / "one")]) == 0
+    assert main(["distill", *train, "--out", str(folder / "two"), "--workers", "2"]) == 0
+    return folder
+
+
+def test_two_workers_reproduce_one_worker(runs):
+    one, two = _steps(runs / "one"), _steps(runs / "two")
+    assert len(one) == len(two) == STEPS
+    for a, b in zip(one, two):
+        for key in ("loss", "kd", "is"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+    m1, m2 = (AutoModelForCausalLM.from_pretrained(runs / run / "model") for run in ("one", "two"))
+    for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(p2, p1, rtol=1e-3, atol=1e-4, msg=name)
+    r1, r2 = (json.loads((runs / run / "result.json").read_text()) for run in ("one", "two"))
+    assert (r1["workers"], r2["workers"]) == (1, 2)
+    assert r2["val_loss"] == pytest.approx(r1["val_loss"], rel=1e-4)
+    share = r2["param_optim_bytes_per_worker"] / r1["param_optim_bytes_per_worker"]
+    assert 0.45 < share < 0.56, share  # each worker holds about half of the weights and AdamW state
+    assert (runs / "two" / "model" / "tokenizer.json").exists()
+    assert not (runs / "two" / "checkpoint").exists()  # removed once the run finished
+
+
+def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(student, runs):
+    folder, train = student
+    out = folder / "killed"
+    env = {**os.environ, "NAS_CACHE": str(ROOT / ".cache")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "nas.cli", "distill", *train, "--out", str(out), "--workers", "2"],
+                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "checkpoint" / "step-000004").exists() or _last_step(out) < 6:  # mid-way to the next
+            assert time.time() < deadline and proc.poll() is None, "the run was not caught between checkpoints"
+            time.sleep(0.02)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                   if "RayTrainWorker" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        workers[1].send_signal(signal.SIGKILL)
+        text, _ = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, text[-4000:]
+    steps = [s["step"] for s in _steps(out)]
+    # Steps 1-4 once (restored from the checkpoint, not redone); some after it twice (the killed attempt's).
+    assert steps[-1] == STEPS and len(steps) > STEPS and all(steps.count(n) == 1 for n in range(1, 5)), steps
+    reference, resumed = (json.loads((folder / run / "result.json").read_text()) for run in ("two", "killed"))
+    for key in ("val_loss", "val_kd", "train_loss"):
+        assert resumed[key] == pytest.approx(reference[key], rel=1e-5), key
