@@ -16,6 +16,7 @@ Files live in the run folder (`nas.storage.RunStorage`: a local path or a URI ev
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -33,7 +34,7 @@ from ray.tune.search.optuna import OptunaSearch
 
 from nas.architecture import short_label as label_of
 from nas.data import load_tokens, split
-from nas.distill import DistillConfig, Distiller
+from nas.distill import DistillConfig
 from nas.errors import ConfigError, NasError
 from nas.files import atomic_dir, write_json
 from nas.importance import ImportanceSettings, Importances, cached_importance, lm_loss, select_layers
@@ -42,6 +43,7 @@ from nas.prune import prune
 from nas.space import AXES, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, infeasible_hint
 from nas.storage import RunStorage, is_uri
 from nas.teacher_cache import TeacherTopK, cached_topk
+from nas.workers import DistillInputs, DistillJob, run_here, run_on_workers
 
 log = logging.getLogger(__name__)
 
@@ -137,35 +139,69 @@ def _device(space: SearchSpace) -> torch.device:
     return torch.device("cuda" if space.resources.gpus_per_trial > 0 and torch.cuda.is_available() else "cpu")
 
 
-def build_candidate(shared: Shared, label: str, device: torch.device | None = None):
+# The parent, kept loaded in a trial worker between trials (Tune reuses the worker: `reuse_actors`). Only an
+# unsharded parent is kept: FSDP shards a module in place.
+_PARENTS: dict[tuple[str, str], Any] = {}
+
+
+def _parent(spec: str, device: torch.device, keep: bool):
+    key = (spec, str(device))
+    if key in _PARENTS:
+        return _PARENTS[key]
+    model, _ = load_parent(spec, device)
+    if keep:
+        _PARENTS.clear()
+        _PARENTS[key] = model
+    return model
+
+
+def _architecture(shared: Shared, label: str, importances: Importances):
+    """The label's Architecture, with the parent layers it keeps chosen from the importance scores."""
+    layers = select_layers(importances, int(shared.rows[label]["num_hidden_layers"]),
+                           shared.space.importance.layer_method)
+    return architecture_of(shared.rows[label], parent_config(shared.space.parent), layers)
+
+
+def build_candidate(shared: Shared, label: str, device: torch.device | None = None, keep_parent: bool = True):
     """(teacher, child, arch) for a label: the parent, and the child pruned from it with the stored scores."""
     if shared.nas_cache:
         os.environ.setdefault("NAS_CACHE", shared.nas_cache)
-    space = shared.space
-    teacher, _ = load_parent(space.parent, device or _device(space))
+    teacher = _parent(shared.space.parent, device or _device(shared.space), keep_parent)
     importances = Importances.load(shared.storage.fetch("importance.safetensors"))
-    layers = select_layers(importances, int(shared.rows[label]["num_hidden_layers"]), space.importance.layer_method)
-    arch = architecture_of(shared.rows[label], teacher.config, layers)
-    child = prune(teacher, importances, arch).float()
-    return teacher, child, arch
+    arch = _architecture(shared, label, importances)
+    return teacher, prune(teacher, importances, arch).float(), arch
+
+
+def candidate_inputs(shared: Shared, label: str, promoted: bool, device: torch.device) -> DistillInputs:
+    """What a retrain of `label` trains with, built where it runs (the trial's process or each Train worker)."""
+    sharded = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    teacher, child, arch = build_candidate(shared, label, device, keep_parent=not sharded)
+    # The teacher cache covers the short retrain's tokens; full distillation runs the teacher online.
+    topk = TeacherTopK.load(shared.storage.fetch("teacher_topk.safetensors")) if shared.has_topk and not promoted \
+        else None
+    return DistillInputs(child, teacher, shared.train, shared.val, list(arch.layers), topk)
 
 
 def _retrain(shared: Shared, label: str, rel: str, spec, on_eval: Callable[[dict], None], promoted: bool) -> dict:
-    """Prune `label` and distil it into the run folder's `rel`; a finished one (its result.json) is not redone."""
+    """Prune `label` and distil it into the run folder's `rel`; a finished one (its result.json) is not redone.
+    One worker trains here; more run as a Ray Train job (`nas.workers`) whose folder must be shared by them."""
     storage = shared.storage
     done = storage.read_json(f"{rel}/result.json")
     if done is not None:
         return done
-    torch.set_num_threads(max(1, shared.space.resources.cpus_per_trial))
-    teacher, child, arch = build_candidate(shared, label)
-    # The teacher cache covers the short retrain's tokens; full distillation runs the teacher online.
-    topk = TeacherTopK.load(storage.fetch("teacher_topk.safetensors")) if shared.has_topk and not promoted else None
+    res = shared.space.resources
+    workers = spec.workers if promoted else res.workers_per_trial
     with storage.workdir(rel) as out:
+        arch = _architecture(shared, label, Importances.load(storage.fetch("importance.safetensors")))
         write_json(out / "architecture.json", {**arch.to_dict(), "params": shared.rows[label]["params"]})
-        cfg = retrain_config(spec, shared.space.seq_len, shared.space.search.seed)
-        distiller = Distiller(child, teacher, shared.train, shared.val, out, cfg, list(arch.layers), topk)
-        distiller.on_eval = on_eval
-        result = distiller.run(progress=False, save_model=promoted)
+        job = DistillJob(functools.partial(candidate_inputs, shared, label, promoted),
+                         retrain_config(spec, shared.space.seq_len, shared.space.search.seed), str(out),
+                         save_model=promoted, threads=res.cpus_per_trial)
+        if workers == 1:
+            result = run_here(job, _device(shared.space), on_eval)
+        else:
+            result = run_on_workers(job, workers, res.gpus_per_worker, res.cpus_per_trial, shared.space.search.retries,
+                                    storage_path=f"{storage.uri}/ray_train", name=f"{rel.replace('/', '-')}-{int(time.time())}")
         if promoted:
             from transformers import AutoTokenizer
 
@@ -400,14 +436,19 @@ def _tune(space: SearchSpace, shared: Shared, study, enqueue: list[str], n_trial
     scheduler = ASHAScheduler(grace_period=1, reduction_factor=2, max_t=space.short_retrain.reports + 1) \
         if space.search.asha else FIFOScheduler()
     res = space.resources
-    trainable = tune.with_resources(tune.with_parameters(trial_fn, shared=shared),
-                                    {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+    # A multi-worker trial only waits on its Ray Train job, whose workers ask for the CPUs and GPUs themselves.
+    # Tune needs some resource to place a trial: one byte of memory, which (unlike a sliver of a CPU) never keeps
+    # a worker group's whole CPUs from fitting on a node.
+    resources = {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial} if res.workers_per_trial == 1 \
+        else {"cpu": 0, "memory": 1}
+    trainable = tune.with_resources(tune.with_parameters(trial_fn, shared=shared), resources)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=ArchitectureSearch(space, shared.rows, study, enqueue),
                                     scheduler=scheduler,
                                     num_samples=n_trials, metric=METRIC, mode="min",
-                                    max_concurrent_trials=res.max_concurrent),
+                                    max_concurrent_trials=res.max_concurrent,
+                                    reuse_actors=True),  # a trial worker keeps its loaded parent for the next
         run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=f"{shared.storage.uri}/ray_results",
                                   failure_config=tune.FailureConfig(max_failures=space.search.retries), verbose=0,
                                   callbacks=[Progress(n_trials, shared.rows, echo)]),
@@ -427,18 +468,24 @@ def _promote_best(space: SearchSpace, shared: Shared, study, echo: Callable[[str
     if not todo:
         return
     res = space.resources
+    echo(f"promoting {', '.join(todo)} to full distillation ({space.full_retrain.tokens:,} tokens each)")
+    start = time.time()
+
+    def done(n: int, result: dict) -> None:
+        _record_promoted(study, shared, result)
+        echo(f"[promoted {n}/{len(todo)}] {result['label']} val loss {result['val_loss']:.4f} "
+             f"after {result['tokens']:,} tokens; elapsed {time.time() - start:.0f} s")
+
+    if space.full_retrain.workers > 1:  # each one a Ray Train job of its own, in turn
+        for n, label in enumerate(todo, 1):
+            done(n, promote(shared, label))
+        return
     task = ray.remote(promote).options(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
                                        max_retries=space.search.retries)
-    echo(f"promoting {', '.join(todo)} to full distillation ({space.full_retrain.tokens:,} tokens each)")
-    pending = {task.remote(shared, label): label for label in todo}
-    start = time.time()
+    pending = [task.remote(shared, label) for label in todo]
     while pending:
-        ready, _ = ray.wait(list(pending))
-        label = pending.pop(ready[0])
-        result = ray.get(ready[0])
-        _record_promoted(study, shared, result)
-        echo(f"[promoted {len(todo) - len(pending)}/{len(todo)}] {label} val loss {result['val_loss']:.4f} "
-             f"after {result['tokens']:,} tokens; elapsed {time.time() - start:.0f} s")
+        ready, pending = ray.wait(pending)
+        done(len(todo) - len(pending), ray.get(ready[0]))
 
 
 def _record_promoted(study, shared: Shared, result: dict) -> None:

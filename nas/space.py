@@ -62,7 +62,8 @@ class ImportanceSpec:
 
 @dataclass(frozen=True)
 class RetrainSpec:
-    """A distillation budget (short retrain per trial, or full for promoted candidates)."""
+    """A distillation budget (short retrain per trial, or full for promoted candidates). `workers`: Ray Train
+    workers of one promoted candidate's full distillation (a trial's come from `resources.workers_per_trial`)."""
 
     tokens: int = 4096
     batch_size: int = 4
@@ -71,6 +72,7 @@ class RetrainSpec:
     warmup_steps: int = 2
     reports: int = 4
     teacher_topk: int = 0
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -87,9 +89,15 @@ class SearchSpec:
 
 @dataclass(frozen=True)
 class Resources:
+    """What a trial takes. One worker (the default) trains in the Tune trial's own process with `cpus_per_trial`
+    CPUs and `gpus_per_trial` GPUs; with `workers_per_trial > 1` the trial runs a Ray Train job of that many
+    FSDP2 workers, each with `cpus_per_trial` CPUs and `gpus_per_worker` GPUs (promotion: `full_retrain.workers`)."""
+
     cpus_per_trial: int = 1
     gpus_per_trial: float = 0
     max_concurrent: int = 1
+    workers_per_trial: int = 1
+    gpus_per_worker: float = 0
 
 
 @dataclass(frozen=True)
@@ -187,6 +195,13 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
              f"{section}.tokens={r.tokens}: below one step of batch_size*grad_accum*seq_len="
              f"{r.batch_size * r.grad_accum * space.seq_len}")
         need(r.reports >= 1, f"{section}.reports={r.reports}: must be >= 1")
+        workers = space.resources.workers_per_trial if section == "short_retrain" else r.workers
+        need(workers < 1 or r.batch_size % workers == 0,
+             f"{section}.batch_size={r.batch_size}: must be a multiple of the {workers} workers that split it")
+    need(space.short_retrain.workers == 1, "short_retrain.workers: a trial's workers are resources.workers_per_trial")
+    need(space.full_retrain.workers >= 1, f"full_retrain.workers={space.full_retrain.workers}: must be >= 1")
+    need(space.resources.workers_per_trial >= 1,
+         f"resources.workers_per_trial={space.resources.workers_per_trial}: must be >= 1")
     need(space.search.sampler in ("auto", "grid", "tpe"), f"search.sampler={space.search.sampler!r}: "
                                                            "must be 'auto', 'grid' or 'tpe'")
     need(space.search.retries >= 0, f"search.retries={space.search.retries}: must be >= 0")

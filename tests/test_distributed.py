@@ -124,3 +124,33 @@ def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(student, runs):
     reference, resumed = (json.loads((folder / run / "result.json").read_text()) for run in ("two", "killed"))
     for key in ("val_loss", "val_kd", "train_loss"):
         assert resumed[key] == pytest.approx(reference[key], rel=1e-5), key
+
+
+def test_search_with_two_workers_per_trial_and_promotion(tmp_path, tiny_tokenizer, ray_session):
+    """Tune over Train: every trial a 2-worker Ray Train job reporting to Optuna; promotion with 2 workers too."""
+    import optuna
+
+    from conftest import tiny_space
+    from nas.search import run_search, storage_url
+    from nas.space import parse_space
+
+    axes = {"num_hidden_layers": [3], "num_attention_heads": [6], "intermediate_size": [80, 40], "hidden_size": [36]}
+    space = parse_space(tiny_space(tmp_path, tiny_tokenizer, name="sharded", axes=axes,
+                                   resources={"workers_per_trial": 2}, full_retrain={"workers": 2}))
+    lines = []
+    frame = run_search(space, tmp_path, echo=lines.append)
+    study = optuna.load_study(study_name=space.study, storage=storage_url(space, tmp_path))
+    trials = study.get_trials()
+    short = [t for t in trials if t.user_attrs.get("stage") == "short_retrain"]
+    assert len(short) == len(frame) == 2 and all(t.state.name == "COMPLETE" for t in short)
+    for t in short:
+        folder = tmp_path / "sharded" / t.user_attrs["label"]
+        evals = [json.loads(line) for line in (folder / "metrics.jsonl").open() if "val_loss" in line]
+        assert t.intermediate_values == {e["tokens"]: e["val_loss"] for e in evals}  # rank 0's reports
+        result = json.loads((folder / "result.json").read_text())
+        assert result["workers"] == 2 and result["val_loss"] == t.value
+    full = [t for t in trials if t.user_attrs.get("stage") == "full_distillation"]
+    assert len(full) == 1
+    model = tmp_path / "sharded" / "promoted" / full[0].user_attrs["label"] / "model"
+    AutoModelForCausalLM.from_pretrained(model)
+    assert any(line.startswith("[promoted 1/1]") for line in lines)
