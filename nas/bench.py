@@ -1,7 +1,8 @@
 """Benchmarks (not tests): speed and quality figures on SmolLM2-135M, written to JSON and printed as a table.
 
     nas-bench core      importance overhead, prune time, zero-shot held-out loss of pruning strategies
-    nas-bench distill   KD vs CE recovery, step-time ratios, teacher top-K cost
+    nas-bench distill   KD vs CE recovery, step-time ratios, teacher top-K cost, peak memory of the chunked
+                        loss, 1 vs 2 Ray Train workers
     nas-bench search    demo search wall time, Ray/Optuna overhead vs a plain loop, ASHA vs exhaustive
     nas-bench fidelity  ranking stability over KD budgets, width vs depth, KD vs CE vs random init, our
                         departures from the paper, ASHA (about an hour on 2 cores; resumable); writes
@@ -50,6 +51,40 @@ def _setup(calibration: int = 32, heldout: int = 16):
     cal = load_tokens("shakespeare", tokenizer, 128)[:calibration]
     held = load_tokens(str(HELDOUT), tokenizer, 128)[:heldout]
     return model, tokenizer, cal, held
+
+
+_LOSS_PEAK = """
+import sys, torch
+from nas import losses
+
+def status(key):  # kB, from the kernel's accounting of this process
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
+
+chunk, tokens, vocab, dim = map(int, sys.argv[1:])
+g = torch.Generator().manual_seed(0)
+hidden = torch.randn(1, tokens, dim, generator=g, requires_grad=True)
+head = torch.randn(vocab, dim, generator=g, requires_grad=True)
+teacher_hidden, teacher_head = torch.randn(1, tokens, dim, generator=g), torch.randn(vocab, dim, generator=g)
+mask = torch.ones(1, tokens, dtype=torch.bool)
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
+before = status("VmRSS:")
+if chunk:
+    targets = losses.LogitTargets(teacher_hidden=teacher_hidden, teacher_head=teacher_head)
+    losses.logit_losses(hidden, head, mask, targets, chunk)["loss"].backward()
+else:  # the unchunked way: both models' full logits, then the loss
+    losses.forward_kl(hidden @ head.T, teacher_hidden @ teacher_head.T, mask).backward()
+print(status("VmHWM:") - before)
+"""
+
+
+def loss_peak_kib(chunk_tokens: int, tokens: int = 2048, vocab: int = 32768, dim: int = 64) -> int:
+    """Peak resident memory (KiB) of a forward-KL loss and its backward over `tokens` tokens, in a fresh process
+    (Linux): chunked by `chunk_tokens` (`nas.losses.logit_losses`), or unchunked full logits when 0."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _LOSS_PEAK, *map(str, (chunk_tokens, tokens, vocab, dim))],
+                         capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1])
 
 
 def _params(model) -> int:
@@ -163,7 +198,14 @@ def bench_distill(tokens: int = 4096) -> dict[str, Any]:
     s = out["step_s"]
     out["kd_online_over_teacher_plus_ce"] = s["kd_online"] / (s["teacher_forward"] + s["ce"])
     out["kd_cached_over_ce"] = s["kd_cached_top64"] / s["ce"]
-    out["goals"] = {"kd_online_over_teacher_plus_ce": 1.10, "kd_cached_over_ce": 1.15}
+    out["goals"] = {"kd_online_over_teacher_plus_ce": 1.10, "kd_cached_over_ce": 1.10}
+
+    # The loss's own memory at SmolLM2's vocabulary and width, 4 x 128 tokens a micro-batch.
+    vocab, dim = model.config.vocab_size, model.config.hidden_size
+    peaks = {str(c): loss_peak_kib(c, 512, vocab, dim) / 1024 for c in (0, 512, 128, 32)}
+    out["loss_peak_mib"] = {"tokens": 512, "vocab": vocab, "unchunked": peaks["0"],
+                            **{f"chunk_{c}": peaks[str(c)] for c in (512, 128, 32)}}
+    out["workers"] = _bench_workers(model, cal, tokens=2048)
 
     # Quality cost of a smaller K: relative error of the cached KD loss against the exact one.
     student = _child(model, cal)
@@ -180,6 +222,30 @@ def bench_distill(tokens: int = 4096) -> dict[str, Any]:
                              "bytes_per_token": k * 6}
     out["kd_exact"] = exact
     out["topk"] = topk_error
+    return out
+
+
+def _bench_workers(model, cal, tokens: int) -> dict[str, Any]:
+    """`nas distill` of the same SmolLM2 child by 1 worker (this process) and by 2 Ray Train workers (FSDP2)."""
+    import tempfile
+
+    from nas.cli import main as nas
+
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        _child(model, cal).save_pretrained(Path(tmp) / "child")
+        args = ["distill", "--student", f"{tmp}/child", "--data", "shakespeare", "--seq-len", "128", "--tokens",
+                str(tokens), "--batch-size", "2", "--checkpoint-every", "0", "--val-fraction", "0.002", "--quiet"]
+        for n in (1, 2):
+            start = time.perf_counter()
+            assert nas([*args, "--out", f"{tmp}/w{n}", "--workers", str(n)]) == 0
+            result = json.loads(Path(f"{tmp}/w{n}/result.json").read_text())
+            out[f"workers_{n}"] = {"tokens_per_s": result["tokens_per_s"], "wall_s": time.perf_counter() - start,
+                                   "param_optim_mib_per_worker": result["param_optim_bytes_per_worker"] / 2**20,
+                                   "val_loss": result["val_loss"]}
+    import ray
+
+    ray.shutdown()
     return out
 
 

@@ -123,41 +123,11 @@ def test_chunked_logit_losses_equal_unchunked_values_and_gradients(kd, cached, c
         assert ("ce" in parts) == (ce_weight > 0)
 
 
-_PEAK = """
-import sys, torch
-from nas import losses
-
-def status(key):  # kB, from the kernel's accounting of this process
-    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
-
-chunk = int(sys.argv[1])
-g = torch.Generator().manual_seed(0)
-b, s, d, v = 4, 512, 64, 32768
-hidden, head = torch.randn(b, s, d, generator=g, requires_grad=True), torch.randn(v, d, generator=g, requires_grad=True)
-teacher_hidden, teacher_head = torch.randn(b, s, d, generator=g), torch.randn(v, d, generator=g)
-mask = torch.ones(b, s, dtype=torch.bool)
-open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
-before = status("VmRSS:")
-if chunk:
-    targets = losses.LogitTargets(teacher_hidden=teacher_hidden, teacher_head=teacher_head)
-    loss = losses.logit_losses(hidden, head, mask, targets, chunk)["loss"]
-else:  # the unchunked way: both models' full logits, then the loss
-    loss = losses.forward_kl(hidden @ head.T, teacher_hidden @ teacher_head.T, mask)
-loss.backward()
-print(status("VmHWM:") - before)
-"""
-
-
 def test_chunked_loss_peak_memory_drops_by_the_chunking_factor():
     """Peak resident memory of loss + backward on 2048 tokens of a 32k vocabulary, each in a fresh process."""
-    import subprocess
-    import sys
-
-    def peak_kib(chunk: int) -> int:
-        out = subprocess.run([sys.executable, "-c", _PEAK, str(chunk)], capture_output=True, text=True, check=True)
-        return int(out.stdout.split()[-1])
+    from nas.bench import loss_peak_kib
 
     factor = 4
-    unchunked, chunked = peak_kib(0), peak_kib(2048 // factor)
+    unchunked, chunked = loss_peak_kib(0), loss_peak_kib(2048 // factor)
     assert unchunked > 1_000_000  # the [2048, 32768] fp32 tensors really were there (> 1 GB)
     assert unchunked / chunked >= factor, (unchunked, chunked)
