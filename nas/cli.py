@@ -47,12 +47,16 @@ def cmd_importance(args) -> None:
 
 
 def cmd_prune(args) -> None:
-    from nas.architecture import Architecture
-    from nas.importance import Importances, select_layers
-    from nas.parents import load_parent
-    from nas.prune import PruneOptions, prune
+    import math
 
-    model, tokenizer = load_parent(args.parent, _device(args))
+    from transformers import AutoTokenizer
+
+    from nas.architecture import Architecture
+    from nas.files import atomic_dir
+    from nas.importance import Importances, select_layers
+    from nas.parents import load_parent, resolve_parent
+    from nas.prune import PruneOptions, SafetensorsReader, prune, prune_checkpoint
+
     importances = _load_importances(args.importance, Importances)
     try:
         data = json.loads(Path(args.arch).read_text())
@@ -61,15 +65,21 @@ def cmd_prune(args) -> None:
     if "layers" not in data and "num_hidden_layers" in data:
         data["layers"] = select_layers(importances, int(data["num_hidden_layers"]), args.layer_method)
     arch = Architecture.from_dict(data)
-    child = prune(model, importances, arch, PruneOptions(rescale_norms=not args.no_rescale_norms,
-                                                        residual_heads=not args.no_residual_heads))
-    from nas.files import atomic_dir
-
+    options = PruneOptions(rescale_norms=not args.no_rescale_norms, residual_heads=not args.no_residual_heads)
+    location = resolve_parent(args.parent)
     with atomic_dir(args.out) as tmp:
-        child.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        if Path(location).is_dir() and args.device is None:
+            # A checkpoint on disk is pruned file to file: the parent is never loaded whole.
+            prune_checkpoint(location, importances, arch, tmp, options)
+            AutoTokenizer.from_pretrained(location).save_pretrained(tmp)
+            n = sum(math.prod(e["shape"]) for _, _, e in SafetensorsReader(tmp).entries.values())
+        else:
+            model, tokenizer = load_parent(args.parent, _device(args))
+            child = prune(model, importances, arch, options)
+            child.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            n = sum(p.numel() for p in child.parameters())
         (tmp / "architecture.json").write_text(json.dumps(arch.to_dict(), indent=2) + "\n")
-    n = sum(p.numel() for p in child.parameters())
     print(f"pruned {args.parent} -> {arch.short()} ({n:,} parameters) -> {args.out}")
 
 
@@ -319,7 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how to pick kept layers when the JSON has no 'layers'")
     p.add_argument("--no-rescale-norms", action="store_true")
     p.add_argument("--no-residual-heads", action="store_true", help="do not fold pruned heads' output projections")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="load the parent on this device and prune in memory (default: a "
+                   "local checkpoint is pruned file to file, tensor by tensor)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("distill", help="retrain a pruned student by knowledge distillation")

@@ -2,18 +2,25 @@
 
 The child is built from its own config; each of its tensors is an index-selected slice of the parent's,
 copied through an explicit map from parameter name to the axes it spans. The parent is never modified.
+`prune` works on a loaded model; `prune_checkpoint` streams a checkpoint folder to a checkpoint folder without
+loading the parent (the same tensors, bit for bit).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from nas.architecture import Architecture
+from nas.errors import NasError
 from nas.families import family_of
 from nas.importance import Importances
 
@@ -104,16 +111,40 @@ def prune(parent: nn.Module, importances: Importances, arch: Architecture,
     Returns:
         The child on the parent's device and dtype, in eval mode.
     """
-    family = family_of(parent.config)
-    child_config = family.child_config(parent.config, arch)
-    parent_arch = Architecture.of_config(parent.config)
-    hidden = _top(importances.hidden, arch.hidden_size)
+    child_config = family_of(parent.config).child_config(parent.config, arch)
     source = parent.state_dict()
     device, dtype = next(parent.parameters()).device, next(parent.parameters()).dtype
     with torch.device(device):
         child = AutoModelForCausalLM.from_config(child_config, dtype=dtype)
-    names = list(child.state_dict())
-    state = {}
+    expected = child.state_dict()
+    state = dict(child_tensors(source.__getitem__, parent.config, expected, importances, arch, options))
+    child.load_state_dict(state, strict=True)
+    if getattr(child_config, "tie_word_embeddings", False):
+        child.tie_weights()
+    return child.eval()
+
+
+def child_tensors(source: Callable[[str], Tensor], parent_config, expected: dict[str, Tensor],
+                  importances: Importances, arch: Architecture,
+                  options: PruneOptions = PruneOptions()) -> Iterator[tuple[str, Tensor]]:
+    """The child's tensors one decoder layer at a time, each sliced from `source(parent name)`: the parent is
+    read tensor by tensor, so it never has to be in memory whole. `expected` holds the child's names and shapes
+    (a meta-device child will do)."""
+    family = family_of(parent_config)
+    parent_arch = Architecture.of_config(parent_config)
+    hidden = _top(importances.hidden, arch.hidden_size)
+    norm_factor = math.sqrt(parent_arch.hidden_size / arch.hidden_size) \
+        if options.rescale_norms and not family.layernorm and arch.hidden_size != parent_arch.hidden_size else 1.0
+
+    def take(name: str, parent_name: str, index: dict[str, Tensor]) -> Tensor:
+        tensor = _slice(source(parent_name), name, index)
+        parts = name.split(".")
+        if norm_factor != 1.0 and parts[-1] == "weight" and parts[-2] in NORMS:
+            tensor = tensor * norm_factor
+        assert tensor.shape == expected[name].shape, \
+            f"{name}: sliced {tuple(tensor.shape)} != {tuple(expected[name].shape)}"
+        return tensor
+
     for j, i in enumerate(arch.layers):
         q_heads, kv_heads = head_selection(importances.heads[i], arch, parent_arch.num_key_value_heads)
         index = {
@@ -123,24 +154,16 @@ def prune(parent: nn.Module, importances: Importances, arch: Architecture,
             "mlp": _top(importances.neurons[i], arch.intermediate_size),
         }
         prefix, parent_prefix = f"model.layers.{j}.", f"model.layers.{i}."
-        for name in names:
-            if name.startswith(prefix):
-                state[name] = _slice(source[parent_prefix + name[len(prefix):]], name, index)
+        layer = {name: take(name, parent_prefix + name[len(prefix):], index) for name in expected
+                 if name.startswith(prefix)}
         if options.residual_heads:
-            _fold_pruned_heads(state, source, prefix, parent_prefix, importances.heads[i], q_heads, index, arch,
-                               parent_arch)
-    for name in names:
+            o_proj = "self_attn.o_proj.weight"
+            _fold_pruned_heads(layer[prefix + o_proj], source(parent_prefix + o_proj), importances.heads[i], q_heads,
+                               index, arch, parent_arch)
+        yield from layer.items()
+    for name in expected:
         if not name.startswith("model.layers."):
-            state[name] = _slice(source[name], name, {"hidden": hidden})
-    if options.rescale_norms and not family.layernorm and arch.hidden_size != parent_arch.hidden_size:
-        _rescale_norms(state, math.sqrt(parent_arch.hidden_size / arch.hidden_size))
-    expected = child.state_dict()
-    for name, tensor in state.items():
-        assert tensor.shape == expected[name].shape, f"{name}: sliced {tuple(tensor.shape)} != {tuple(expected[name].shape)}"
-    child.load_state_dict(state, strict=True)
-    if getattr(child_config, "tie_word_embeddings", False):
-        child.tie_weights()
-    return child.eval()
+            yield name, take(name, name, {"hidden": hidden})
 
 
 def _slice(tensor: Tensor, name: str, index: dict[str, Tensor]) -> Tensor:
@@ -154,24 +177,16 @@ def _slice(tensor: Tensor, name: str, index: dict[str, Tensor]) -> Tensor:
     return out.clone()
 
 
-def _rescale_norms(state: dict[str, Tensor], factor: float) -> None:
-    for name in state:
-        parts = name.split(".")
-        if parts[-1] == "weight" and parts[-2] in NORMS:
-            state[name] = state[name] * factor
-
-
-def _fold_pruned_heads(state: dict[str, Tensor], source: dict[str, Tensor], prefix: str, parent_prefix: str,
-                       scores: Tensor, kept: Tensor, index: dict[str, Tensor], arch: Architecture,
-                       parent_arch: Architecture) -> None:
-    """Add each pruned query head's o_proj columns onto the best kept head of the same KV group.
+def _fold_pruned_heads(o_child: Tensor, o_parent: Tensor, scores: Tensor, kept: Tensor, index: dict[str, Tensor],
+                       arch: Architecture, parent_arch: Architecture) -> None:
+    """Add each pruned query head's o_proj columns (of the parent's `o_parent`) onto the best kept head of the same
+    KV group, in the child's `o_child`.
 
     Heads of one group read the same values, so a pruned head's output is approximated by the kept head's
     attention over those values; folding keeps its write direction into the residual stream.
     """
     d, per_group = arch.head_dim, parent_arch.queries_per_group
-    o_child = state[prefix + "self_attn.o_proj.weight"]
-    o_parent = source[parent_prefix + "self_attn.o_proj.weight"].index_select(0, index["hidden"].to(o_child.device))
+    o_parent = o_parent.index_select(0, index["hidden"].to(o_child.device))
     position = {h: n for n, h in enumerate(kept.tolist())}
     for head in range(parent_arch.num_attention_heads):
         if head in position:
@@ -181,3 +196,116 @@ def _fold_pruned_heads(state: dict[str, Tensor], source: dict[str, Tensor], pref
             continue  # the whole KV group was pruned: its values are gone
         target = position[max(group, key=lambda h: float(scores[h]))]
         o_child[:, target * d:(target + 1) * d] += o_parent[:, head * d:(head + 1) * d]
+
+
+# -- pruning a checkpoint on disk, tensor by tensor ---------------------------------------------------
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class SafetensorsReader:
+    """Tensors of an HF checkpoint folder (one `model.safetensors` or shards named by its index), read one at a
+    time with plain file reads: no tensor stays in memory after its caller drops it, and the file is never
+    mapped (a mapping's pages would stay resident and count as this process's memory)."""
+
+    def __init__(self, folder: str | Path):
+        folder = Path(folder)
+        index = folder / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        elif (folder / "model.safetensors").exists():
+            files = ["model.safetensors"]
+        else:
+            raise NasError(f"--parent {folder}: no model.safetensors or model.safetensors.index.json to prune from")
+        self.entries: dict[str, tuple[Path, int, dict]] = {}
+        for name in files:
+            path = folder / name
+            for key, entry in self.header(path).items():
+                self.entries[key] = (path, entry.pop("_base"), entry)
+
+    @staticmethod
+    def header(path: Path) -> dict[str, dict]:
+        """A safetensors file's tensor entries (dtype, shape, data_offsets, and `_base`: where the data starts)."""
+        with path.open("rb") as f:
+            size = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        return {key: {**entry, "_base": 8 + size} for key, entry in header.items()}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def __call__(self, name: str) -> Tensor:
+        path, base, entry = self.entries[name]
+        start, end = entry["data_offsets"]
+        data = bytearray(end - start)
+        with path.open("rb") as f:
+            f.seek(base + start)
+            f.readinto(data)
+        return torch.frombuffer(data, dtype=_DTYPES[entry["dtype"]]).view(entry["shape"]) if data else \
+            torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+
+
+def prune_checkpoint(parent_dir: str | Path, importances: Importances, arch: Architecture, out: str | Path,
+                     options: PruneOptions = PruneOptions(), max_shard_bytes: int = 2 * 2**30) -> Path:
+    """`prune` from a checkpoint folder into the folder `out` (weights and config; the caller makes it atomic and
+    adds the tokenizer), streaming: the parent is read tensor by tensor and the child written in shards of up to
+    `max_shard_bytes`, so peak memory is about one parent tensor plus one child shard, never the parent. The
+    child's tensors equal `prune`'s bit for bit (in the dtype stored on disk)."""
+    from transformers import AutoConfig
+
+    parent_config = AutoConfig.from_pretrained(parent_dir)
+    reader = SafetensorsReader(parent_dir)
+    child_config = family_of(parent_config).child_config(parent_config, arch)
+    with torch.device("meta"):
+        expected = AutoModelForCausalLM.from_config(child_config).state_dict()
+    tied = getattr(child_config, "tie_word_embeddings", False)
+    if tied:  # stored once, as the embedding (as save_pretrained does)
+        expected.pop("lm_head.weight", None)
+
+    def source(name: str) -> Tensor:
+        # A tied parent stores its LM head only as the embedding.
+        return reader("model.embed_tokens.weight" if name == "lm_head.weight" and name not in reader else name)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files = list(_shards(child_tensors(source, parent_config, expected, importances, arch, options),
+                         max_shard_bytes, out))
+    if len(files) == 1:
+        (out / files[0]).rename(out / "model.safetensors")
+    else:
+        weight_map = {}
+        for name in files:
+            weight_map.update({k: name for k in SafetensorsReader.header(out / name)})
+        total = sum((out / f).stat().st_size for f in files)
+        (out / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    child_config.save_pretrained(out)
+    return out
+
+
+def _shards(tensors: Iterator[tuple[str, Tensor]], max_bytes: int, out: Path) -> Iterator[str]:
+    """Write (name, tensor) pairs into numbered safetensors files of up to `max_bytes`; yields the file names."""
+    from safetensors.torch import save_file
+
+    shard: dict[str, Tensor] = {}
+    size, n = 0, 0
+
+    def flush() -> str:
+        name = f"model-{n:05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        return name
+
+    for key, tensor in tensors:
+        nbytes = tensor.numel() * tensor.element_size()
+        if shard and size + nbytes > max_bytes:
+            n += 1
+            yield flush()
+            shard, size = {}, 0
+        shard[key] = tensor.contiguous()
+        size += nbytes
+    n += 1
+    yield flush()

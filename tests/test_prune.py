@@ -147,3 +147,26 @@ def test_depth_pruning_equals_running_the_kept_layers():
     with _without_layers(parent, {1}):
         expected = _logits(parent)
     torch.testing.assert_close(_logits(child), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_streamed_pruning_equals_in_memory_pruning(name, tmp_path):
+    """A parent saved in several shards, pruned file to file, gives prune()'s tensors bit for bit."""
+    from nas.prune import prune_checkpoint
+
+    parent = tiny_model(name)
+    parent.save_pretrained(tmp_path / "parent", max_shard_size="20KB")
+    assert len(list((tmp_path / "parent").glob("*.safetensors"))) > 3
+    full = Architecture.of_config(parent.config)
+    arch = full.replace(num_hidden_layers=3, layers=(0, 2, 3), num_attention_heads=3, num_key_value_heads=1,
+                        intermediate_size=40, hidden_size=36)
+    importances = _importances(parent)
+    expected = prune(parent, importances, arch).state_dict()
+    prune_checkpoint(tmp_path / "parent", importances, arch, tmp_path / "child", max_shard_bytes=30_000)
+    assert (tmp_path / "child" / "model.safetensors.index.json").exists()  # written in shards too
+    child = AutoModelForCausalLM.from_pretrained(tmp_path / "child")
+    got = child.state_dict()
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+    torch.testing.assert_close(_logits(child), _logits(prune(parent, importances, arch)), rtol=0, atol=0)

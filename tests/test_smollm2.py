@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from conftest import WIKITEXT
 from nas.architecture import Architecture
@@ -41,3 +42,46 @@ def test_importance_beats_random_ranking(smollm2, axis, change):
     print(f"{axis}: importance {ranked:.3f} vs random {sum(random) / 3:.3f} {random}")
     assert ranked < sum(random) / 3 - MARGIN[axis], (ranked, random)
 
+
+
+_STREAM_PRUNE = """
+import sys
+from nas.architecture import Architecture
+from nas.importance import Importances
+from nas.prune import prune_checkpoint
+
+def status(key):  # kB, from the kernel's accounting of this process
+    return int(next(line for line in open("/proc/self/status") if line.startswith(key)).split()[1])
+
+parent, scores, out = sys.argv[1:]
+arch = Architecture.load(parent + "/arch.json")
+importances = Importances.load(scores)
+open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
+before = status("VmRSS:")
+prune_checkpoint(parent, importances, arch, out, max_shard_bytes=64 * 2**20)
+print(status("VmHWM:") - before)
+"""
+
+
+def test_streamed_pruning_peaks_below_the_parent_size(smollm2, tmp_path):
+    """SmolLM2 saved in 100 MB shards, pruned file to file in a fresh process: its peak resident memory stays
+    below the parent's size (the in-memory path holds the whole parent, then the child besides)."""
+    import subprocess
+    import sys
+
+    model, importances, _ = smollm2
+    model.save_pretrained(tmp_path / "parent", max_shard_size="100MB")
+    parent_bytes = sum(f.stat().st_size for f in (tmp_path / "parent").glob("*.safetensors"))
+    assert parent_bytes > 500e6 and len(list((tmp_path / "parent").glob("*.safetensors"))) >= 5
+    arch = Architecture.of_config(model.config).replace(num_attention_heads=6, intermediate_size=768)
+    (tmp_path / "parent" / "arch.json").write_text(arch.to_json())
+    importances.save(tmp_path / "scores.safetensors")
+    out = subprocess.run([sys.executable, "-c", _STREAM_PRUNE, str(tmp_path / "parent"),
+                          str(tmp_path / "scores.safetensors"), str(tmp_path / "child")],
+                         capture_output=True, text=True, check=True)
+    peak = int(out.stdout.split()[-1]) * 1024
+    print(f"streamed pruning peak {peak / 1e6:.0f} MB for a {parent_bytes / 1e6:.0f} MB parent")
+    assert peak < parent_bytes / 2, (peak, parent_bytes)
+    child = AutoModelForCausalLM.from_pretrained(tmp_path / "child")
+    expected = prune(model, importances, arch).state_dict()
+    assert all(torch.equal(child.state_dict()[k], v) for k, v in expected.items())
