@@ -17,8 +17,8 @@ DEMO_SPACE = Path(__file__).resolve().parents[1] / "search_spaces" / "smollm2-13
 
 def _add_parent_data(p: argparse.ArgumentParser, data_default: str | None = "shakespeare") -> None:
     p.add_argument("--parent", default="smollm2-135m", help="HF directory, hub id, or 'smollm2-135m' (default)")
-    p.add_argument("--data", default=data_default, help="text/JSONL/parquet file or directory, 'shakespeare', "
-                                                        "or a datasets name")
+    p.add_argument("--data", default=data_default, help="text/JSONL/parquet file or directory, a token-shard folder "
+                                                        "(`nas tokenize`), 'shakespeare', or a datasets name")
     p.add_argument("--text-field", default="text", help="JSONL/parquet field holding the text")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -28,6 +28,19 @@ def _device(args):
     import torch
 
     return torch.device(args.device) if args.device else None
+
+
+def cmd_tokenize(args) -> None:
+    from transformers import AutoTokenizer
+
+    from nas.data import tokenize
+    from nas.parents import resolve_parent
+
+    tokens = tokenize(args.data, AutoTokenizer.from_pretrained(resolve_parent(args.parent)), args.seq_len, args.out,
+                      args.text_field)
+    index = tokens.index
+    print(f"tokenized {args.data} -> {args.out}: {index['rows']:,} sequences of {index['seq_len']} "
+          f"({index['tokens']:,} tokens, {tokens.dtype.name}) in {len(index['shard_rows'])} shards")
 
 
 def cmd_importance(args) -> None:
@@ -306,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nas", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tokenize", help="tokenise a corpus into token shards (any --data may then name the folder)")
+    _add_parent_data(p)
+    p.add_argument("--out", required=True, help="shard folder (written whole or not at all)")
+    p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("importance", help="score heads, neurons, channels and layers of a parent")
     _add_parent_data(p)

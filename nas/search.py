@@ -43,6 +43,7 @@ from nas.prune import prune
 from nas.space import AXES, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, infeasible_hint
 from nas.storage import RunStorage, is_uri
 from nas.teacher_cache import TeacherTopK, cached_topk
+from nas.tokens import TokenSet
 from nas.workers import DistillInputs, DistillJob, run_here, run_on_workers
 
 log = logging.getLogger(__name__)
@@ -64,12 +65,13 @@ def storage_url(space: SearchSpace, root: str | Path = "trials") -> str:
 
 @dataclass
 class Shared:
-    """What every trial reads: small, passed once through Ray's object store (the caches stay in storage)."""
+    """What every trial reads: small, passed once through Ray's object store (the caches stay in storage; the
+    training tokens are a `TokenSet`, a shard folder name and row numbers: trials read the shards themselves)."""
 
     space: SearchSpace
     rows: dict[str, dict[str, Any]]
     storage: RunStorage
-    train: torch.Tensor
+    train: TokenSet
     val: torch.Tensor
     has_topk: bool
     nas_cache: str
@@ -86,8 +88,8 @@ def prepare(space: SearchSpace, root: str | Path = "trials") -> Shared:
     tokens = load_tokens(space.data, tokenizer, space.seq_len, space.text_field,
                          min_sequences=space.importance.samples + 2)
     calibration = tokens[: space.importance.samples]
-    train, val = split(tokens[space.importance.samples:], space.val_fraction, space.search.seed)
-    train, val = train[: _sequences_needed(space)], val[:16]
+    train, val = split(tokens.select(slice(space.importance.samples, None)), space.val_fraction, space.search.seed)
+    train, val = train.select(slice(0, _sequences_needed(space))), val[:16]
     imp = space.importance
     settings = ImportanceSettings(seq_agg=imp.seq_agg, batch_agg=imp.batch_agg, neuron_source=imp.neuron_source,
                                   head_source=imp.head_source, drop_samples=imp.drop_samples,

@@ -97,3 +97,17 @@ def test_export_from_a_uri_run_folder_needs_the_database_url(capsys):
     assert main(["export", "--study", "s", "--root", "s3://bucket/runs", "--out", "best.json"]) == 2
     err = capsys.readouterr().err
     assert "--storage: the run folder s3://bucket/runs is a URI" in err and len(err.splitlines()) == 1
+
+
+def test_tokenize_writes_shards_that_any_data_flag_reads(capsys, tiny_parent_dir, text_file, tmp_path):
+    shards = tmp_path / "shards"
+    assert main(["tokenize", "--parent", str(tiny_parent_dir), "--data", str(text_file), "--seq-len", "32",
+                 "--out", str(shards)]) == 0
+    assert capsys.readouterr().out.startswith(f"tokenized {text_file} -> {shards}: ")
+    from_text, from_shards = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    assert _importance(capsys, tiny_parent_dir, text_file, from_text) == (0, "")
+    assert _importance(capsys, tiny_parent_dir, shards, from_shards) == (0, "")
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(from_text)), load_file(str(from_shards))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same tokens, so the same scores
