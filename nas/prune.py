@@ -14,6 +14,7 @@ import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -174,7 +175,7 @@ def _slice(tensor: Tensor, name: str, index: dict[str, Tensor]) -> Tensor:
     for dim, axis in enumerate(axes):
         if axis is not None:
             out = out.index_select(dim, index[axis].to(out.device))
-    return out.clone()
+    return out.clone() if out is tensor else out  # index_select already made a copy
 
 
 def _fold_pruned_heads(o_child: Tensor, o_parent: Tensor, scores: Tensor, kept: Tensor, index: dict[str, Tensor],
@@ -289,23 +290,35 @@ def prune_checkpoint(parent_dir: str | Path, importances: Importances, arch: Arc
 
 def _shards(tensors: Iterator[tuple[str, Tensor]], max_bytes: int, out: Path) -> Iterator[str]:
     """Write (name, tensor) pairs into numbered safetensors files of up to `max_bytes`; yields the file names."""
-    from safetensors.torch import save_file
-
     shard: dict[str, Tensor] = {}
     size, n = 0, 0
-
-    def flush() -> str:
-        name = f"model-{n:05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        return name
-
     for key, tensor in tensors:
         nbytes = tensor.numel() * tensor.element_size()
         if shard and size + nbytes > max_bytes:
             n += 1
-            yield flush()
+            yield _write_safetensors(out / f"model-{n:05d}.safetensors", shard)
             shard, size = {}, 0
         shard[key] = tensor.contiguous()
         size += nbytes
     n += 1
-    yield flush()
+    yield _write_safetensors(out / f"model-{n:05d}.safetensors", shard)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, Tensor]) -> str:
+    """A safetensors file written tensor by tensor (`safetensors.torch.save_file` first builds the whole file in
+    memory: another copy of the shard). Format: 8-byte header length, JSON header, then the raw tensors."""
+    dtypes = {v: k for k, v in _DTYPES.items()}
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": dtypes[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with path.open("wb") as f:
+        f.write(struct.pack("<Q", len(encoded)))
+        f.write(encoded)
+        for t in tensors.values():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return path.name

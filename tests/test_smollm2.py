@@ -58,14 +58,15 @@ arch = Architecture.load(parent + "/arch.json")
 importances = Importances.load(scores)
 open("/proc/self/clear_refs", "w").write("5")  # peak RSS := current RSS
 before = status("VmRSS:")
-prune_checkpoint(parent, importances, arch, out, max_shard_bytes=64 * 2**20)
+prune_checkpoint(parent, importances, arch, out, max_shard_bytes=16 * 2**20)
 print(status("VmHWM:") - before)
 """
 
 
 def test_streamed_pruning_peaks_below_the_parent_size(smollm2, tmp_path):
     """SmolLM2 saved in 100 MB shards, pruned file to file in a fresh process: its peak resident memory stays
-    below the parent's size (the in-memory path holds the whole parent, then the child besides)."""
+    below the parent's size (the in-memory path holds the whole parent, then the child besides), and the child
+    equals in-memory pruning's."""
     import subprocess
     import sys
 
@@ -81,7 +82,8 @@ def test_streamed_pruning_peaks_below_the_parent_size(smollm2, tmp_path):
                          capture_output=True, text=True, check=True)
     peak = int(out.stdout.split()[-1]) * 1024
     print(f"streamed pruning peak {peak / 1e6:.0f} MB for a {parent_bytes / 1e6:.0f} MB parent")
-    assert peak < parent_bytes / 2, (peak, parent_bytes)
+    # About: imports (~0.1 GB), the largest parent tensor (the 0.11 GB embedding) and its slice, one 16 MB shard.
+    assert peak < parent_bytes, (peak, parent_bytes)
     child = AutoModelForCausalLM.from_pretrained(tmp_path / "child")
     expected = prune(model, importances, arch).state_dict()
     assert all(torch.equal(child.state_dict()[k], v) for k, v in expected.items())
