@@ -8,6 +8,7 @@ of those axes and the shared inputs, so it can be replayed from its parameters a
 
 Files live in the run folder (`nas.storage.RunStorage`: a local path or a URI every node reaches):
     importance.safetensors, teacher_topk.safetensors   computed once by the driver, read by every trial
+    tokens/                                             the token shards trials read their training sequences from
     <label>/{architecture.json, metrics.jsonl, result.json}   one folder per trial
     promoted/<label>/{..., model/}                      full distillation of the promoted candidates
     summary.{parquet,csv}, pareto.png, curves.png, best.json
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
@@ -65,43 +67,85 @@ def storage_url(space: SearchSpace, root: str | Path = "trials") -> str:
 
 @dataclass
 class Shared:
-    """What every trial reads: small, passed once through Ray's object store (the caches stay in storage; the
-    training tokens are a `TokenSet`, a shard folder name and row numbers: trials read the shards themselves)."""
+    """What every trial reads: small, passed once through Ray's object store. The caches and the token shards stay
+    in the run folder, which every node reaches; trials read the training sequences from the shards by row."""
 
     space: SearchSpace
     rows: dict[str, dict[str, Any]]
     storage: RunStorage
-    train: TokenSet
+    train_rows: np.ndarray  # rows of the run folder's `tokens/` shards
     val: torch.Tensor
     has_topk: bool
     nas_cache: str
 
+    def train_tokens(self) -> TokenSet:
+        """The training sequences, read from the run folder's shards (a local copy of them on a URI root)."""
+        return TokenSet(self.storage.fetch("tokens"), self.train_rows)
+
 
 def prepare(space: SearchSpace, root: str | Path = "trials") -> Shared:
-    """Step 1: candidates, data, importance and the teacher cache (computed once, kept in the run folder)."""
+    """Step 1: candidates, data, importance and the teacher cache (computed once, kept in the run folder).
+
+    This process reads only the parent's config and tokenizer: the work on its weights runs in a Ray task when
+    Ray is up (on a GPU node when trials take GPUs), else here."""
+    from transformers import AutoTokenizer
+
     config = parent_config(space.parent)
     rows = enumerate_candidates(space, config)
     if not rows:
         raise ConfigError(f"{space.name}: {infeasible_hint(space, config)}")
     storage = RunStorage(root, space.study)
-    parent, tokenizer = load_parent(space.parent)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_parent(space.parent))
     tokens = load_tokens(space.data, tokenizer, space.seq_len, space.text_field,
                          min_sequences=space.importance.samples + 2)
-    calibration = tokens[: space.importance.samples]
+    _share_tokens(storage, tokens)
     train, val = split(tokens.select(slice(space.importance.samples, None)), space.val_fraction, space.search.seed)
-    train, val = train.select(slice(0, _sequences_needed(space))), val[:16]
+    train = train.select(slice(0, _sequences_needed(space)))
+    calibration = np.arange(space.importance.samples)
+    val = val[:16]
+    args = (space, storage, calibration, train.rows, val, os.environ.get("NAS_CACHE", ""))
+    import ray
+
+    if ray.is_initialized():
+        res = space.resources
+        task = ray.remote(parent_work).options(num_cpus=res.cpus_per_trial,
+                                               num_gpus=max(res.gpus_per_trial, res.gpus_per_worker))
+        ray.get(task.remote(*args))
+    else:
+        parent_work(*args)
+    return Shared(space, {r["label"]: r for r in rows}, storage, train.rows, val, bool(space.short_retrain.teacher_topk),
+                  os.environ.get("NAS_CACHE", ""))
+
+
+def parent_work(space: SearchSpace, storage: RunStorage, calibration_rows: np.ndarray, train_rows: np.ndarray,
+                val: torch.Tensor, nas_cache: str) -> None:
+    """Everything that needs the parent's weights, once: importance scores, the teacher's top-K cache and the
+    parent's own validation loss, each kept in the run folder (and reused from there when it matches)."""
+    if nas_cache:
+        os.environ.setdefault("NAS_CACHE", nas_cache)
+    config = parent_config(space.parent)
+    parent, _ = load_parent(space.parent, _device(space))
+    folder = storage.fetch("tokens")
     imp = space.importance
     settings = ImportanceSettings(seq_agg=imp.seq_agg, batch_agg=imp.batch_agg, neuron_source=imp.neuron_source,
                                   head_source=imp.head_source, drop_samples=imp.drop_samples,
                                   block_sizes=_block_sizes(space, config))
+    calibration = TokenSet(folder, calibration_rows)[:]
     _kept_in(storage, "importance.safetensors", lambda path: cached_importance(parent, calibration, path, settings))
     k = space.short_retrain.teacher_topk
     if k:
+        train = TokenSet(folder, train_rows)
         _kept_in(storage, "teacher_topk.safetensors", lambda path: cached_topk(parent, train, k, path))
     if storage.read_json("parent.json") is None:  # the reference line of the plots
         storage.write_json("parent.json", {"parent": space.parent, "val_loss": lm_loss(parent, val),
                                            "params": sum(p.numel() for p in parent.parameters())})
-    return Shared(space, {r["label"]: r for r in rows}, storage, train, val, bool(k), os.environ.get("NAS_CACHE", ""))
+
+
+def _share_tokens(storage: RunStorage, tokens: TokenSet) -> None:
+    """Copy the token shards (tokenised into this node's cache) into the run folder, unless the same are there."""
+    there = storage.read_json("tokens/index.json")
+    if there is None or there.get("sha256") != tokens.index["sha256"]:
+        storage.upload(tokens.folder, "tokens")
 
 
 def _kept_in(storage: RunStorage, rel: str, load_or_compute: Callable[[Path], Any]) -> None:
@@ -181,7 +225,7 @@ def candidate_inputs(shared: Shared, label: str, promoted: bool, device: torch.d
     # The teacher cache covers the short retrain's tokens; full distillation runs the teacher online.
     topk = TeacherTopK.load(shared.storage.fetch("teacher_topk.safetensors")) if shared.has_topk and not promoted \
         else None
-    return DistillInputs(child, teacher, shared.train, shared.val, list(arch.layers), topk)
+    return DistillInputs(child, teacher, shared.train_tokens(), shared.val, list(arch.layers), topk)
 
 
 def _retrain(shared: Shared, label: str, rel: str, spec, on_eval: Callable[[dict], None], promoted: bool) -> dict:
@@ -334,8 +378,8 @@ def run_search(space: SearchSpace, root: str | Path = "trials", address: str | N
                trial_fn: Callable = run_trial, echo: Callable[[str], None] = lambda line: None) -> "Any":
     """The whole job; re-running it resumes (finished trials and promotions are not redone)."""
     url = storage_url(space, root)
+    reached = init_ray(address, Path(RunStorage(root, space.study).uri))
     shared = prepare(space, root)
-    reached = init_ray(address, Path(shared.storage.uri))
     study = open_study(space, root)
     study.set_user_attr("parent", space.parent)
     sampler, enqueue, n_trials = _plan(space, study, list(shared.rows))

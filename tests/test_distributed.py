@@ -1,6 +1,7 @@
 """Distillation on N Ray Train workers (FSDP2 over gloo on CPU) against the same run in one process, and a
 worker killed mid-run."""
 
+import contextlib
 import json
 import os
 import signal
@@ -99,11 +100,7 @@ def test_two_workers_reproduce_one_worker(runs):
 def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(student, runs):
     folder, train = student
     out = folder / "killed"
-    env = {**os.environ, "NAS_CACHE": str(ROOT / ".cache")}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "nas.cli", "distill", *train, "--out", str(out), "--workers", "2"],
-                            env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    proc = _start_distill(train, out, 2)
     try:
         deadline = time.time() + 300
         while not (out / "checkpoint" / "step-000004").exists() or _last_step(out) < 6:  # mid-way to the next
@@ -124,6 +121,38 @@ def test_worker_killed_mid_run_resumes_from_the_last_checkpoint(student, runs):
     reference, resumed = (json.loads((folder / run / "result.json").read_text()) for run in ("two", "killed"))
     for key in ("val_loss", "val_kd", "train_loss"):
         assert resumed[key] == pytest.approx(reference[key], rel=1e-5), key
+
+
+def test_a_two_worker_checkpoint_resumes_on_one_worker(student, runs):
+    """The job and its Ray are killed after a 2-worker checkpoint; `--resume --workers 1` loads it (DCP reshards
+    the optimizer state) and ends as the uninterrupted 2-worker run did."""
+    folder, train = student
+    out = folder / "resharded"
+    proc = _start_distill(train, out, 2)
+    deadline = time.time() + 300
+    while not (out / "checkpoint" / "step-000004").exists():
+        assert time.time() < deadline and proc.poll() is None, "no checkpoint was written"
+        time.sleep(0.02)
+    # The driver and every Ray process it started (workers too: they would go on writing checkpoints a while).
+    for process in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert main(["distill", *train, "--out", str(out), "--resume"]) == 0
+    steps = [s["step"] for s in _steps(out)]
+    assert steps[-1] == STEPS and all(steps.count(n) == 1 for n in range(1, 5)), steps
+    reference, resumed = (json.loads((folder / run / "result.json").read_text()) for run in ("two", "resharded"))
+    assert resumed["workers"] == 1
+    for key in ("val_loss", "val_kd", "train_loss"):
+        assert resumed[key] == pytest.approx(reference[key], rel=1e-4), key
+
+
+def _start_distill(train, out, workers):
+    env = {**os.environ, "NAS_CACHE": str(ROOT / ".cache")}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.Popen([sys.executable, "-m", "nas.cli", "distill", *train, "--out", str(out), "--workers",
+                             str(workers)], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
 
 
 def test_search_with_two_workers_per_trial_and_promotion(tmp_path, tiny_tokenizer, ray_session):

@@ -57,7 +57,14 @@ def _label(trial):
 def searched(ray_session, space):
     space, root = space
     lines = []
-    frame = run_search(space, root, trial_fn=failing_trial, echo=lines.append)
+
+    def in_the_driver(*args, **kwargs):
+        raise AssertionError("the search driver loaded the parent's weights")
+
+    # Ray workers import nas.search afresh: only this (the driver) process has the trap.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("nas.search.load_parent", in_the_driver)
+        frame = run_search(space, root, trial_fn=failing_trial, echo=lines.append)
     return space, root, frame, lines
 
 
@@ -166,7 +173,7 @@ def test_tpe_prunes_infeasible_proposals_and_writes_to_a_uri_run_folder(ray_sess
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     assert len(complete) == 3
-    folders = {p.name for p in (tmp_path / "runs" / "tpe").iterdir() if p.is_dir() and p.name != "ray_results"}
+    folders = {p.name for p in (tmp_path / "runs" / "tpe").iterdir() if p.is_dir() and p.name not in ("ray_results", "tokens")}
     assert folders == {t.user_attrs["label"] for t in complete}  # pruned proposals were never trained
     for t in pruned:
         assert "outside the budget" in t.user_attrs["pruned_reason"] or "not a valid child" in t.user_attrs["pruned_reason"]
