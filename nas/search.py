@@ -378,6 +378,10 @@ def run_search(space: SearchSpace, root: str | Path = "trials", address: str | N
                trial_fn: Callable = run_trial, echo: Callable[[str], None] = lambda line: None) -> "Any":
     """The whole job; re-running it resumes (finished trials and promotions are not redone)."""
     url = storage_url(space, root)
+    if is_uri(str(root)) and max(space.resources.workers_per_trial, space.full_retrain.workers) > 1:
+        # Every worker writes its checkpoint shards into the run's folder, so it must be one path they all reach.
+        raise ConfigError(f"--root {root}: retrains on several workers (resources.workers_per_trial, "
+                          f"full_retrain.workers) need a run folder on a filesystem every node mounts, not a URI")
     reached = init_ray(address, Path(RunStorage(root, space.study).uri))
     shared = prepare(space, root)
     study = open_study(space, root)

@@ -102,3 +102,15 @@ def test_candidates_cli_prints_a_table_or_one_error_line(capsys, tmp_path):
     assert main(["candidates", str(tmp_path / "big.yaml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "add larger values to axes." in err[0]
+
+
+def test_several_workers_need_a_shared_folder_not_a_uri(tmp_path, tiny_tokenizer):
+    from conftest import tiny_space
+    from nas.search import run_search
+
+    space = parse_space(tiny_space(tmp_path, tiny_tokenizer, resources={"workers_per_trial": 2},
+                                   storage=f"sqlite:///{tmp_path}/study.db"))
+    with pytest.raises(ConfigError, match="need a run folder on a filesystem every node mounts, not a URI"):
+        run_search(space, f"file://{tmp_path}/runs")
+    with pytest.raises(ConfigError, match="short_retrain.batch_size=4: must be a multiple of the 3 workers"):
+        parse_space(tiny_space(tmp_path, tiny_tokenizer, resources={"workers_per_trial": 3}))
