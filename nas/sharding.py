@@ -126,8 +126,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng = path / f"rng-{rank}.pt"
     if rng.exists():  # absent when resuming with more workers than wrote it
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return torch.load(path / "trainer.pt", weights_only=False)
+        _set_rng_state(torch.load(rng, weights_only=True))
+    return torch.load(path / "trainer.pt", weights_only=True)
 
 
 def _rng_state() -> dict[str, Any]:

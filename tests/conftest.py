@@ -76,6 +76,18 @@ def text_file(tmp_path) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def ray_session(tmp_path_factory):
+    """A private Ray on 127.0.0.1 with 2 CPUs, shared by a test module's tests."""
+    import ray
+
+    from nas.search import init_ray
+
+    init_ray(None, tmp_path_factory.mktemp("ray"), num_cpus=2)
+    yield
+    ray.shutdown()
+
+
 def tiny_space(folder: Path, tokenizer, name: str = "tiny", **overrides) -> dict:
     """A search space over a saved tiny Llama parent and a little text in `folder` (4 candidates)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM
 from conftest import ROOT
 from nas.architecture import Architecture
 from nas.cli import main
-from nas.search import init_ray
 
 pytestmark = pytest.mark.slow
 STEPS = 24
@@ -60,15 +59,6 @@ def student(tmp_path_factory, tiny_tokenizer):
              "--seq-len", 32, "--quiet", "--tokens", 4 * 2 * 32 * STEPS, "--batch-size", 4, "--grad-accum", 2,
              "--lr", 1e-3, "--checkpoint-every", 4]
     return folder, [str(a) for a in train]
-
-
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    import ray
-
-    init_ray(None, tmp_path_factory.mktemp("ray"), num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from conftest import tiny_space
 from nas.architecture import Architecture
 from nas.families import family_of
-from nas.search import TRIAL_FILES, export_best, init_ray, label_of, run_search, run_trial, storage_url
+from nas.search import TRIAL_FILES, export_best, label_of, run_search, run_trial, storage_url
 from nas.space import AXES, parse_space
 
 pytestmark = pytest.mark.slow
@@ -27,15 +27,6 @@ def failing_trial(config, shared, report=None):
     if label_of(config) == FAILING:
         raise RuntimeError("injected failure")
     return run_trial(config, shared, report)
-
-
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    import ray
-
-    init_ray(None, tmp_path_factory.mktemp("ray"), num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
