@@ -138,19 +138,15 @@ def _check_resume(args) -> None:
 def _distill_inputs(args, device):
     """The `nas distill` inputs, built where they are used (this process, or each Ray Train worker)."""
     from nas.parents import load_parent
-    from nas.teacher_cache import TeacherTopK
+    from nas.teacher_cache import TopKShards
     from nas.workers import DistillInputs
 
     teacher, tokenizer = load_parent(args.teacher, device)
     train, val = _train_val(args, tokenizer)
     arch_file = Path(args.student) / "architecture.json"
     layer_map = json.loads(arch_file.read_text())["layers"] if arch_file.exists() else None
-    topk = TeacherTopK.load(_topk_path(args)) if args.teacher_topk else None
+    topk = TopKShards(Path(args.out) / "teacher_topk") if args.teacher_topk else None
     return DistillInputs(_load_student(args.student, device), teacher, train, val, layer_map, topk)
-
-
-def _topk_path(args) -> Path:
-    return Path(args.out) / "teacher_topk.safetensors"
 
 
 def cmd_distill(args) -> None:
@@ -174,8 +170,8 @@ def cmd_distill(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(resolve_parent(args.teacher))
     if args.teacher_topk:  # computed once, here; every worker reads the file
         teacher, _ = load_parent(args.teacher, device)
-        cached_topk(teacher, _train_val(args, tokenizer)[0], args.teacher_topk, _topk_path(args), cfg.temperature,
-                    cfg.batch_size)
+        cached_topk(teacher, _train_val(args, tokenizer)[0], args.teacher_topk, args.out, "teacher_topk",
+                    cfg.temperature, cfg.batch_size)
         del teacher
     job = DistillJob(functools.partial(_distill_inputs, args), cfg, args.out, threads=torch_threads(args.workers))
     if args.workers == 1:

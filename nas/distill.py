@@ -31,7 +31,7 @@ from nas import losses, sharding
 from nas.errors import ConfigError, TrainingError
 from nas.files import atomic_dir, write_json
 from nas.importance import lm_loss
-from nas.teacher_cache import TeacherTopK
+from nas.teacher_cache import TeacherTopK, TopKShards
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Distiller:
     workers reproduce one. Rank 0 writes the files."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, train: Tensor, val: Tensor, out: str | Path,
-                 cfg: DistillConfig, layer_map: list[int] | None = None, teacher_topk: TeacherTopK | None = None):
+                 cfg: DistillConfig, layer_map: list[int] | None = None, teacher_topk: TeacherTopK | TopKShards | None = None):
         if cfg.kd != "none" and teacher is None:
             raise ConfigError(f"kd={cfg.kd!r} needs a teacher")
         self.rank, self.workers = sharding.rank_and_world()

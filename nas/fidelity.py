@@ -140,7 +140,7 @@ class Fidelity:
         self.full = Architecture.of_config(self.parent.config)
         self.importances = self.scores(ImportanceSettings(drop_samples=plan.drop_samples,
                                                           block_sizes=self._depth_cuts()), "default")
-        self.topk = cached_topk(self.parent, self.train, plan.topk, self.cache / "teacher_topk.safetensors")
+        self.topk = cached_topk(self.parent, self.train, plan.topk, self.cache, "teacher_topk")
 
     def _depth_cuts(self) -> tuple[int, ...]:
         """Layers dropped by the depth-only candidates: the block sizes whose losses the depth arm needs."""

@@ -7,7 +7,7 @@ hold the candidate's label, exact parameter count, share of the parent and stage
 of those axes and the shared inputs, so it can be replayed from its parameters alone (`replay_trial`).
 
 Files live in the run folder (`nas.storage.RunStorage`: a local path or a URI every node reaches):
-    importance.safetensors, teacher_topk.safetensors   computed once by the driver, read by every trial
+    importance.safetensors, teacher_topk/               computed once (in Ray tasks), read by every trial
     tokens/                                             the token shards trials read their training sequences from
     <label>/{architecture.json, metrics.jsonl, result.json}   one folder per trial
     promoted/<label>/{..., model/}                      full distillation of the promoted candidates
@@ -44,7 +44,7 @@ from nas.parents import load_parent, parent_config, resolve_parent
 from nas.prune import prune
 from nas.space import AXES, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, infeasible_hint
 from nas.storage import RunStorage, is_uri
-from nas.teacher_cache import TeacherTopK, cached_topk
+from nas.teacher_cache import ShardPlan, TopKShards, publish, topk_plan, write_part
 from nas.tokens import TokenSet
 from nas.workers import DistillInputs, DistillJob, run_here, run_on_workers
 
@@ -103,28 +103,37 @@ def prepare(space: SearchSpace, root: str | Path = "trials") -> Shared:
     train = train.select(slice(0, _sequences_needed(space)))
     calibration = np.arange(space.importance.samples)
     val = val[:16]
-    args = (space, storage, calibration, train.rows, val, os.environ.get("NAS_CACHE", ""))
+    nas_cache = os.environ.get("NAS_CACHE", "")
+    args = (space, storage, calibration, train.rows, val, nas_cache)
+    parts = space.resources.cache_workers if space.short_retrain.teacher_topk else 1
     import ray
 
     if ray.is_initialized():
+        # The parent's work, and the other parts of the teacher cache, as tasks queued together (so they wait for
+        # resources in turn rather than one holding them while waiting for another).
         res = space.resources
-        task = ray.remote(parent_work).options(num_cpus=res.cpus_per_trial,
-                                               num_gpus=max(res.gpus_per_trial, res.gpus_per_worker))
-        ray.get(task.remote(*args))
+        options = {"num_cpus": res.cpus_per_trial, "num_gpus": max(res.gpus_per_trial, res.gpus_per_worker)}
+        plans = ray.get([ray.remote(parent_work).options(**options).remote(*args, parts),
+                         *[ray.remote(cache_part).options(**options).remote(space, storage, train.rows, part, parts,
+                                                                            nas_cache) for part in range(1, parts)]])
     else:
-        parent_work(*args)
+        plans = [parent_work(*args)]  # one process: all of the cache
+    if plans[0] is not None:
+        if any(p != plans[0] for p in plans):
+            raise NasError(f"parent {space.parent}: its tasks loaded different weights (did it change during the "
+                           f"run?); re-run the search")
+        publish(storage, "teacher_topk", plans[0])
     return Shared(space, {r["label"]: r for r in rows}, storage, train.rows, val, bool(space.short_retrain.teacher_topk),
-                  os.environ.get("NAS_CACHE", ""))
+                  nas_cache)
 
 
 def parent_work(space: SearchSpace, storage: RunStorage, calibration_rows: np.ndarray, train_rows: np.ndarray,
-                val: torch.Tensor, nas_cache: str) -> None:
-    """Everything that needs the parent's weights, once: importance scores, the teacher's top-K cache and the
-    parent's own validation loss, each kept in the run folder (and reused from there when it matches)."""
-    if nas_cache:
-        os.environ.setdefault("NAS_CACHE", nas_cache)
+                val: torch.Tensor, nas_cache: str, cache_parts: int = 1) -> ShardPlan | None:
+    """Everything that needs the parent's weights, once: importance scores, part 1 of `cache_parts` of the
+    teacher's top-K cache (when the space asks for one: its plan is returned) and the parent's own validation
+    loss, each kept in the run folder (and reused from there when it matches)."""
+    parent = _load_teacher(space.parent, _device(space), nas_cache)
     config = parent_config(space.parent)
-    parent, _ = load_parent(space.parent, _device(space))
     folder = storage.fetch("tokens")
     imp = space.importance
     settings = ImportanceSettings(seq_agg=imp.seq_agg, batch_agg=imp.batch_agg, neuron_source=imp.neuron_source,
@@ -132,13 +141,34 @@ def parent_work(space: SearchSpace, storage: RunStorage, calibration_rows: np.nd
                                   block_sizes=_block_sizes(space, config))
     calibration = TokenSet(folder, calibration_rows)[:]
     _kept_in(storage, "importance.safetensors", lambda path: cached_importance(parent, calibration, path, settings))
-    k = space.short_retrain.teacher_topk
-    if k:
-        train = TokenSet(folder, train_rows)
-        _kept_in(storage, "teacher_topk.safetensors", lambda path: cached_topk(parent, train, k, path))
+    plan = _cache_part(parent, space, storage, train_rows, 0, cache_parts)
     if storage.read_json("parent.json") is None:  # the reference line of the plots
         storage.write_json("parent.json", {"parent": space.parent, "val_loss": lm_loss(parent, val),
                                            "params": sum(p.numel() for p in parent.parameters())})
+    return plan
+
+
+def cache_part(space: SearchSpace, storage: RunStorage, train_rows: np.ndarray, part: int, parts: int,
+               nas_cache: str) -> ShardPlan:
+    """Another part of the teacher cache, with a parent of its own (a Ray task beside `parent_work`)."""
+    parent = _load_teacher(space.parent, _device(space), nas_cache)
+    return _cache_part(parent, space, storage, train_rows, part, parts)
+
+
+def _cache_part(parent, space: SearchSpace, storage: RunStorage, train_rows: np.ndarray, part: int,
+                parts: int) -> ShardPlan | None:
+    if not space.short_retrain.teacher_topk:
+        return None
+    train = TokenSet(storage.fetch("tokens"), train_rows)
+    plan = topk_plan(parent, train, space.short_retrain.teacher_topk)
+    write_part(parent, train, storage, "teacher_topk", plan, part, parts)
+    return plan
+
+
+def _load_teacher(spec: str, device: torch.device, nas_cache: str):
+    if nas_cache:
+        os.environ.setdefault("NAS_CACHE", nas_cache)
+    return load_parent(spec, device)[0]
 
 
 def _share_tokens(storage: RunStorage, tokens: TokenSet) -> None:
@@ -223,8 +253,7 @@ def candidate_inputs(shared: Shared, label: str, promoted: bool, device: torch.d
     sharded = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     teacher, child, arch = build_candidate(shared, label, device, keep_parent=not sharded)
     # The teacher cache covers the short retrain's tokens; full distillation runs the teacher online.
-    topk = TeacherTopK.load(shared.storage.fetch("teacher_topk.safetensors")) if shared.has_topk and not promoted \
-        else None
+    topk = TopKShards(shared.storage.fetch("teacher_topk")) if shared.has_topk and not promoted else None
     return DistillInputs(child, teacher, shared.train_tokens(), shared.val, list(arch.layers), topk)
 
 

@@ -91,13 +91,15 @@ class SearchSpec:
 class Resources:
     """What a trial takes. One worker (the default) trains in the Tune trial's own process with `cpus_per_trial`
     CPUs and `gpus_per_trial` GPUs; with `workers_per_trial > 1` the trial runs a Ray Train job of that many
-    FSDP2 workers, each with `cpus_per_trial` CPUs and `gpus_per_worker` GPUs (promotion: `full_retrain.workers`)."""
+    FSDP2 workers, each with `cpus_per_trial` CPUs and `gpus_per_worker` GPUs (promotion: `full_retrain.workers`).
+    `cache_workers`: Ray tasks that write the teacher's top-K cache in parallel, each with its own parent."""
 
     cpus_per_trial: int = 1
     gpus_per_trial: float = 0
     max_concurrent: int = 1
     workers_per_trial: int = 1
     gpus_per_worker: float = 0
+    cache_workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -202,6 +204,8 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
     need(space.full_retrain.workers >= 1, f"full_retrain.workers={space.full_retrain.workers}: must be >= 1")
     need(space.resources.workers_per_trial >= 1,
          f"resources.workers_per_trial={space.resources.workers_per_trial}: must be >= 1")
+    need(space.resources.cache_workers >= 1,
+         f"resources.cache_workers={space.resources.cache_workers}: must be >= 1")
     need(space.search.sampler in ("auto", "grid", "tpe"), f"search.sampler={space.search.sampler!r}: "
                                                            "must be 'auto', 'grid' or 'tpe'")
     need(space.search.retries >= 0, f"search.retries={space.search.retries}: must be >= 0")

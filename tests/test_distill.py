@@ -98,14 +98,14 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_cached_teacher_with_exact_storage_equals_online_kd(tmp_path):
     student, teacher, layers = _pair()
-    exact = cached_topk(teacher, TRAIN, 320, tmp_path / "t.safetensors", dtype=torch.float32)
+    exact = cached_topk(teacher, TRAIN, 320, tmp_path, "t", dtype=torch.float32, rows_per_shard=5)
     online = Distiller(student, teacher, TRAIN, VAL, tmp_path / "a", CFG, layers)
     cached = Distiller(student, teacher, TRAIN, VAL, tmp_path / "b", CFG, layers, teacher_topk=exact)
-    idx = torch.tensor([0, 5, 7])
+    idx = torch.tensor([0, 5, 7, 11])  # rows from all three shards
     with torch.no_grad():
         assert float(cached.loss(idx)["kd"]) == pytest.approx(float(online.loss(idx)["kd"]), rel=1e-5)
-    again = cached_topk(teacher, TRAIN, 320, tmp_path / "t.safetensors", dtype=torch.float32)
-    assert torch.equal(again.index, exact.index)
+    whole = compute_topk(teacher, TRAIN, 320, dtype=torch.float32)
+    assert torch.equal(exact.read_all().index, whole.index) and torch.equal(exact.read_all().logprobs, whole.logprobs)
     small = compute_topk(teacher, TRAIN[:2], 8)
     assert small.logprobs.dtype == torch.float16 and small.index.shape == (2, 16, 8)
 
@@ -139,11 +139,35 @@ def test_lm_eval_runs_the_shipped_task_offline(tiny_tokenizer):
     assert 0.0 <= scores["nas_cloze"]["acc"] <= 1.0 and "acc_norm" in scores["nas_cloze"]
 
 
-def test_corrupt_teacher_cache_is_recomputed_not_trusted(tmp_path):
+def test_teacher_cache_recomputes_only_damaged_or_missing_shards(tmp_path):
     _, teacher, _ = _pair()
-    path = tmp_path / "t.safetensors"
-    first = cached_topk(teacher, TRAIN, 16, path)
-    path.write_bytes(path.read_bytes()[:200])
-    again = cached_topk(teacher, TRAIN, 16, path)
-    assert torch.equal(again.index, first.index) and torch.equal(again.logprobs, first.logprobs)
-    assert cached_topk(teacher, TRAIN, 16, path).index.shape == first.index.shape  # the rewritten file reads back
+    first = cached_topk(teacher, TRAIN, 16, tmp_path, "t", rows_per_shard=4)
+    shards = [tmp_path / "t" / name for name in first.index["shards"]]
+    assert len(shards) == 3
+    stamps = [p.stat().st_mtime_ns for p in shards]
+    shards[1].write_bytes(shards[1].read_bytes()[:200])  # damaged
+    shards[2].unlink()  # never written: a crash before its rename leaves only a hidden temp file
+    (tmp_path / "t" / f".{shards[2].name}.x.tmp").write_bytes(b"half")
+    again = cached_topk(teacher, TRAIN, 16, tmp_path, "t", rows_per_shard=4)
+    assert shards[0].stat().st_mtime_ns == stamps[0]  # the intact shard was kept, not recomputed
+    assert torch.equal(again.read_all().index, first.read_all().index)
+    assert torch.equal(again.read_all().logprobs, first.read_all().logprobs)
+    other = cached_topk(teacher, TRAIN, 8, tmp_path, "t", rows_per_shard=4)  # another K: new shards, new index
+    assert other.read_all().index.shape == (12, 16, 8) and len(list((tmp_path / "t").glob("shard-*"))) == 6
+
+
+def test_teacher_cache_filled_by_parts_equals_one_process(tmp_path):
+    from nas.storage import RunStorage
+    from nas.teacher_cache import TopKShards, publish, topk_plan, write_part
+
+    _, teacher, _ = _pair()
+    one = cached_topk(teacher, TRAIN, 16, tmp_path, "one", rows_per_shard=2).read_all()
+    storage, plan = RunStorage(tmp_path, ""), topk_plan(teacher, TRAIN, 16, rows_per_shard=2)
+    for part in (2, 0):  # as three tasks would, in any order; part 1 is missing
+        write_part(teacher, TRAIN, storage, "three", plan, part, 3)
+    assert sorted(p.name[:11] for p in (tmp_path / "three").glob("shard-*")) == [
+        "shard-00000", "shard-00002", "shard-00003", "shard-00005"]
+    write_part(teacher, TRAIN, storage, "three", plan, 1, 3)
+    publish(storage, "three", plan)
+    parallel = TopKShards(tmp_path / "three").read_all()
+    assert torch.equal(parallel.index, one.index) and torch.equal(parallel.logprobs, one.logprobs)

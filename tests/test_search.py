@@ -153,18 +153,23 @@ def test_dashboard_shows_the_axes_in_a_browser(searched):
 
 def test_tpe_prunes_infeasible_proposals_and_writes_to_a_uri_run_folder(ray_session, tmp_path, tiny_tokenizer):
     """TPE proposes axis combinations outside the budget: they are recorded as pruned with the reason and never
-    trained. The run folder is a file:// URI (written through pyarrow, as s3:// would be)."""
+    trained. The run folder is a file:// URI (written through pyarrow, as s3:// would be), with the teacher cache
+    filled by two Ray tasks."""
     spec = tiny_space(tmp_path / "inputs", tiny_tokenizer, name="tpe", promote=0,
                       axes={"num_hidden_layers": [4, 3, 2], "hidden_size": [48, 36, 24]},
                       budget={"fraction": 0.6, "tolerance": 0.1}, search={"sampler": "tpe", "max_trials": 3},
-                      storage=f"sqlite:///{tmp_path / 'study.db'}")
+                      storage=f"sqlite:///{tmp_path / 'study.db'}",
+                      short_retrain={"teacher_topk": 16}, resources={"cache_workers": 2})
     space, root = parse_space(spec), f"file://{tmp_path / 'runs'}"
     run_search(space, root)
     trials = optuna.load_study(study_name="tpe", storage=spec["storage"]).get_trials()
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     pruned = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
     assert len(complete) == 3
-    folders = {p.name for p in (tmp_path / "runs" / "tpe").iterdir() if p.is_dir() and p.name not in ("ray_results", "tokens")}
+    folders = {p.name for p in (tmp_path / "runs" / "tpe").iterdir()
+               if p.is_dir() and p.name not in ("ray_results", "tokens", "teacher_topk")}
+    cache = json.loads((tmp_path / "runs" / "tpe" / "teacher_topk" / "index.json").read_text())
+    assert cache["k"] == 16 and all((tmp_path / "runs" / "tpe" / "teacher_topk" / s).exists() for s in cache["shards"])
     assert folders == {t.user_attrs["label"] for t in complete}  # pruned proposals were never trained
     for t in pruned:
         assert "outside the budget" in t.user_attrs["pruned_reason"] or "not a valid child" in t.user_attrs["pruned_reason"]
