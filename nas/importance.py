@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import align_module_device
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -125,10 +126,12 @@ class _Running:
         self.sumsq = self.sumsq + x.pow(2).sum(0)
 
     def result(self) -> Tensor:
+        """On the CPU (layers of a model spread over devices reduce on their own)."""
+        total, squares = torch.as_tensor(self.sum).cpu(), torch.as_tensor(self.sumsq).cpu()
         if self.how == "l2":
-            return torch.as_tensor(self.sumsq).sqrt()
-        mean = torch.as_tensor(self.sum) / self.n
-        return mean if self.how == "mean" else (torch.as_tensor(self.sumsq) / self.n - mean.pow(2)).clamp_min(0)
+            return squares.sqrt()
+        mean = total / self.n
+        return mean if self.how == "mean" else (squares / self.n - mean.pow(2)).clamp_min(0)
 
 
 def _over_sequence(x: Tensor, how: str) -> Tensor:
@@ -160,19 +163,21 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
     }
     seq = settings.seq_agg
 
-    def heads_hook(i: int, o_proj: nn.Linear):
-        gram = None
-        if settings.head_source == "output":
-            # ||W_o,h a_h||^2 = a_h^T (W_o,h^T W_o,h) a_h: a [d, d] Gram matrix per head, not a full projection.
-            w = o_proj.weight.detach().float().unflatten(1, (-1, head_dim))  # [hidden, H, d]
-            gram = torch.einsum("ohd,ohe->hde", w, w)
+    def heads_hook(i: int):
+        grams: list[Tensor] = []  # computed at the first call, on the layer's device, with its weight in place
 
-        def hook(_mod, args):
+        def hook(o_proj, args):
             x = args[0].float().unflatten(-1, (-1, head_dim))  # [B, S, H, d]: per-head outputs before o_proj
-            if gram is None:
+            if settings.head_source == "attn":
                 norms = x.norm(dim=-1)
             else:
-                norms = torch.einsum("bshd,hde,bshe->bsh", x, gram, x).clamp_min(0).sqrt()
+                if not grams:
+                    # ||W_o,h a_h||^2 = a_h^T (W_o,h^T W_o,h) a_h: a [d, d] Gram matrix per head, not a full
+                    # projection. An offloaded o_proj (accelerate) is loaded only for its forward, after this hook.
+                    with align_module_device(o_proj, x.device):
+                        w = o_proj.weight.detach().float().unflatten(1, (-1, head_dim))  # [hidden, H, d]
+                        grams.append(torch.einsum("ohd,ohe->hde", w, w))
+                norms = torch.einsum("bshd,hde,bshe->bsh", x, grams[0], x).clamp_min(0).sqrt()
             acc["heads"][i].add(_over_sequence(norms, seq))
         return hook
 
@@ -198,7 +203,7 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
 
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(heads_hook(i, layer.self_attn.o_proj)))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(heads_hook(i)))
         if settings.neuron_source == "pre":
             handles.append(getattr(layer.mlp, family.neuron_module).register_forward_hook(neurons_hook(i, True)))
         else:
@@ -219,10 +224,16 @@ def _batches(tokens: Tensor, batch_size: int) -> Iterator[Tensor]:
         yield tokens[start : start + batch_size]
 
 
+def input_device(model: nn.Module) -> torch.device:
+    """Where a model's input ids go: its embedding's device (the CPU when accelerate offloads the embedding)."""
+    weight = model.get_input_embeddings().weight
+    return torch.device("cpu") if weight.device.type == "meta" else weight.device
+
+
 @torch.no_grad()
 def lm_loss(model: nn.Module, tokens: Tensor, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy of `model` over `tokens` [N, S], weighted by token count."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     total, count = 0.0, 0
     for batch in _batches(tokens, batch_size):
         batch = batch.to(device)
@@ -258,12 +269,13 @@ def block_losses(model: nn.Module, tokens: Tensor, k: int, batch_size: int = 8) 
 def compute_importance(model: nn.Module, tokens: Tensor, settings: ImportanceSettings = ImportanceSettings()) -> Importances:
     """Score every head, neuron, channel and layer of `model` on calibration `tokens` [N, S].
 
-    The model is run as it is (its dtype and device); every reduction is done in fp32.
+    The model is run as it is (its dtype and devices: one, or spread over several and offloaded by accelerate's
+    `device_map`); every reduction is done in fp32 on the device of the layer it scores.
     """
     family = family_of(model.config)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         with _hooks(model, family, settings) as acc:
             for batch in _batches(tokens, settings.batch_size):
@@ -331,10 +343,23 @@ def fingerprint_model(model: nn.Module) -> str:
     """A cheap, weight-dependent fingerprint: config plus per-tensor shape, dtype and sums."""
     h = hashlib.sha256(model.config.to_json_string(use_diff=False).encode())
     with torch.no_grad():
-        for name, p in model.state_dict().items():
+        for name, p in _state_tensors(model):
             stats = (float(p.double().sum()), float(p.double().abs().sum())) if p.is_floating_point() else (0.0, 0.0)
             h.update(f"{name}{tuple(p.shape)}{p.dtype}{stats}".encode())
     return h.hexdigest()[:16]
+
+
+def _state_tensors(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """The state dict's (name, tensor) in its order, with the weights accelerate offloads loaded one module at a
+    time."""
+    for prefix, module in model.named_modules():
+        with align_module_device(module):
+            own = [*module.named_parameters(recurse=False),
+                   *((n, b) for n, b in module.named_buffers(recurse=False)
+                     if n not in module._non_persistent_buffers_set)]
+            for name, tensor in own:
+                if tensor is not None:
+                    yield f"{prefix}.{name}" if prefix else name, tensor
 
 
 def fingerprint_tokens(tokens) -> str:

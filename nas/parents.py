@@ -83,12 +83,22 @@ def default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_parent(spec: str, device: torch.device | None = None, dtype: torch.dtype | None = None):
-    """(model, tokenizer) for a parent spec, on `device` in `dtype`, in eval mode."""
+def load_parent(spec: str, device: torch.device | None = None, dtype: torch.dtype | None = None,
+                device_map: str | dict[str, Any] | None = None, offload_folder: str | Path | None = None):
+    """(model, tokenizer) for a parent spec, on `device` in `dtype`, in eval mode.
+
+    With `device_map` ("auto", or module name -> GPU index, "cpu" or "disk") accelerate spreads the parent over
+    this process's GPUs and offloads what does not fit to the CPU and then to `offload_folder`: a parent larger
+    than one GPU can be scored and run, a layer at a time where it is offloaded."""
     parent_config(spec)
     location = resolve_parent(spec)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device).eval()
+    if device_map is not None:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map=device_map,
+                                                     offload_folder=None if offload_folder is None else str(offload_folder))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device)
+    model.eval()
     tokenizer = AutoTokenizer.from_pretrained(location)
     return model, tokenizer

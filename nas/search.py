@@ -112,7 +112,7 @@ def prepare(space: SearchSpace, root: str | Path = "trials") -> Shared:
         # The parent's work, and the other parts of the teacher cache, as tasks queued together (so they wait for
         # resources in turn rather than one holding them while waiting for another).
         res = space.resources
-        options = {"num_cpus": res.cpus_per_trial, "num_gpus": max(res.gpus_per_trial, res.gpus_per_worker)}
+        options = {"num_cpus": res.cpus_per_trial, "num_gpus": parent_gpus(space)}
         plans = ray.get([ray.remote(parent_work).options(**options).remote(*args, parts),
                          *[ray.remote(cache_part).options(**options).remote(space, storage, train.rows, part, parts,
                                                                             nas_cache) for part in range(1, parts)]])
@@ -132,7 +132,7 @@ def parent_work(space: SearchSpace, storage: RunStorage, calibration_rows: np.nd
     """Everything that needs the parent's weights, once: importance scores, part 1 of `cache_parts` of the
     teacher's top-K cache (when the space asks for one: its plan is returned) and the parent's own validation
     loss, each kept in the run folder (and reused from there when it matches)."""
-    parent = _load_teacher(space.parent, _device(space), nas_cache)
+    parent = _spread_parent(space, nas_cache)
     config = parent_config(space.parent)
     folder = storage.fetch("tokens")
     imp = space.importance
@@ -151,7 +151,7 @@ def parent_work(space: SearchSpace, storage: RunStorage, calibration_rows: np.nd
 def cache_part(space: SearchSpace, storage: RunStorage, train_rows: np.ndarray, part: int, parts: int,
                nas_cache: str) -> ShardPlan:
     """Another part of the teacher cache, with a parent of its own (a Ray task beside `parent_work`)."""
-    parent = _load_teacher(space.parent, _device(space), nas_cache)
+    parent = _spread_parent(space, nas_cache)
     return _cache_part(parent, space, storage, train_rows, part, parts)
 
 
@@ -165,10 +165,24 @@ def _cache_part(parent, space: SearchSpace, storage: RunStorage, train_rows: np.
     return plan
 
 
-def _load_teacher(spec: str, device: torch.device, nas_cache: str):
+def parent_gpus(space: SearchSpace) -> float:
+    """GPUs of each task that runs the whole parent (importance, the teacher cache): `resources.parent_gpus`, else
+    a trial's."""
+    res = space.resources
+    return res.parent_gpus or max(res.gpus_per_trial, res.gpus_per_worker)
+
+
+def _spread_parent(space: SearchSpace, nas_cache: str):
+    """The parent in a task of its own: on a GPU task, in bf16 and spread over the task's GPUs by accelerate (what
+    does not fit is offloaded to the CPU); else on the CPU in fp32."""
     if nas_cache:
         os.environ.setdefault("NAS_CACHE", nas_cache)
-    return load_parent(spec, device)[0]
+    if parent_gpus(space) > 0 and torch.cuda.is_available():
+        from nas.files import cache_dir
+
+        return load_parent(space.parent, torch.device("cuda"), device_map="auto",
+                           offload_folder=cache_dir() / "offload")[0]
+    return load_parent(space.parent, torch.device("cpu"))[0]
 
 
 def _share_tokens(storage: RunStorage, tokens: TokenSet) -> None:

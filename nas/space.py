@@ -92,7 +92,9 @@ class Resources:
     """What a trial takes. One worker (the default) trains in the Tune trial's own process with `cpus_per_trial`
     CPUs and `gpus_per_trial` GPUs; with `workers_per_trial > 1` the trial runs a Ray Train job of that many
     FSDP2 workers, each with `cpus_per_trial` CPUs and `gpus_per_worker` GPUs (promotion: `full_retrain.workers`).
-    `cache_workers`: Ray tasks that write the teacher's top-K cache in parallel, each with its own parent."""
+    `cache_workers`: Ray tasks that write the teacher's top-K cache in parallel, each with its own parent.
+    `parent_gpus`: GPUs of each task that holds the whole parent (importance, the cache; default: a trial's); the
+    parent is spread over them in bf16 (accelerate's `device_map="auto"`)."""
 
     cpus_per_trial: int = 1
     gpus_per_trial: float = 0
@@ -100,6 +102,7 @@ class Resources:
     workers_per_trial: int = 1
     gpus_per_worker: float = 0
     cache_workers: int = 1
+    parent_gpus: float = 0
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,7 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
     need(space.full_retrain.workers >= 1, f"full_retrain.workers={space.full_retrain.workers}: must be >= 1")
     need(space.resources.workers_per_trial >= 1,
          f"resources.workers_per_trial={space.resources.workers_per_trial}: must be >= 1")
+    need(space.resources.parent_gpus >= 0, f"resources.parent_gpus={space.resources.parent_gpus}: must be >= 0")
     need(space.resources.cache_workers >= 1,
          f"resources.cache_workers={space.resources.cache_workers}: must be >= 1")
     need(space.search.sampler in ("auto", "grid", "tpe"), f"search.sampler={space.search.sampler!r}: "

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from nas.files import atomic_path
-from nas.importance import fingerprint_model, fingerprint_tokens
+from nas.importance import fingerprint_model, fingerprint_tokens, input_device
 from nas.storage import RunStorage
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class TeacherTopK:
 @torch.no_grad()
 def compute_topk(teacher: nn.Module, tokens: Tensor, k: int, temperature: float = 1.0, batch_size: int = 8,
                  dtype: torch.dtype = torch.float16) -> TeacherTopK:
-    device = next(teacher.parameters()).device
+    device = input_device(teacher)
     k = min(k, teacher.config.vocab_size)
     values, indices = [], []
     for batch in tokens.split(batch_size):

@@ -95,3 +95,29 @@ def test_bf16_scores_are_finite_and_rank_like_fp32():
         assert b.dtype == torch.float32 and torch.isfinite(b).all()
         ranks = lambda t: t.flatten().argsort().argsort().float()  # noqa: E731
         assert torch.corrcoef(torch.stack([ranks(a), ranks(b)]))[0, 1] > 0.9
+
+
+def test_scores_of_a_parent_offloaded_to_disk_equal_the_single_device_ones(tmp_path, tiny_tokenizer):
+    """A parent spread by accelerate's `device_map` (here: half its layers offloaded to disk, the rest on the
+    CPU) is scored layer by layer where it lives; the scores and the fingerprint are those of the whole model."""
+    from nas.importance import fingerprint_model
+    from nas.parents import load_parent
+
+    tiny_model("llama").save_pretrained(tmp_path / "parent")
+    tiny_tokenizer.save_pretrained(tmp_path / "parent")
+    whole, _ = load_parent(str(tmp_path / "parent"), torch.device("cpu"))
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "disk", "model.layers.1": "cpu",
+                 "model.layers.2": "disk", "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                 "lm_head": "cpu"}
+    spread, _ = load_parent(str(tmp_path / "parent"), torch.device("cpu"), device_map=placement,
+                            offload_folder=tmp_path / "offload")
+    # really not in memory: read from the checkpoint's safetensors for each forward
+    assert spread.model.layers[2].self_attn.o_proj.weight.device.type == "meta"
+    tokens = torch.randint(0, 320, (6, 16), generator=torch.Generator().manual_seed(5))
+    settings = ImportanceSettings(drop_samples=3, block_sizes=(2,))
+    a, b = compute_importance(whole, tokens, settings), compute_importance(spread, tokens, settings)
+    for name in ("hidden", "heads", "neurons", "layer_bi"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-6)
+    for k in a.block_loss:
+        torch.testing.assert_close(b.block_loss[k], a.block_loss[k], rtol=1e-5, atol=1e-6)
+    assert fingerprint_model(spread) == fingerprint_model(whole)
