@@ -251,6 +251,44 @@ def _bench_workers(model, cal, tokens: int) -> dict[str, Any]:
     return out
 
 
+def bench_plan(steps: int = 3) -> dict[str, Any]:
+    """`nas plan`'s memory per worker against the peak measured in real CPU runs: `nas distill` (online teacher,
+    the demo's batch and sequence) of the demo space's largest candidate, on 1 and on 2 Ray Train workers, each in a
+    fresh process; measured = a worker's peak resident set above what it held before building its models."""
+    import subprocess
+    import tempfile
+
+    from transformers import AutoConfig
+
+    from nas.parents import resolve_parent
+    from nas.plan import retrain_stage
+    from nas.space import RetrainSpec, architecture_of, enumerate_candidates, load_space
+
+    space = load_space(ROOT / "search_spaces" / "smollm2-135m-demo.yaml")
+    model, _, cal, _ = _setup()
+    row = enumerate_candidates(space, model.config)[0]
+    arch = architecture_of(row, model.config, tuple(range(int(row["num_hidden_layers"]))))
+    imp = compute_importance(model, cal, ImportanceSettings(drop_samples=0))
+    out: dict[str, Any] = {"candidate": row["label"], "batch_size": 4, "seq_len": space.seq_len}
+    with tempfile.TemporaryDirectory() as tmp:
+        prune(model, imp, arch).float().save_pretrained(Path(tmp) / "child")
+        del model
+        for workers in (1, 2):
+            tokens = 4 * space.seq_len * steps
+            subprocess.run([sys.executable, "-m", "nas.cli", "distill", "--student", f"{tmp}/child", "--data",
+                            "shakespeare", "--seq-len", str(space.seq_len), "--tokens", str(tokens), "--batch-size", "4",
+                            "--checkpoint-every", "0", "--val-fraction", "0.002", "--quiet", "--out",
+                            f"{tmp}/w{workers}", "--workers", str(workers)], check=True)
+            measured = json.loads(Path(f"{tmp}/w{workers}/result.json").read_text())["peak_memory_bytes_per_worker"]
+            child = AutoConfig.from_pretrained(Path(tmp) / "child")
+            stage = retrain_stage("distill", space, AutoConfig.from_pretrained(resolve_parent(space.parent)), child,
+                                  workers, 0, False, RetrainSpec(tokens=tokens, batch_size=4), cached=False, runs=1)
+            out[f"workers_{workers}"] = {"planned_mib": stage.peak / 2**20, "measured_mib": measured / 2**20,
+                                         "planned_over_measured": stage.peak / measured,
+                                         "planned_parts_mib": {k: v / 2**20 for k, v in stage.memory.items()}}
+    return out
+
+
 def bench_search() -> dict[str, Any]:
     import optuna
 
@@ -396,7 +434,7 @@ def _table(name: str, figures: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nas-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("core", "distill", "search", "tokens", "fidelity"))
+    parser.add_argument("which", choices=("core", "distill", "search", "tokens", "plan", "fidelity"))
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<which>.json)")
     args = parser.parse_args(argv)
     import transformers
@@ -408,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "fidelity":
         return bench_fidelity(path)
     figures = {"core": bench_core, "distill": bench_distill, "search": bench_search,
-               "tokens": bench_tokens}[args.which]()
+               "tokens": bench_tokens, "plan": bench_plan}[args.which]()
     figures["machine"] = _machine()
     write_json(path, figures)
     print(_table(args.which, figures))

@@ -236,31 +236,29 @@ def cmd_eval(args) -> None:
     print(text)
 
 
-def _space_config(space):
-    """The parent's config: inline in the space (enumeration without weights) or read from the parent."""
-    from transformers import AutoConfig
+def cmd_plan(args) -> None:
+    from nas.plan import Cluster, plan, table, to_dict
+    from nas.space import load_space, space_config
 
-    from nas.families import family_of
-    from nas.parents import parent_config
-
-    if space.parent_config:
-        data = dict(space.parent_config)
-        try:
-            config = AutoConfig.for_model(data.pop("model_type"), **data)
-        except (KeyError, ValueError) as e:
-            raise NasError(f"parent_config: cannot build a config ({e})") from None
-        family_of(config)
-        return config
-    return parent_config(space.parent)
+    space = load_space(args.space)
+    defaults = Cluster()
+    cluster = Cluster(nodes=args.nodes, gpus_per_node=args.gpus_per_node, gpu_memory_gb=args.gpu_memory_gb,
+                      node_memory_gb=args.node_memory_gb or defaults.node_memory_gb, tflops=args.tflops, mfu=args.mfu)
+    stages = plan(space, space_config(space), cluster)
+    print(json.dumps(to_dict(stages), indent=1) if args.json else
+          f"{space.name} on {cluster.nodes} node(s) x {cluster.gpus_per_node} GPUs of {cluster.gpu_memory_gb:g} GiB:\n"
+          + table(stages, cluster))
+    if not all(s.fits for s in stages):
+        raise NasError(next(s.fix for s in stages if not s.fits))
 
 
 def cmd_candidates(args) -> None:
     import pandas as pd
 
-    from nas.space import enumerate_candidates, infeasible_hint, load_space
+    from nas.space import enumerate_candidates, infeasible_hint, load_space, space_config
 
     space = load_space(args.space)
-    config = _space_config(space)
+    config = space_config(space)
     rows = enumerate_candidates(space, config)
     if not rows:
         raise NasError(f"{args.space}: {infeasible_hint(space, config)}")
@@ -380,6 +378,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("candidates", help="list the feasible candidates of a search space")
     p.add_argument("space", help="search-space YAML")
     p.set_defaults(func=cmd_candidates)
+
+    p = sub.add_parser("plan", help="memory, workers, FLOPs and time of each stage of a space, and whether it fits")
+    p.add_argument("space")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    p.add_argument("--node-memory-gb", type=float, default=0, help="for CPU stages (default: this machine's)")
+    p.add_argument("--tflops", type=float, default=989.0, help="peak TFLOP/s of one GPU (default: H100 bf16)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation the wall times assume")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("search", help="run the architecture search (re-running resumes)")
     p.add_argument("space", nargs="?", default=str(DEMO_SPACE), help="search-space YAML (default: the SmolLM2 demo)")

@@ -134,18 +134,6 @@ def capture_states(model: nn.Module, layers: list[int]) -> Iterator[list[Tensor]
             h.remove()
 
 
-def final_hidden(model: nn.Module, tokens: Tensor) -> Tensor:
-    """The decoder's output after its final norm [B, S, D], from a forward through the whole model (so that a
-    sharded model gathers its root unit: embeddings and LM head) that computes logits for one position only."""
-    kept: list[Tensor] = []
-    handle = model.model.register_forward_hook(lambda _m, _a, out: kept.append(out.last_hidden_state))
-    try:
-        model(input_ids=tokens, use_cache=False, logits_to_keep=1)
-    finally:
-        handle.remove()
-    return kept[0]
-
-
 class Distiller:
     """Holds a run's student, teacher, optimiser and data; `run()` trains to the end or to `stop_after`.
 
@@ -210,7 +198,7 @@ class Distiller:
                                       ce_weight=cfg.ce_weight)
         if self.teacher is not None and (self.topk is None or self.intermediate):
             with torch.no_grad(), autocast, capture_states(self.teacher, self.layer_map if self.intermediate else []) as ts:
-                teacher_hidden = final_hidden(self.teacher, tokens)
+                teacher_hidden = losses.final_hidden(self.teacher, tokens)
                 teacher_states = list(ts)
             targets = dataclasses.replace(targets, teacher_hidden=teacher_hidden,
                                           teacher_head=self.teacher.get_output_embeddings().weight)
@@ -219,7 +207,7 @@ class Distiller:
             targets = dataclasses.replace(targets, teacher_hidden=None, teacher_head=None, topk_logprobs=logprobs,
                                           topk_index=index)
         with autocast, capture_states(self.student, list(range(len(self.layer_map))) if self.intermediate else []) as ss:
-            hidden = final_hidden(self.student, tokens)
+            hidden = losses.final_hidden(self.student, tokens)
             student_states = list(ss)
             parts = losses.logit_losses(hidden, self.student.get_output_embeddings().weight, mask, targets,
                                         cfg.loss_chunk_tokens)

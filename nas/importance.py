@@ -235,6 +235,9 @@ def lm_loss(model: nn.Module, tokens: Tensor, batch_size: int = 8) -> float:
     """Mean next-token cross-entropy of `model` over `tokens` [N, S], weighted by token count."""
     device = input_device(model)
     total, count = 0.0, 0
+    # Fewer sequences a forward when their logits would pass 2^28 elements (1 GiB in fp32): a paper-scale
+    # sequence (8k tokens, 128k vocabulary) goes one at a time.
+    batch_size = max(1, min(batch_size, 2**28 // (tokens.shape[1] * model.config.vocab_size)))
     for batch in _batches(tokens, batch_size):
         batch = batch.to(device)
         loss = model(input_ids=batch, labels=batch, use_cache=False).loss
@@ -279,7 +282,7 @@ def compute_importance(model: nn.Module, tokens: Tensor, settings: ImportanceSet
     try:
         with _hooks(model, family, settings) as acc:
             for batch in _batches(tokens, settings.batch_size):
-                model(input_ids=batch.to(device), use_cache=False)
+                model(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)  # the hooks need no logits
         base_loss, blocks = float("nan"), {}
         if settings.drop_samples > 0:
             drop_tokens = tokens[: settings.drop_samples]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _masked_mean(per_token: Tensor, mask: Tensor) -> Tensor:
@@ -226,3 +226,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)  # ours alone, and backward runs once: scaled in place
         out = [next(saved).mul_(grad_output) if needed else None for needed in ctx.needs_input_grad[:2]]
         return tuple(g.to(d) if g is not None else None for g, d in zip(out, ctx.dtypes)) + (None, None)
+
+
+def final_hidden(model: nn.Module, tokens: Tensor) -> Tensor:
+    """The decoder's output after its final norm [B, S, D], from a forward through the whole model (so that a
+    sharded model gathers its root unit: embeddings and LM head) that computes logits for one position only."""
+    kept: list[Tensor] = []
+    handle = model.model.register_forward_hook(lambda _m, _a, out: kept.append(out.last_hidden_state))
+    try:
+        model(input_ids=tokens, use_cache=False, logits_to_keep=1)
+    finally:
+        handle.remove()
+    return kept[0]

@@ -41,8 +41,10 @@ from nas.errors import ConfigError, NasError
 from nas.files import atomic_dir, write_json
 from nas.importance import ImportanceSettings, Importances, cached_importance, lm_loss, select_layers
 from nas.parents import load_parent, parent_config, resolve_parent
+from nas.plan import Cluster, check_fits
 from nas.prune import prune
-from nas.space import AXES, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, infeasible_hint
+from nas.space import AXES, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, infeasible_hint, \
+    space_config
 from nas.storage import RunStorage, is_uri
 from nas.teacher_cache import ShardPlan, TopKShards, publish, topk_plan, write_part
 from nas.tokens import TokenSet
@@ -221,7 +223,8 @@ def _sequences_needed(space: SearchSpace) -> int:
 
 def retrain_config(spec, seq_len: int, seed: int) -> DistillConfig:
     cfg = DistillConfig(tokens=spec.tokens, batch_size=spec.batch_size, grad_accum=spec.grad_accum, lr=spec.lr,
-                        warmup_steps=spec.warmup_steps, seed=seed, checkpoint_every=0)
+                        warmup_steps=spec.warmup_steps, seed=seed, checkpoint_every=0,
+                        grad_checkpointing=spec.grad_checkpointing)
     return dataclasses.replace(cfg, eval_every=max(1, cfg.steps(seq_len) // spec.reports))
 
 
@@ -426,6 +429,7 @@ def run_search(space: SearchSpace, root: str | Path = "trials", address: str | N
         raise ConfigError(f"--root {root}: retrains on several workers (resources.workers_per_trial, "
                           f"full_retrain.workers) need a run folder on a filesystem every node mounts, not a URI")
     reached = init_ray(address, Path(RunStorage(root, space.study).uri))
+    check_fits(space, space_config(space), ray_cluster(space))
     shared = prepare(space, root)
     study = open_study(space, root)
     study.set_user_attr("parent", space.parent)
@@ -437,6 +441,16 @@ def run_search(space: SearchSpace, root: str | Path = "trials", address: str | N
         _tune(space, shared, study, enqueue, n_trials, trial_fn, echo)
     _promote_best(space, shared, study, echo)
     return summarize(space, root)
+
+
+def ray_cluster(space: SearchSpace) -> Cluster:
+    """The cluster Ray reaches, as the plan check sees it: its nodes and the most GPUs on one; a GPU's memory from
+    `resources.gpu_memory_gb`, a node's from this machine."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    gpus = max((int(n["Resources"].get("GPU", 0)) for n in nodes), default=0)
+    return Cluster(nodes=max(1, len(nodes)), gpus_per_node=gpus, gpu_memory_gb=space.resources.gpu_memory_gb)
 
 
 class Progress(tune.Callback):

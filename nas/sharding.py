@@ -65,6 +65,14 @@ def mean_across_workers(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, (t / dist.get_world_size()).tolist()))
 
 
+def max_across_workers(value: int) -> int:
+    if not is_sharded():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def barrier() -> None:
     if is_sharded():
         dist.barrier()

@@ -63,7 +63,8 @@ class ImportanceSpec:
 @dataclass(frozen=True)
 class RetrainSpec:
     """A distillation budget (short retrain per trial, or full for promoted candidates). `workers`: Ray Train
-    workers of one promoted candidate's full distillation (a trial's come from `resources.workers_per_trial`)."""
+    workers of one promoted candidate's full distillation (a trial's come from `resources.workers_per_trial`).
+    `grad_checkpointing`: recompute each layer's activations in backward instead of keeping them."""
 
     tokens: int = 4096
     batch_size: int = 4
@@ -73,6 +74,7 @@ class RetrainSpec:
     reports: int = 4
     teacher_topk: int = 0
     workers: int = 1
+    grad_checkpointing: bool = False
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ class Resources:
     FSDP2 workers, each with `cpus_per_trial` CPUs and `gpus_per_worker` GPUs (promotion: `full_retrain.workers`).
     `cache_workers`: Ray tasks that write the teacher's top-K cache in parallel, each with its own parent.
     `parent_gpus`: GPUs of each task that holds the whole parent (importance, the cache; default: a trial's); the
-    parent is spread over them in bf16 (accelerate's `device_map="auto"`)."""
+    parent is spread over them in bf16 (accelerate's `device_map="auto"`).
+    `gpu_memory_gb`: memory of one of the cluster's GPUs, for the check that a search fits before it starts."""
 
     cpus_per_trial: int = 1
     gpus_per_trial: float = 0
@@ -103,6 +106,7 @@ class Resources:
     gpus_per_worker: float = 0
     cache_workers: int = 1
     parent_gpus: float = 0
+    gpu_memory_gb: float = 80
 
 
 @dataclass(frozen=True)
@@ -366,3 +370,21 @@ def infeasible_hint(space: SearchSpace, config: Any) -> str:
 def architecture_of(row: dict[str, Any], config: Any, layers: tuple[int, ...]) -> Architecture:
     parent = Architecture.of_config(config)
     return parent.replace(**{k: int(row[k]) for k in AXES}, layers=layers)
+
+
+def space_config(space: SearchSpace) -> Any:
+    """The parent's config: inline in the space (`parent_config`: enumeration and plans without weights) or read
+    from the parent."""
+    from transformers import AutoConfig
+
+    from nas.parents import parent_config
+
+    if space.parent_config:
+        data = dict(space.parent_config)
+        try:
+            config = AutoConfig.for_model(data.pop("model_type"), **data)
+        except (KeyError, ValueError) as e:
+            raise ConfigError(f"parent_config: cannot build a config ({e})") from None
+        family_of(config)
+        return config
+    return parent_config(space.parent)

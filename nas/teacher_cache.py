@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from nas.files import atomic_path
+from nas.losses import final_hidden
 from nas.importance import fingerprint_model, fingerprint_tokens, input_device
 from nas.storage import RunStorage
 
@@ -51,17 +52,22 @@ class TeacherTopK:
 
 @torch.no_grad()
 def compute_topk(teacher: nn.Module, tokens: Tensor, k: int, temperature: float = 1.0, batch_size: int = 8,
-                 dtype: torch.dtype = torch.float16) -> TeacherTopK:
+                 dtype: torch.dtype = torch.float16, chunk_tokens: int = 1024) -> TeacherTopK:
+    """The top-K, from the teacher's final hidden states `chunk_tokens` tokens at a time (no [batch, seq, vocab]
+    logits at once)."""
     device = input_device(teacher)
     k = min(k, teacher.config.vocab_size)
+    head = teacher.get_output_embeddings()
     values, indices = [], []
     for batch in tokens.split(batch_size):
-        logits = teacher(input_ids=batch.to(device), use_cache=False).logits
-        logprobs = F.log_softmax(logits.float() / temperature, dim=-1)
-        top = logprobs.topk(k, dim=-1)
-        values.append(top.values.to(dtype).cpu())
-        indices.append(top.indices.to(torch.int32).cpu())
-    return TeacherTopK(torch.cat(values), torch.cat(indices))
+        hidden = final_hidden(teacher, batch.to(device)).flatten(0, 1)
+        for chunk in hidden.split(chunk_tokens):
+            logprobs = F.log_softmax(head(chunk).float() / temperature, dim=-1)
+            top = logprobs.topk(k, dim=-1)
+            values.append(top.values.to(dtype).cpu())
+            indices.append(top.indices.to(torch.int32).cpu())
+    shape = (len(tokens), tokens.shape[1], k)
+    return TeacherTopK(torch.cat(values).view(shape), torch.cat(indices).view(shape))
 
 
 class TopKShards:

@@ -83,6 +83,19 @@ def test_two_workers_reproduce_one_worker(runs):
     assert r2["val_loss"] == pytest.approx(r1["val_loss"], rel=1e-4)
     share = r2["param_optim_bytes_per_worker"] / r1["param_optim_bytes_per_worker"]
     assert 0.45 < share < 0.56, share  # each worker holds about half of the weights and AdamW state
+    # ... as `nas plan` counts them from the configs alone (student and projection: 4 B weights + 8 B AdamW)
+    from transformers import AutoConfig
+
+    from nas.plan import retrain_stage
+    from nas.space import RetrainSpec, parse_space
+
+    space = parse_space({"name": "x", "parent": "p", "budget": {"fraction": 0.5}, "axes": {}, "seq_len": 32})
+    for workers, result in ((1, r1), (2, r2)):
+        stage = retrain_stage("distill", space, AutoConfig.from_pretrained(runs / "parent"),
+                              AutoConfig.from_pretrained(runs / "child"), workers, 0, False, RetrainSpec(batch_size=4),
+                              cached=False, runs=1)
+        assert stage.memory["weights"] + stage.memory["optimizer"] == result["param_optim_bytes_per_worker"]
+        assert result["peak_memory_bytes_per_worker"] > 0
     assert (runs / "two" / "model" / "tokenizer.json").exists()
     assert not (runs / "two" / "checkpoint").exists()  # removed once the run finished
 
