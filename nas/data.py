@@ -27,7 +27,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATA = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md")
-TEXT_BLOCK = 8 * 2**20  # a text file is read (and tokenised) this many characters at a time, cut at a newline
+# A text file is read (and tokenised) this many characters at a time, cut at a newline: the fast tokenizer keeps
+# ~100 bytes a token of offsets and masks for each text it encodes, so one text must stay small.
+TEXT_BLOCK = 256 * 2**10
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
 
 

@@ -32,7 +32,8 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def write_shards(texts: Iterable[str], tokenizer, seq_len: int, out: str | Path, rows_per_shard: int = 16_384,
                  docs_per_batch: int = 512, meta: dict[str, Any] | None = None) -> Path:
-    """Tokenise documents (a batch at a time, through the fast tokenizer's parallel batch encoder), join them with
+    """Tokenise documents (a batch of up to `docs_per_batch` documents or 1M characters at a time, through the fast
+    tokenizer's parallel batch encoder), join them with
     EOS, cut them into sequences of `seq_len` and write them as shards; the tail shorter than one sequence is
     dropped. The folder appears only when complete."""
     dtype = token_dtype(len(tokenizer))
@@ -61,13 +62,16 @@ def write_shards(texts: Iterable[str], tokenizer, seq_len: int, out: str | Path,
     return out
 
 
-def _batched(texts: Iterable[str], n: int) -> Iterator[list[str]]:
+def _batched(texts: Iterable[str], n: int, max_chars: int = 2**20) -> Iterator[list[str]]:
+    """Lists of up to `n` documents and about `max_chars` characters (what one tokenizer call holds at once)."""
     batch: list[str] = []
+    chars = 0
     for text in texts:
         batch.append(text)
-        if len(batch) == n:
+        chars += len(text)
+        if len(batch) == n or chars >= max_chars:
             yield batch
-            batch = []
+            batch, chars = [], 0
     if batch:
         yield batch
 
