@@ -87,6 +87,8 @@ class RayCluster:
         # two nodes sharing one session folder delete each other's runtime-env packages (a job's working dir).
         self.temp = Path(tempfile.mkdtemp(prefix="nasray-", dir="/tmp"))
         self.temp_b = Path(tempfile.mkdtemp(prefix="nasrayb-", dir="/tmp"))
+        self.scratch_b = self.temp_b / "tmp"  # node_b's TMPDIR: what its workers write locally is seen here
+        self.scratch_b.mkdir()
         self.gcs_port, self.dashboard_port = free_port(), free_port()
         self.env = {**os.environ, **(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
                     "RAY_USAGE_STATS_ENABLED": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
@@ -98,8 +100,8 @@ class RayCluster:
     def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def _start(self, argv: list[str]) -> None:
-        proc = subprocess.Popen(argv, env=self.env, start_new_session=True, stdout=subprocess.PIPE,
+    def _start(self, argv: list[str], env: dict[str, str] | None = None) -> None:
+        proc = subprocess.Popen(argv, env={**self.env, **(env or {})}, start_new_session=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         self.groups.append(proc.pid)
         out, _ = proc.communicate(timeout=180)
@@ -114,7 +116,8 @@ class RayCluster:
                      str(free_port()), "--resources", '{"head": 1}', *common])
         self._start([sys.executable, "-c", _WORKER_NODE, "start", "--address", f"127.0.0.1:{self.gcs_port}",
                      "--temp-dir", str(self.temp_b),
-                     "--dashboard-agent-listen-port", str(free_port()), "--resources", '{"node_b": 1}', *common])
+                     "--dashboard-agent-listen-port", str(free_port()), "--resources", '{"node_b": 1}', *common],
+                    env={"TMPDIR": str(self.scratch_b)})
         self._wait_for_job_agent()
         return self
 

@@ -98,17 +98,18 @@ def test_ray_job_runs_trials_on_both_nodes_into_postgres(cluster, database, tmp_
 
 
 def test_killed_node_trial_is_retried_on_the_head(cluster, database, tmp_path, tiny_tokenizer):
-    # Longer trials, so that one is still running on node_b when its raylet is killed.
+    # Longer trials, so that one is still training on node_b when its raylet is killed. A trial writes its
+    # metrics in a scratch folder of its node's TMPDIR; the first line there means node_b is mid-trial (a reused,
+    # idle trial worker would not count).
     job, space, root = _job(tmp_path, tiny_tokenizer, database, "cluster-kill",
-                            short_retrain={"tokens": 4 * 32 * 60, "reports": 2}, search={"retries": 2})
+                            short_retrain={"tokens": 4 * 32 * 200, "reports": 4}, search={"retries": 2})
     proc = _run(cluster, job, root)
     raylet = cluster.node_b_raylet()
     node_b = cluster.node_id(raylet)
     deadline = time.time() + 600
-    while not any("ImplicitFunc" in " ".join(c.cmdline()) for c in raylet.children()):
+    while not any(p.stat().st_size for p in cluster.scratch_b.glob("nas-*/metrics.jsonl")):
         assert time.time() < deadline and proc.poll() is None, "no trial started on node_b"
-        time.sleep(0.2)
-    time.sleep(1.0)
+        time.sleep(0.1)
     raylet.kill()
     out, _ = proc.communicate(timeout=900)
     assert "succeeded" in out, out[-4000:]
