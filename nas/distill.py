@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 from nas import losses, sharding
 from nas.errors import ConfigError, TrainingError
 from nas.files import atomic_dir, write_json
-from nas.importance import lm_loss
 from nas.teacher_cache import TeacherTopK, TopKShards
 
 log = logging.getLogger(__name__)
@@ -47,7 +46,9 @@ class DistillConfig:
         ce_weight: weight of next-token cross-entropy added to the KD loss (paper: 0 is best).
         intermediate: "auto" adds the intermediate-state loss when the student dropped more than
             `depth_threshold` of the teacher's layers (§3); "on" / "off" force it.
-        eval_every / checkpoint_every: in optimizer steps; 0 means only at the end.
+        eval_every / checkpoint_every: in optimizer steps; 0 means only at the end. An evaluation on the way
+            gives the validation loss (what a search ranks by); the final one adds the KL to the teacher, whose
+            forward would otherwise double the cost of every evaluation.
         loss_chunk_tokens: tokens whose logits exist at once in the loss (`nas.losses.logit_losses`).
     """
 
@@ -244,19 +245,33 @@ class Distiller:
 
     # -- evaluation and logging -------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """Validation loss (and KD to the teacher); every worker evaluates the same, whole validation set."""
+    def evaluate(self, kd: bool = True) -> dict[str, float]:
+        """Validation loss (and, with `kd`, forward KL to the teacher) through the training loss's chunked head:
+        one student forward per batch for both, and no [batch, seq, vocab] logits. Every worker evaluates the
+        same, whole validation set."""
         self.student.eval()
-        out = {"val_loss": lm_loss(self.student, self.val, self.cfg.batch_size)}
-        if self.teacher is not None:
-            kd = []
-            for batch in self.val.split(self.cfg.batch_size):
-                batch = batch.to(self.device)
-                mask = torch.ones(batch.shape, dtype=torch.bool, device=self.device)
-                kd.append(float(losses.forward_kl(self.student(input_ids=batch).logits,
-                                                  self.teacher(input_ids=batch).logits, mask)) * batch.shape[0])
-            out["val_kd"] = sum(kd) / self.val.shape[0]
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        with_kd, ce, kd_sum = kd and self.teacher is not None, 0.0, 0.0
+        for batch in self.val.split(self.cfg.batch_size):
+            batch = batch.to(self.device)
+            mask = torch.ones(batch.shape, dtype=torch.bool, device=self.device)
+            targets = losses.LogitTargets(kd="none", labels=batch.roll(-1, 1), ce_weight=1.0)
+            with autocast:
+                if with_kd:
+                    targets = dataclasses.replace(targets, kd="forward",
+                                                  teacher_hidden=losses.final_hidden(self.teacher, batch),
+                                                  teacher_head=self.teacher.get_output_embeddings().weight)
+                parts = losses.logit_losses(losses.final_hidden(self.student, batch),
+                                            self.student.get_output_embeddings().weight, mask, targets,
+                                            self.cfg.loss_chunk_tokens)
+            # Batch means weighted back to sums: CE over the positions that have a next token, KD over all.
+            ce += float(parts["ce"]) * batch.shape[0] * (batch.shape[1] - 1)
+            kd_sum += float(parts.get("kd", 0.0)) * batch.shape[0] * batch.shape[1]
         self.student.train()
+        rows, seq = self.val.shape
+        out = {"val_loss": ce / (rows * (seq - 1))}
+        if with_kd:
+            out["val_kd"] = kd_sum / (rows * seq)
         return out
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -264,9 +279,9 @@ class Distiller:
             with (self.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _evaluate_and_log(self) -> dict[str, Any]:
+    def _evaluate_and_log(self, final: bool) -> dict[str, Any]:
         record = {"step": self.step, "tokens": self.step * self.cfg.batch_size * self.cfg.grad_accum * self.seq_len,
-                  **self.evaluate()}
+                  **self.evaluate(kd=final)}
         self._log(record)
         if self.on_eval is not None:
             self.on_eval(record)
@@ -313,7 +328,7 @@ class Distiller:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total:
-                self._evaluate_and_log()
+                self._evaluate_and_log(final=False)
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 or self.step == stop_after:
                 self.save_checkpoint()
         bar.close()
@@ -322,7 +337,7 @@ class Distiller:
         return self.finish(record, save_model, time.perf_counter() - start)
 
     def finish(self, last: dict[str, Any], save_model: bool, wall_s: float) -> dict[str, Any]:
-        evaluation = self._evaluate_and_log()
+        evaluation = self._evaluate_and_log(final=True)
         if save_model:
             with self._rank0_dir(self.out / "model") as tmp:
                 sharding.save_hf_model(self.student, tmp, self.model_class)

@@ -54,6 +54,23 @@ def test_kd_lowers_the_kd_loss_and_writes_a_stock_checkpoint(tmp_path):
     assert not (tmp_path / "run" / "checkpoint").exists()
 
 
+def test_evaluation_equals_the_full_logits_losses(tmp_path):
+    """The chunked evaluation (one student forward for both figures) against the reference: HF's own LM loss
+    and forward KL over full [batch, seq, vocab] logits, with a chunk smaller than a batch and a ragged last batch."""
+    from nas.importance import lm_loss
+    from nas.losses import forward_kl
+
+    student, teacher, layers = _pair()
+    val = torch.randint(0, 320, (5, 16), generator=torch.Generator().manual_seed(4))
+    cfg = DistillConfig(**{**CFG.__dict__, "loss_chunk_tokens": 24})
+    got = Distiller(student, teacher, TRAIN, val, tmp_path / "x", cfg, layers).evaluate()
+    with torch.no_grad():
+        kd = sum(float(forward_kl(student(b).logits, teacher(b).logits, torch.ones(b.shape, dtype=torch.bool)))
+                 * b.shape[0] for b in val.split(cfg.batch_size)) / val.shape[0]
+    assert got["val_loss"] == pytest.approx(lm_loss(student, val, cfg.batch_size), rel=1e-5)
+    assert got["val_kd"] == pytest.approx(kd, rel=1e-5)
+
+
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     cfg = DistillConfig(**{**CFG.__dict__, "grad_accum": 2, "tokens": 6 * 2 * 4 * 16})
     student, teacher, layers = _pair()
