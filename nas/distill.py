@@ -186,6 +186,10 @@ class Distiller:
         self.step = 0
         self.on_eval: Callable[[dict[str, Any]], None] | None = None  # e.g. a report to Ray Tune
 
+    def _autocast(self) -> torch.autocast:
+        """bf16 compute on CUDA (fp32 master weights); fp32 on CPU. Training and evaluation share it."""
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
     # -- the loss, written out --------------------------------------------------------------------
     def loss(self, idx: Tensor) -> dict[str, Tensor]:
         """The loss of this worker's share of the micro-batch `idx` (indices into the training tokens)."""
@@ -193,7 +197,7 @@ class Distiller:
         idx = idx.tensor_split(self.workers)[self.rank]
         tokens = self.train_tokens[idx].to(self.device)
         mask = torch.ones(tokens.shape, dtype=torch.bool, device=self.device)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        autocast = self._autocast()
         teacher_states: list[Tensor] = []
         targets = losses.LogitTargets(kd=cfg.kd, temperature=cfg.temperature, labels=tokens.roll(-1, 1),
                                       ce_weight=cfg.ce_weight)
@@ -250,7 +254,7 @@ class Distiller:
         one student forward per batch for both, and no [batch, seq, vocab] logits. Every worker evaluates the
         same, whole validation set."""
         self.student.eval()
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+        autocast = self._autocast()
         with_kd, ce, kd_sum = kd and self.teacher is not None, 0.0, 0.0
         for batch in self.val.split(self.cfg.batch_size):
             batch = batch.to(self.device)
