@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_DATA = "shakespeare"
 TEXT_SUFFIXES = (".txt", ".md")
-# A text file is read (and tokenised) this many characters at a time, cut at a newline: the fast tokenizer keeps
+# A text file is read (and tokenised) this many bytes at a time, cut at a newline: the fast tokenizer keeps
 # ~100 bytes a token of offsets and masks for each text it encodes, so one text must stay small.
 TEXT_BLOCK = 256 * 2**10
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".parquet")
@@ -64,30 +64,76 @@ def _clean_markdown(text: str) -> str:
     return text.replace("**", "").replace("  \n", "\n")
 
 
-def _read_file(path: Path, text_field: str) -> Iterator[str]:
+def _read_file(path: Path, text_field: str) -> Iterator[str | None]:
+    """The documents of one file, None for a null text."""
     if path.suffix in TEXT_SUFFIXES:
-        with path.open(encoding="utf-8") as f:
-            while block := f.read(TEXT_BLOCK):
-                block += f.readline()  # end the block at a line break
-                yield _clean_markdown(block) if path.suffix == ".md" else block
+        for block in _read_text(path):
+            yield _clean_markdown(block) if path.suffix == ".md" else block
         return
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
+        with path.open("rb") as f:
             for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                record = json.loads(line)
-                if text_field not in record:
-                    raise DataError(f"{path}:{n}: record has no field {text_field!r}; set --text-field")
-                yield str(record[text_field])
+                if line.strip():
+                    yield _text_of(_json_record(path, n, line), text_field, f"{path}:{n}")
         return
     import pyarrow.parquet as pq
 
     table = pq.ParquetFile(path)
     if text_field not in table.schema_arrow.names:
         raise DataError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); set --text-field")
+    rows = 0
     for batch in table.iter_batches(columns=[text_field], batch_size=1024):
-        yield from (str(t) for t in batch.column(0).to_pylist())
+        texts = batch.column(0).to_pylist()
+        yield from (_as_text(t, text_field, f"{path} row {rows + n}") for n, t in enumerate(texts))
+        rows += batch.num_rows
+
+
+def _read_text(path: Path) -> Iterator[str]:
+    """A text file in blocks of about TEXT_BLOCK bytes, each ending at a newline (so no character is cut), with
+    newlines read as text mode reads them."""
+    offset = line = 0
+    with path.open("rb") as f:
+        while block := f.read(TEXT_BLOCK) + f.readline():
+            try:
+                text = block.decode("utf-8")
+            except UnicodeDecodeError as e:
+                at = line + block.count(b"\n", 0, e.start) + 1
+                raise DataError(f"{path}: not UTF-8 text (byte offset {offset + e.start}, line {at}: "
+                                f"{block[e.start:e.start + 4]!r}); {_reencode(path)}") from None
+            offset += len(block)
+            line += block.count(b"\n")
+            yield text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _reencode(path: Path) -> str:
+    return f"re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > {path.with_suffix(f'.utf8{path.suffix}')}"
+
+
+def _json_record(path: Path, n: int, line: bytes):
+    try:
+        return json.loads(line.decode("utf-8").rstrip("\r\n"))  # an error's column then stays on this line
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}:{n}: not UTF-8 (byte offset {e.start} in the line: {line[e.start:e.start + 4]!r}); "
+                        f"{_reencode(path)}") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{n}: not a JSON record ({e.msg} at column {e.colno}); "
+                        f"each line must be one JSON object") from None
+
+
+def _text_of(record, field: str, where: str) -> str | None:
+    """The text under `field` of one record (None for a null: no document)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a JSON {type(record).__name__}, not an object; each line must be one JSON object")
+    if field not in record:
+        raise DataError(f"{where}: record has no field {field!r} (fields: {', '.join(record)}); set --text-field")
+    return _as_text(record[field], field, where)
+
+
+def _as_text(value, field: str, where: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise DataError(f"{where}: field {field!r} holds {type(value).__name__}, not text; set --text-field to a text "
+                    "field")
 
 
 def iter_texts(source: str, text_field: str = "text") -> Iterator[str]:
@@ -102,10 +148,10 @@ def iter_texts(source: str, text_field: str = "text") -> Iterator[str]:
             stream = datasets.load_dataset(source, split="train", streaming=True)
         except Exception as e:
             raise DataError(f"--data {source}: not a local path and not loadable as a dataset ({e})") from None
-        texts = (str(record[text_field]) for record in stream)
+        texts = (_text_of(record, text_field, f"--data {source} record {n}") for n, record in enumerate(stream, 1))
     seen = False
     for text in texts:
-        if text.strip():
+        if text and text.strip():
             seen = True
             yield text
     if not seen:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
+import functools
 import json
 import os
 import shutil
@@ -34,18 +37,52 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it becomes `path` (replacing any old one)."""
+    """Yield a temporary directory beside `path`; on success it becomes `path`, replacing any old one in one step
+    (on Linux: elsewhere see `_install`), so a reader finds the old folder or the new one, whole, and never neither."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         yield tmp
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
+        _install(tmp, path)
     finally:
-        if tmp.exists():
+        if tmp.exists():  # the folder just written (on failure) or the one it replaced
             shutil.rmtree(tmp)
+
+
+def _install(new: Path, path: Path) -> None:
+    """Move `new` to `path`; whatever was at `path` is left at `new` (for the caller to remove)."""
+    if not path.exists():  # nothing to replace: one rename puts it there
+        os.rename(new, path)
+    elif not _exchange(new, path):
+        # Without renameat2 (or on a filesystem without it) the old folder moves aside first: between the two renames
+        # `path` is missing.
+        aside = new.with_name(f"{new.name}.old")
+        os.rename(path, aside)
+        os.rename(new, path)
+        os.rename(aside, new)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+@functools.cache
+def _renameat2():
+    return getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)  # glibc >= 2.28; not on macOS
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux renameat2 RENAME_EXCHANGE); False where the C library, kernel or
+    filesystem cannot."""
+    if _renameat2() is None:
+        return False
+    if _renameat2()(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def write_json(path: str | Path, data: Any) -> None:

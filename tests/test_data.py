@@ -1,11 +1,13 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from nas.data import iter_texts, load_tokens, split, tokenize
+from nas.data import TEXT_BLOCK, iter_texts, load_tokens, split, tokenize
 from nas.errors import DataError
 from nas.tokens import TokenSet, token_dtype, write_shards
 
@@ -24,7 +26,7 @@ def test_jsonl_parquet_and_directory_sources(tmp_path, tiny_tokenizer):
             f.write(json.dumps({"body": doc}) + "\n")
     pd.DataFrame({"body": docs[2:]}).to_parquet(tmp_path / "d" / "b.parquet")
     assert list(iter_texts(str(tmp_path / "d"), text_field="body")) == docs
-    with pytest.raises(DataError, match="record has no field 'text'; set --text-field"):
+    with pytest.raises(DataError, match=r"a.jsonl:1: record has no field 'text' \(fields: body\); set --text-field"):
         list(iter_texts(str(tmp_path / "d" / "a.jsonl")))
 
 
@@ -104,3 +106,64 @@ def test_corrupt_token_cache_is_recomputed_not_trusted(text_file, tiny_tokenizer
     shard.write_bytes(shard.read_bytes()[:50])  # a damaged disk, or a copy cut short
     assert torch.equal(load_tokens(str(text_file), tiny_tokenizer, 32)[:], first)
     assert shard.stat().st_size > 50  # rewritten whole
+
+
+def _one_line_error(source: str, text_field: str = "text") -> str:
+    with pytest.raises(DataError) as error:
+        list(iter_texts(source, text_field))
+    assert "\n" not in str(error.value)
+    return str(error.value)
+
+
+def test_text_that_is_not_utf8_names_the_byte_line_and_fix(tmp_path):
+    head = "ligne accentuée numéro un\n".encode() * 12_000  # past the first block, with bytes != characters
+    assert len(head) > TEXT_BLOCK
+    path = tmp_path / "latin1.txt"
+    path.write_bytes(head + "un café\n".encode("latin1"))
+    assert _one_line_error(str(path)) == (
+        f"{path}: not UTF-8 text (byte offset {len(head) + 6}, line 12001: b'\\xe9\\n'); re-encode it as UTF-8, "
+        f"e.g. iconv -f latin1 -t utf-8 {path} > {tmp_path / 'latin1.utf8.txt'}")
+    path.write_bytes(b"windows\r\nline  \r\nends\rhere\n")  # still read as text mode reads it
+    assert list(iter_texts(str(path))) == ["windows\nline  \nends\nhere\n"]
+
+
+def test_bad_jsonl_parquet_and_dataset_records_name_the_file_place_and_fix(tmp_path, monkeypatch):
+    good, path = '{"text": "a"}\n\n{"text": null}\n', tmp_path / "d.jsonl"
+    for bad, error in {
+        '{"text": "b"': "not a JSON record (Expecting ',' delimiter at column 13); each line must be one JSON object",
+        '["text"]': "a JSON list, not an object; each line must be one JSON object",
+        '{"text": 7}': "field 'text' holds int, not text; set --text-field to a text field",
+        '{"body": "c"}': "record has no field 'text' (fields: body); set --text-field",
+    }.items():
+        path.write_text(f"{good}{bad}\n")
+        assert _one_line_error(str(path)) == f"{path}:4: {error}"
+    path.write_bytes(b'{"text": "a"}\n{"text": "caf\xe9"}\n')
+    assert _one_line_error(str(path)) == (f"{path}:2: not UTF-8 (byte offset 13 in the line: b'\\xe9\"}}\\n'); "
+                                          f"re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8 {path} > "
+                                          f"{tmp_path / 'd.utf8.jsonl'}")
+    path.write_text(good)
+    assert list(iter_texts(str(path))) == ["a"]  # a null text is no document (not the text "None")
+    table = tmp_path / "t.parquet"
+    pd.DataFrame({"body": ["a", None, "c"]}).to_parquet(table)
+    assert list(iter_texts(str(table), "body")) == ["a", "c"]
+    assert _one_line_error(str(table)) == f"{table}: no column 'text' (columns: ['body']); set --text-field"
+    pd.DataFrame({"body": ["a", "b"], "n": [1, 2]}).to_parquet(table)
+    assert _one_line_error(str(table), "n") == f"{table} row 0: field 'n' holds int, not text; set --text-field to a " \
+                                               f"text field"
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split, streaming: iter([{"content": "a"}]))
+    assert _one_line_error("org/corpus") == "--data org/corpus record 1: record has no field 'text' (fields: content); " \
+                                            "set --text-field"
+
+
+def test_cli_reports_text_that_is_not_utf8_in_one_line(tmp_path, tiny_parent_dir):
+    path = tmp_path / "latin1.txt"
+    path.write_bytes("un café\n".encode("latin1"))
+    command = [sys.executable, "-m", "nas.cli", "tokenize", "--parent", str(tiny_parent_dir), "--data", str(path),
+               "--seq-len", "8", "--out", str(tmp_path / "shards")]
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 2 and [line for line in run.stderr.splitlines() if line.strip()] == [
+        f"nas tokenize: error: {path}: not UTF-8 text (byte offset 6, line 1: b'\\xe9\\n'); re-encode it as UTF-8, "
+        f"e.g. iconv -f latin1 -t utf-8 {path} > {tmp_path / 'latin1.utf8.txt'}"]
+    assert not (tmp_path / "shards").exists()
