@@ -9,6 +9,8 @@
     nas-bench fidelity  ranking stability over KD budgets, width vs depth, KD vs CE vs random init, our
                         departures from the paper, ASHA (about an hour on 2 cores; resumable); writes
                         benchmarks/FIDELITY.md
+    nas-bench validation  the demo search's own ranking: its candidates after the short retrain against a 4x
+                        longer one, with 8..128 validation sequences of its split (resumable)
 """
 
 from __future__ import annotations
@@ -426,6 +428,71 @@ def bench_fidelity(path: Path) -> int:
     return 0
 
 
+def per_sequence_loss(model, val: torch.Tensor, batch_size: int = 4) -> list[float]:
+    """Each validation sequence's mean next-token cross-entropy (their mean is `Distiller.evaluate`'s val_loss)."""
+    out = []
+    with torch.no_grad():
+        for batch in val.split(batch_size):
+            logits = model(input_ids=batch).logits[:, :-1].float()
+            out += torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none") \
+                .mean(1).tolist()
+    return out
+
+
+def bench_validation(path: Path, short: int = 4096, factor: int = 4, sizes: tuple[int, ...] = (8, 16, 32, 64, 128)):
+    """The demo space's candidates, each short-retrained as a demo trial does (`short` tokens, the teacher's cached
+    top-K) and `factor` times longer (the teacher online, as in promotion), then scored on the first n of
+    max(sizes) sequences of the demo's own validation split: how many sequences make the short ranking agree with
+    the longer one (Kendall tau, same top-1)? Each run is saved to `path` when it ends; a re-run resumes."""
+    import tempfile
+
+    from nas.distill import Distiller
+    from nas.fidelity import kendall_tau
+    from nas.search import candidate_inputs, prepare, retrain_config
+    from nas.space import load_space
+
+    demo = load_space(ROOT / "search_spaces" / "smollm2-135m-demo.yaml")
+    space = dataclasses.replace(demo, val_sequences=max(sizes), promote=0,
+                                full_retrain=dataclasses.replace(demo.full_retrain, tokens=short * factor))
+    shared = prepare(space, RESULTS / "validation-trials")
+    runs = json.loads(path.read_text()) if path.exists() else {}
+    for tokens in (short, short * factor):
+        spec = dataclasses.replace(space.short_retrain, tokens=tokens)
+        # No evaluations on the way (they would cost more than the training): the losses are taken after it.
+        cfg = dataclasses.replace(retrain_config(spec, space.seq_len, space.search.seed, checkpoint_tokens=10 * tokens),
+                                  eval_every=0)
+        for label in shared.rows:
+            key = f"{tokens}/{label}"
+            if key in runs:
+                continue
+            start = time.perf_counter()
+            inputs = candidate_inputs(shared, label, promoted=tokens > short, device=torch.device("cpu"))
+            with tempfile.TemporaryDirectory() as out:
+                Distiller(inputs.student, inputs.teacher, inputs.train, inputs.val[:1], out, cfg, inputs.layer_map,
+                          inputs.topk).run(progress=False, save_model=False)
+            trained = time.perf_counter() - start
+            losses = per_sequence_loss(inputs.student, shared.val)
+            runs[key] = {"per_sequence": losses, "train_s": trained, "eval_s": time.perf_counter() - start - trained}
+            write_json(path, runs)
+            print(f"{key}: val {sum(losses) / len(losses):.4f} (train {trained:.0f} s)", flush=True)
+    labels = list(shared.rows)
+
+    def mean(tokens: int, n: int) -> list[float]:
+        return [sum(runs[f"{tokens}/{label}"]["per_sequence"][:n]) / n for label in labels]
+
+    longest = mean(short * factor, max(sizes))
+    agreement = {}
+    for n in sizes:
+        ranked, same_n = mean(short, n), mean(short * factor, n)
+        agreement[n] = {"tau_vs_long_at_max": kendall_tau(ranked, longest), "tau_vs_long_at_n": kendall_tau(ranked, same_n),
+                        "top1_same": labels[ranked.index(min(ranked))] == labels[longest.index(min(longest))],
+                        "eval_s_per_trial_eval": sum(runs[f"{short}/{label}"]["eval_s"] for label in labels)
+                        / len(labels) * n / max(sizes)}
+    return {"short_tokens": short, "long_tokens": short * factor, "candidates": labels,
+            "val_loss": {t: dict(zip(labels, mean(t, max(sizes)))) for t in (short, short * factor)},
+            "agreement": agreement}
+
+
 def _table(name: str, figures: dict[str, Any]) -> str:
     lines = [f"== nas-bench {name} =="]
 
@@ -443,7 +510,7 @@ def _table(name: str, figures: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nas-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("core", "distill", "search", "tokens", "plan", "fidelity"))
+    parser.add_argument("which", choices=("core", "distill", "search", "tokens", "plan", "fidelity", "validation"))
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<which>.json)")
     args = parser.parse_args(argv)
     import transformers
@@ -454,8 +521,11 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.out or RESULTS / f"{args.which}.json")
     if args.which == "fidelity":
         return bench_fidelity(path)
-    figures = {"core": bench_core, "distill": bench_distill, "search": bench_search,
-               "tokens": bench_tokens, "plan": bench_plan}[args.which]()
+    if args.which == "validation":
+        figures = bench_validation(path.with_name("validation-runs.json"))
+    else:
+        figures = {"core": bench_core, "distill": bench_distill, "search": bench_search,
+                   "tokens": bench_tokens, "plan": bench_plan}[args.which]()
     figures["machine"] = _machine()
     write_json(path, figures)
     print(_table(args.which, figures))

@@ -158,6 +158,9 @@ def cmd_distill(args) -> None:
     from nas.teacher_cache import cached_topk
     from nas.workers import DistillJob, run_here, run_on_workers
 
+    if args.teacher_topk and args.kd != "forward":
+        raise NasError(f"--teacher-topk {args.teacher_topk}: the cache holds the teacher's top-K for forward KL; "
+                       f"--kd {args.kd} needs the whole teacher distribution: drop --teacher-topk or use --kd forward")
     _check_resume(args)
     if args.workers < 1:
         raise NasError(f"--workers {args.workers}: must be at least 1")

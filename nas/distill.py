@@ -2,7 +2,8 @@
 
 Output folder:
     model/          the student as a stock HF checkpoint (written at the end, atomically)
-    metrics.jsonl   one JSON line per logged step and per evaluation
+    metrics.jsonl   one JSON line per logged step and per evaluation; a resumed run first drops the lines after
+                    its checkpoint's step and writes {"resumed_at_step": N}, so every step is logged once
     checkpoint/     model, optimizer, scheduler, RNG and step (DCP, sharded; `nas.sharding`), for resuming
                     (removed when done)
     result.json     final figures; its presence means the run finished and is not redone
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from nas import losses, sharding
 from nas.errors import ConfigError, TrainingError
-from nas.files import atomic_dir, write_json
+from nas.files import atomic_dir, atomic_path, write_json
 from nas.teacher_cache import TeacherTopK, TopKShards
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,8 @@ class DistillConfig:
             `depth_threshold` of the teacher's layers (§3); "on" / "off" force it.
         eval_every / checkpoint_every: in optimizer steps; 0 means only at the end. An evaluation on the way
             gives the validation loss (what a search ranks by); the final one adds the KL to the teacher, whose
-            forward would otherwise double the cost of every evaluation.
+            forward would otherwise double the cost of every evaluation. Neither changes what is trained, so a
+            checkpoint resumes under other values of them.
         loss_chunk_tokens: tokens whose logits exist at once in the loss (`nas.losses.logit_losses`).
     """
 
@@ -185,6 +187,7 @@ class Distiller:
             self.optimizer, lambda s: lr_factor(s, self.total, cfg.warmup_steps, cfg.min_lr_ratio))
         self.step = 0
         self.on_eval: Callable[[dict[str, Any]], None] | None = None  # e.g. a report to Ray Tune
+        self.on_checkpoint: Callable[[Path], None] | None = None  # rank 0, after each: e.g. a copy to a URI
 
     def _autocast(self) -> torch.autocast:
         """bf16 compute on CUDA (fp32 master weights); fp32 on CPU. Training and evaluation share it."""
@@ -240,12 +243,22 @@ class Distiller:
         if latest is None:
             return False
         state = json.loads((latest / "state.json").read_text())
-        if state["config"] != asdict(self.cfg):
+        if _trained_by(state["config"]) != _trained_by(asdict(self.cfg)):
             raise ConfigError(f"{self.checkpoint_dir} was made with other settings; use a new --out or delete it")
         trainer = sharding.load_checkpoint(latest, self.trained, self.optimizer)
         self.scheduler.load_state_dict(trainer["scheduler"])
         self.step = state["step"]
+        if self.rank == 0:
+            self._truncate_log()
         return True
+
+    def _truncate_log(self) -> None:
+        """Drop what a killed attempt logged after the checkpoint's step (it is trained again), then mark the resume."""
+        path = self.out / "metrics.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        kept = [r for r in records if r.get("step", 0) <= self.step] + [{"resumed_at_step": self.step}]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     # -- evaluation and logging -------------------------------------------------------------------
     @torch.no_grad()
@@ -335,6 +348,8 @@ class Distiller:
                 self._evaluate_and_log(final=False)
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 or self.step == stop_after:
                 self.save_checkpoint()
+                if self.on_checkpoint is not None and self.rank == 0:
+                    self.on_checkpoint(self.out)
         bar.close()
         if self.step < self.total:
             return {"step": self.step, "finished": False}
@@ -365,6 +380,11 @@ class Distiller:
             with tempfile.TemporaryDirectory() as tmp:
                 yield Path(tmp)
         sharding.barrier()
+
+
+def _trained_by(config: dict[str, Any]) -> dict[str, Any]:
+    """The settings that decide what a run trains: all but how often it evaluates and checkpoints."""
+    return {k: v for k, v in config.items() if k not in ("eval_every", "checkpoint_every")}
 
 
 def _scalar(value: Tensor) -> float:

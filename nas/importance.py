@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 AGGREGATIONS = ("mean", "l2", "var")
 LAYER_METHODS = ("bi", "drop", "block")
+NEURON_SOURCES = ("pre", "post")
+HEAD_SOURCES = ("output", "attn")
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,10 @@ class ImportanceSettings:
         for key in ("seq_agg", "batch_agg"):
             if getattr(self, key) not in AGGREGATIONS:
                 raise ValueError(f"{key}={getattr(self, key)!r}: must be one of {AGGREGATIONS}")
-        if self.neuron_source not in ("pre", "post"):
-            raise ValueError(f"neuron_source={self.neuron_source!r}: must be 'pre' or 'post'")
-        if self.head_source not in ("output", "attn"):
-            raise ValueError(f"head_source={self.head_source!r}: must be 'output' or 'attn'")
+        if self.neuron_source not in NEURON_SOURCES:
+            raise ValueError(f"neuron_source={self.neuron_source!r}: must be one of {NEURON_SOURCES}")
+        if self.head_source not in HEAD_SOURCES:
+            raise ValueError(f"head_source={self.head_source!r}: must be one of {HEAD_SOURCES}")
         object.__setattr__(self, "block_sizes", tuple(sorted({int(k) for k in self.block_sizes})))
 
 

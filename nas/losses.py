@@ -160,6 +160,10 @@ def logit_losses(hidden: Tensor, head: Tensor, mask: Tensor, targets: LogitTarge
             total = total + targets.ce_weight * ce
         return total
 
+    if not torch.is_grad_enabled():
+        # Evaluation: a Function sees its inputs' requires_grad even under no_grad, and would build the gradients
+        # (an fp32 [V, D] for the head) that nothing reads.
+        flat, head = flat.detach(), head.detach()
     loss = _ChunkedHeadLoss.apply(flat, head, chunk_loss, max(1, chunk_tokens))
     return {"loss": loss, **parts}
 

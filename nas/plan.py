@@ -16,6 +16,9 @@ The rest follows from how `nas.distill` and `nas.sharding` hold a run (per worke
                          each layer's input, plus one layer's saved tensors during its recompute)
     loss                 the chunked KD loss: fp32 grad of the LM head (V x D), of the final hidden states, and
                          three [chunk, V] fp32 tensors (logits, log-probabilities, their gradient)
+    evaluation           between steps, no autograd: what stays (weights, AdamW, teacher) plus one layer's
+                         temporaries for a whole batch_size and one loss chunk's logits; the peak is the largest of
+                         training, evaluation and building the models
 """
 
 from __future__ import annotations
@@ -31,10 +34,14 @@ from nas.architecture import Architecture
 from nas.distill import DistillConfig, uses_intermediate
 from nas.errors import ConfigError
 from nas.families import family_of
-from nas.space import SearchSpace, architecture_of, enumerate_candidates
+from nas.space import SearchSpace, architecture_of, enumerate_candidates, infeasible_hint
 
 GIB = 2**30
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of one H100 SXM
+# A checkpoint's write, assumed at 1 GB/s a worker (a local NVMe writes more, a busy shared file system less), is
+# kept under 2% of the run.
+CHECKPOINT_BYTES_PER_S = 1e9
+CHECKPOINT_SHARE = 0.02
 CPU_TFLOPS = 0.25  # a 2-core CPU in fp32: nas-bench measured ~100 KD tokens/s on SmolLM2-135M at about 40% of it
 
 
@@ -72,18 +79,21 @@ class Stage:
     fix: str = ""
 
     build: int = 0  # bytes a worker holds while it builds its model, before training (and sharding) starts
+    evaluation: int = 0  # bytes a worker holds while it evaluates, between two steps
 
     @property
     def peak(self) -> int:
-        return max(self.build, sum(v for k, v in self.memory.items() if k != "activations_checkpointed"))
+        return max(self.build, self.evaluation,
+                   sum(v for k, v in self.memory.items() if k != "activations_checkpointed"))
 
 
 def plan(space: SearchSpace, config: Any, cluster: Cluster = Cluster()) -> list[Stage]:
     """The stages of a search over `space` for a parent with `config`: importance, one short retrain (of the largest
     candidate, the worst case), one promoted full distillation."""
     rows = enumerate_candidates(space, config)
-    largest = architecture_of(rows[0], config, tuple(range(int(rows[0]["num_hidden_layers"])))) if rows else \
-        Architecture.of_config(config)
+    if not rows:
+        raise ConfigError(f"{space.name}: {infeasible_hint(space, config)}")
+    largest = architecture_of(rows[0], config, tuple(range(int(rows[0]["num_hidden_layers"]))))
     child = family_of(config).child_config(config, largest)
     res = space.resources
     gpu = max(res.gpus_per_trial, res.gpus_per_worker) > 0
@@ -171,8 +181,15 @@ def retrain_stage(name: str, space: SearchSpace, parent: Any, child: Any, worker
         (0 if cached else forward_flops_per_token(parent, space.seq_len))
     # Each worker loads the whole parent and prunes the whole child from it, then shards both.
     build = n_teacher * teacher_bytes + n_student * 4
+    # Evaluation, between steps (gradients freed): every worker runs the whole validation set in batches of
+    # batch_size without autograd, so besides what stays (weights, AdamW, the teacher) it holds one layer's
+    # temporaries and one loss chunk's student and teacher logits at a time.
+    val_tokens = spec.batch_size * space.seq_len
+    held = sum(memory[k] for k in ("weights", "optimizer", "teacher", "compute_copy", "fsdp_unsharded"))
+    evaluation = held + val_tokens * (2 * child.hidden_size + 3 * child.intermediate_size) * act_size + \
+        3 * 4 * min(val_tokens, 1024) * child.vocab_size
     return Stage(name, workers, gpus_per_worker, "cuda" if gpu else "cpu", memory, spec.tokens, spec.tokens * per_token,
-                 runs, at_once, build=build)
+                 runs, at_once, build=build, evaluation=evaluation)
 
 
 def _memory_problem(stage: Stage, cluster: Cluster) -> str:
@@ -221,6 +238,15 @@ def _check(stage: Stage, space: SearchSpace, cluster: Cluster, build) -> None:
     else:
         stage.fix = f"raise {section}.batch_size so that more workers can split it, or lower seq_len " \
                     f"({stage.name}: {problem} at any worker count that divides batch_size={spec.batch_size})"
+
+
+def checkpoint_tokens(stage: Stage, spec, seq_len: int) -> int:
+    """Training tokens between a retrain's checkpoints such that writing one (a worker's fp32 weights and AdamW
+    state, at CHECKPOINT_BYTES_PER_S) takes under CHECKPOINT_SHARE of the training time in between."""
+    step_tokens = spec.batch_size * spec.grad_accum * seq_len
+    step_s = stage.hours * 3600 / max(1, spec.tokens // step_tokens)
+    write_s = (stage.memory["weights"] + stage.memory["optimizer"]) / CHECKPOINT_BYTES_PER_S
+    return math.ceil(write_s / (CHECKPOINT_SHARE * step_s)) * step_tokens
 
 
 def check_fits(space: SearchSpace, config: Any, cluster: Cluster) -> list[Stage]:

@@ -10,8 +10,13 @@ Files live in the run folder (`nas.storage.RunStorage`: a local path or a URI ev
     importance.safetensors, teacher_topk/               computed once (in Ray tasks), read by every trial
     tokens/                                             the token shards trials read their training sequences from
     <label>/{architecture.json, metrics.jsonl, result.json}   one folder per trial
+    <label>/checkpoint/                                 while it trains: its newest DCP checkpoint, to resume from
     promoted/<label>/{..., model/}                      full distillation of the promoted candidates
     summary.{parquet,csv}, pareto.png, curves.png, best.json
+
+Trial states: COMPLETE (trained to the end), PRUNED (never trained: no candidate, or its label is taken; or
+stopped by ASHA, with its curve), FAIL (failed after its retries, or its driver died), RUNNING (a live driver
+records its heartbeat: another driver on the same study never fails it).
 """
 
 from __future__ import annotations
@@ -23,8 +28,11 @@ import json
 import logging
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,8 +40,9 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from ray import tune
-from ray.tune.search.optuna import OptunaSearch
+from ray.tune.search import Searcher
 
+from nas import sharding
 from nas.architecture import short_label as label_of
 from nas.data import load_tokens, split
 from nas.distill import DistillConfig
@@ -41,10 +50,10 @@ from nas.errors import ConfigError, NasError
 from nas.files import atomic_dir, write_json
 from nas.importance import ImportanceSettings, Importances, cached_importance, lm_loss, select_layers
 from nas.parents import load_parent, parent_config, resolve_parent
-from nas.plan import Cluster, check_fits
+from nas.plan import Cluster, Stage, check_fits, checkpoint_tokens, plan
 from nas.prune import prune
-from nas.space import AXES, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, infeasible_hint, \
-    space_config
+from nas.space import AXES, RetrainSpec, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, \
+    infeasible_hint, space_config
 from nas.storage import RunStorage, is_uri
 from nas.teacher_cache import ShardPlan, TopKShards, publish, topk_plan, write_part
 from nas.tokens import TokenSet
@@ -55,6 +64,8 @@ log = logging.getLogger(__name__)
 METRIC = "val_loss"
 TRIAL_FILES = ("architecture.json", "metrics.jsonl", "result.json")
 SHORT, FULL = "short_retrain", "full_distillation"
+HEARTBEAT_S = 30  # a driver records the heartbeat of each trial it runs this often
+GRACE_S = 120  # a RUNNING trial whose heartbeat is older belongs to a dead driver
 
 
 def storage_url(space: SearchSpace, root: str | Path = "trials") -> str:
@@ -75,38 +86,58 @@ class Shared:
     space: SearchSpace
     rows: dict[str, dict[str, Any]]
     storage: RunStorage
-    train_rows: np.ndarray  # rows of the run folder's `tokens/` shards
+    train_rows: np.ndarray  # rows of the run folder's `tokens/` shards, as many as the full retrain reads
     val: torch.Tensor
     has_topk: bool
     nas_cache: str
+    checkpoint_tokens: dict[str, int]  # by stage: SHORT, FULL
 
-    def train_tokens(self) -> TokenSet:
-        """The training sequences, read from the run folder's shards (a local copy of them on a URI root)."""
-        return TokenSet(self.storage.fetch("tokens"), self.train_rows)
+    def train_tokens(self, stage: str) -> TokenSet:
+        """A stage's training sequences, read from the run folder's shards (a local copy of them on a URI root): the
+        short retrains read the first ones only, which are all the teacher cache covers."""
+        rows = self.train_rows if stage == FULL else self.train_rows[:_sequences_needed(self.space.short_retrain,
+                                                                                       self.space.seq_len)]
+        return TokenSet(self.storage.fetch("tokens"), rows)
 
 
-def prepare(space: SearchSpace, root: str | Path = "trials") -> Shared:
+def candidates(space: SearchSpace) -> tuple[Any, list[dict[str, Any]]]:
+    """The parent's config (its family checked) and the feasible candidates, or the one-line reason there are none."""
+    config = parent_config(space.parent)
+    rows = enumerate_candidates(space, config)
+    if not rows:
+        raise ConfigError(f"{space.name}: {infeasible_hint(space, config)}")
+    return config, rows
+
+
+def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage] | None = None) -> Shared:
     """Step 1: candidates, data, importance and the teacher cache (computed once, kept in the run folder).
+    `stages`: the plan checked against the cluster (default: planned for one 8-GPU node), which sizes the
+    checkpoint intervals the space leaves unset.
 
     This process reads only the parent's config and tokenizer: the work on its weights runs in a Ray task when
     Ray is up (on a GPU node when trials take GPUs), else here."""
     from transformers import AutoTokenizer
 
-    config = parent_config(space.parent)
-    rows = enumerate_candidates(space, config)
-    if not rows:
-        raise ConfigError(f"{space.name}: {infeasible_hint(space, config)}")
+    config, rows = candidates(space)
+    stages = {s.name: s for s in stages or plan(space, config)}
     storage = RunStorage(root, space.study)
     tokenizer = AutoTokenizer.from_pretrained(resolve_parent(space.parent))
-    tokens = load_tokens(space.data, tokenizer, space.seq_len, space.text_field,
-                         min_sequences=space.importance.samples + 2)
+    imp = space.importance
+    tokens = load_tokens(space.data, tokenizer, space.seq_len, space.text_field, min_sequences=imp.samples + 2)
     _share_tokens(storage, tokens)
-    train, val = split(tokens.select(slice(space.importance.samples, None)), space.val_fraction, space.search.seed)
-    train = train.select(slice(0, _sequences_needed(space)))
-    calibration = np.arange(space.importance.samples)
-    val = val[:16]
+    # Calibration sequences: a seeded sample of the whole corpus (or its first ones); the rest is split.
+    order = np.random.default_rng(space.search.seed).permutation(len(tokens)) if imp.sampling == "random" \
+        else np.arange(len(tokens))
+    calibration = np.sort(order[:imp.samples])
+    train, val = split(tokens.select(np.sort(order[imp.samples:])), space.val_fraction, space.search.seed)
+    if len(val) < space.val_sequences:
+        raise ConfigError(f"val_sequences={space.val_sequences}: the validation split ({space.val_fraction:g} of "
+                          f"{space.data}) has only {len(val)} sequences; lower val_sequences or raise val_fraction")
+    train = train.select(slice(0, _sequences_needed(space.full_retrain, space.seq_len)))
+    val = val[:space.val_sequences]
     nas_cache = os.environ.get("NAS_CACHE", "")
-    args = (space, storage, calibration, train.rows, val, nas_cache)
+    short_rows = train.rows[:_sequences_needed(space.short_retrain, space.seq_len)]
+    args = (space, storage, calibration, short_rows, val, nas_cache)
     parts = space.resources.cache_workers if space.short_retrain.teacher_topk else 1
     import ray
 
@@ -116,7 +147,7 @@ def prepare(space: SearchSpace, root: str | Path = "trials") -> Shared:
         res = space.resources
         options = {"num_cpus": res.cpus_per_trial, "num_gpus": parent_gpus(space)}
         plans = ray.get([ray.remote(parent_work).options(**options).remote(*args, parts),
-                         *[ray.remote(cache_part).options(**options).remote(space, storage, train.rows, part, parts,
+                         *[ray.remote(cache_part).options(**options).remote(space, storage, short_rows, part, parts,
                                                                             nas_cache) for part in range(1, parts)]])
     else:
         plans = [parent_work(*args)]  # one process: all of the cache
@@ -125,15 +156,19 @@ def prepare(space: SearchSpace, root: str | Path = "trials") -> Shared:
             raise NasError(f"parent {space.parent}: its tasks loaded different weights (did it change during the "
                            f"run?); re-run the search")
         publish(storage, "teacher_topk", plans[0])
+    intervals = {stage: spec.checkpoint_tokens or checkpoint_tokens(stages[name], spec, space.seq_len)
+                 for stage, name, spec in ((SHORT, "short_retrain", space.short_retrain),
+                                           (FULL, "full_distillation", space.full_retrain))}
     return Shared(space, {r["label"]: r for r in rows}, storage, train.rows, val, bool(space.short_retrain.teacher_topk),
-                  nas_cache)
+                  nas_cache, intervals)
 
 
 def parent_work(space: SearchSpace, storage: RunStorage, calibration_rows: np.ndarray, train_rows: np.ndarray,
                 val: torch.Tensor, nas_cache: str, cache_parts: int = 1) -> ShardPlan | None:
     """Everything that needs the parent's weights, once: importance scores, part 1 of `cache_parts` of the
-    teacher's top-K cache (when the space asks for one: its plan is returned) and the parent's own validation
-    loss, each kept in the run folder (and reused from there when it matches)."""
+    teacher's top-K cache over `train_rows` (the short retrains' sequences, when the space asks for one: its plan is
+    returned) and the parent's own validation loss, each kept in the run folder (and reused from there when it
+    matches)."""
     parent = _spread_parent(space, nas_cache)
     config = parent_config(space.parent)
     folder = storage.fetch("tokens")
@@ -216,16 +251,22 @@ def _block_sizes(space: SearchSpace, config: Any) -> tuple[int, ...]:
     return tuple(sorted({config.num_hidden_layers - n for n in space.axes.num_hidden_layers} - {0}))
 
 
-def _sequences_needed(space: SearchSpace) -> int:
-    r = max(space.short_retrain, space.full_retrain, key=lambda x: x.tokens)
-    return max(r.batch_size * r.grad_accum, r.tokens // space.seq_len)
+def _sequences_needed(spec: RetrainSpec, seq_len: int) -> int:
+    return max(spec.batch_size * spec.grad_accum, spec.tokens // seq_len)
 
 
-def retrain_config(spec, seq_len: int, seed: int) -> DistillConfig:
+def retrain_config(spec: RetrainSpec, seq_len: int, seed: int, checkpoint_tokens: int) -> DistillConfig:
     cfg = DistillConfig(tokens=spec.tokens, batch_size=spec.batch_size, grad_accum=spec.grad_accum, lr=spec.lr,
-                        warmup_steps=spec.warmup_steps, seed=seed, checkpoint_every=0,
-                        grad_checkpointing=spec.grad_checkpointing)
-    return dataclasses.replace(cfg, eval_every=max(1, cfg.steps(seq_len) // spec.reports))
+                        warmup_steps=spec.warmup_steps, seed=seed, grad_checkpointing=spec.grad_checkpointing)
+    step_tokens = cfg.batch_size * cfg.grad_accum * seq_len
+    return dataclasses.replace(cfg, eval_every=max(1, cfg.steps(seq_len) // spec.reports),
+                               checkpoint_every=max(1, checkpoint_tokens // step_tokens))
+
+
+def final_tokens(spec: RetrainSpec, seq_len: int) -> int:
+    """The training tokens of a retrain run to its end (whole steps)."""
+    cfg = retrain_config(spec, seq_len, 0, 1)
+    return cfg.steps(seq_len) * cfg.batch_size * cfg.grad_accum * seq_len
 
 
 def _device(space: SearchSpace) -> torch.device:
@@ -271,29 +312,39 @@ def candidate_inputs(shared: Shared, label: str, promoted: bool, device: torch.d
     teacher, child, arch = build_candidate(shared, label, device, keep_parent=not sharded)
     # The teacher cache covers the short retrain's tokens; full distillation runs the teacher online.
     topk = TopKShards(shared.storage.fetch("teacher_topk")) if shared.has_topk and not promoted else None
-    return DistillInputs(child, teacher, shared.train_tokens(), shared.val, list(arch.layers), topk)
+    return DistillInputs(child, teacher, shared.train_tokens(FULL if promoted else SHORT), shared.val,
+                         list(arch.layers), topk)
 
 
 def _retrain(shared: Shared, label: str, rel: str, spec, on_eval: Callable[[dict], None], promoted: bool) -> dict:
-    """Prune `label` and distil it into the run folder's `rel`; a finished one (its result.json) is not redone.
-    One worker trains here; more run as a Ray Train job (`nas.workers`) whose folder must be shared by them."""
+    """Prune `label` and distil it into the run folder's `rel`; a finished one (its result.json) is not redone, and
+    an interrupted one resumes from its newest checkpoint there (`checkpoint/`, written every
+    `Shared.checkpoint_tokens`). One worker trains here; more run as a Ray Train job (`nas.workers`) whose folder
+    must be shared by them."""
     storage = shared.storage
     done = storage.read_json(f"{rel}/result.json")
     if done is not None:
         return done
     res = shared.space.resources
     workers = spec.workers if promoted else res.workers_per_trial
+    stage = FULL if promoted else SHORT
     with storage.workdir(rel) as out:
         arch = _architecture(shared, label, Importances.load(storage.fetch("importance.safetensors")))
         write_json(out / "architecture.json", {**arch.to_dict(), "params": shared.rows[label]["params"]})
+        remote = storage.local is None
+        if remote:
+            _restore_checkpoint(storage, rel, out)
         job = DistillJob(functools.partial(candidate_inputs, shared, label, promoted),
-                         retrain_config(spec, shared.space.seq_len, shared.space.search.seed), str(out),
-                         save_model=promoted, threads=res.cpus_per_trial)
+                         retrain_config(spec, shared.space.seq_len, shared.space.search.seed,
+                                        shared.checkpoint_tokens[stage]), str(out),
+                         save_model=promoted, threads=res.cpus_per_trial,
+                         on_checkpoint=functools.partial(_upload_checkpoint, storage, rel) if remote else None)
         if workers == 1:
             result = run_here(job, _device(shared.space), on_eval)
         else:
             result = run_on_workers(job, workers, res.gpus_per_worker, res.cpus_per_trial, shared.space.search.retries,
-                                    storage_path=f"{storage.uri}/ray_train", name=f"{rel.replace('/', '-')}-{int(time.time())}")
+                                    storage_path=f"{storage.uri}/ray_train", name=f"{rel.replace('/', '-')}-{int(time.time())}",
+                                    report_to_tune=not promoted)
         if promoted:
             from transformers import AutoTokenizer
 
@@ -312,13 +363,36 @@ def _node() -> str | None:
 
 
 def _publish(storage: RunStorage, out: Path, rel: str) -> None:
-    """Copy a finished run folder to a remote run folder, `result.json` (the 'finished' marker) last."""
+    """Copy a finished run folder to a remote run folder, `result.json` (the 'finished' marker) last, then drop the
+    checkpoints it no longer needs."""
     if storage.local is not None:
         return
     for path in sorted(out.iterdir()):
         if path.name != "result.json":
             storage.upload(path, f"{rel}/{path.name}")
     storage.upload(out / "result.json", f"{rel}/result.json")
+    storage.remove(f"{rel}/checkpoint")
+
+
+def _restore_checkpoint(storage: RunStorage, rel: str, out: Path) -> None:
+    """Into a URI run's scratch folder: the newest complete checkpoint an interrupted attempt uploaded, and its log."""
+    steps = [name for name in storage.listdir(f"{rel}/checkpoint")
+             if storage.exists(f"{rel}/checkpoint/{name}/state.json")]
+    if steps:
+        newest = max(steps)  # step-000040: zero-padded, so the names sort by step
+        shutil.copytree(storage.fetch(f"{rel}/checkpoint/{newest}"), out / "checkpoint" / newest)
+        shutil.copyfile(storage.fetch(f"{rel}/metrics.jsonl"), out / "metrics.jsonl")
+
+
+def _upload_checkpoint(storage: RunStorage, rel: str, out: Path) -> None:
+    """After each checkpoint of a run in a URI run folder's scratch folder: copy it up (its state.json, the
+    'complete' marker, last) with the log so far, then drop the older one there."""
+    newest = sharding.latest_checkpoint(out / "checkpoint")
+    storage.upload(newest, f"{rel}/checkpoint/{newest.name}")
+    storage.upload(out / "metrics.jsonl", f"{rel}/metrics.jsonl")
+    for name in storage.listdir(f"{rel}/checkpoint"):
+        if name != newest.name:
+            storage.remove(f"{rel}/checkpoint/{name}")
 
 
 def run_trial(config: dict[str, Any], shared: Shared, report: Callable[[dict], None] | None = None) -> dict:
@@ -379,11 +453,27 @@ def init_ray(address: str | None, folder: Path, num_cpus: int | None = None) -> 
     return "a private Ray on 127.0.0.1"
 
 
-def open_study(space: SearchSpace, root: str | Path = "trials", url: str | None = None):
+def study_storage(url: str):
+    """The Optuna database, with heartbeats on: a driver records one for each trial it runs (`_Heartbeat`), which is
+    how a later driver tells a dead driver's trial from another driver's live one."""
     import optuna
 
-    storage = optuna.storages.RDBStorage(url or storage_url(space, root))
-    return optuna.create_study(study_name=space.study, storage=storage, direction="minimize", load_if_exists=True)
+    with warnings.catch_warnings():  # heartbeats are "experimental" in Optuna since 2.9; they are its way to do this
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S)
+
+
+def open_study(space: SearchSpace, root: str | Path = "trials", url: str | None = None, storage=None):
+    """The space's Optuna study (made on first use), in `storage` or the database at `url` (default: the space's)."""
+    import optuna
+
+    storage = storage or study_storage(url or storage_url(space, root))
+    study = optuna.create_study(study_name=space.study, storage=storage, direction="minimize", load_if_exists=True,
+                                sampler=optuna.samplers.TPESampler(seed=space.search.seed))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([METRIC])  # the dashboard's name for the objective
+    return study
 
 
 def _stage(trial) -> str:
@@ -398,49 +488,140 @@ def _choices(rows: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
     return {name: sorted({int(r[name]) for r in rows.values()}) for name in AXES}
 
 
+# -- who runs a trial: this driver, another live one, or a dead one ---------------------------------------------
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), None if there is no such
+    process: with the pid, it names a process even after the pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+DRIVER = f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+
+
+def _dead_driver(driver: str | None) -> bool:
+    """Whether `driver` (a trial's "driver" attribute) is a process of this machine that has ended."""
+    if not driver:
+        return False
+    host, pid, start = driver.rsplit(":", 2)
+    return host == socket.gethostname() and _process_start(int(pid)) != start
+
+
+def _fail_dead_trials(study) -> None:
+    """Record as failed the RUNNING trials whose driver is gone: at once when it was a process of this machine,
+    else once their heartbeat is older than GRACE_S (Optuna's `fail_stale_trials`). Live trials of another driver
+    on the same study are left alone."""
+    import optuna
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if _dead_driver(t.user_attrs.get("driver")):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+
+
+def _taken(study) -> dict[str, str]:
+    """The short-retrain labels not to train again, with why: finished, stopped by ASHA, or running (here or under
+    another driver)."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    taken: dict[str, str] = {}
+    for t in study.get_trials(deepcopy=False, states=(state.COMPLETE, state.RUNNING, state.PRUNED)):
+        label = t.user_attrs.get("label")
+        if label is None or _stage(t) != SHORT:  # an infeasible proposal, a promotion, or not accepted yet
+            continue
+        if t.state == state.COMPLETE:
+            taken[label] = f"duplicate: {label} was trained in trial {t.number}"
+        elif t.state == state.RUNNING:
+            taken.setdefault(label, f"duplicate: {label} is training in trial {t.number}")
+        elif t.user_attrs.get("stopped_by") == "asha":
+            taken.setdefault(label, f"duplicate: {label} was stopped by ASHA in trial {t.number}")
+    return taken
+
+
+class _Heartbeat:
+    """Records the heartbeat of this driver's running trials every HEARTBEAT_S seconds, in a thread (Optuna's own
+    heartbeat runs only inside `study.optimize`, which Tune does not use)."""
+
+    def __init__(self, storage, trial_ids: Callable[[], list[int]]):
+        self.storage, self.trial_ids, self.stop = storage, trial_ids, threading.Event()
+        self.thread = threading.Thread(target=self._beat, name="nas-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self.stop.wait(HEARTBEAT_S):
+            for trial_id in self.trial_ids():
+                self.storage.record_heartbeat(trial_id)
+
+    def __enter__(self) -> "_Heartbeat":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def _plan(space: SearchSpace, study, labels: list[str]) -> tuple[str, list[str], int]:
     """(sampler, labels to enqueue, number of trials still to run), resuming what the study already holds."""
     import optuna
 
-    state = optuna.trial.TrialState
-    for t in study.get_trials(deepcopy=False, states=(state.RUNNING,)):
-        # A run that was killed left these behind; record them as failed so they are tried again.
-        study._storage.set_trial_state_values(t._trial_id, state.FAIL)
-    done = {_label(t) for t in study.get_trials(deepcopy=False, states=(state.COMPLETE,)) if _stage(t) == SHORT}
+    _fail_dead_trials(study)
+    taken = _taken(study)
     # Candidates a killed run enqueued but never started: the next run's Tune trials take them first.
-    waiting = [label_of(t.system_attrs["fixed_params"]) for t in study.get_trials(deepcopy=False, states=(state.WAITING,))
+    waiting = [label_of(t.system_attrs["fixed_params"])
+               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
                if set(AXES) <= set(t.system_attrs.get("fixed_params", {}))]
     sampler = space.search.sampler
     if sampler == "auto":
         sampler = "grid" if len(labels) <= space.search.max_trials else "tpe"
     if sampler == "grid":
-        remaining = [label for label in labels if label not in done]
-        return sampler, [label for label in remaining if label not in waiting], len(remaining) + \
-            len([w for w in waiting if w in done])
-    return sampler, [], max(0, space.search.max_trials - len(done)) + len(waiting)
+        remaining = [label for label in labels if label not in taken]
+        return sampler, [label for label in remaining if label not in waiting], len(remaining)
+    return sampler, [], max(0, space.search.max_trials - len(taken))
 
 
 def run_search(space: SearchSpace, root: str | Path = "trials", address: str | None = None,
                trial_fn: Callable = run_trial, echo: Callable[[str], None] = lambda line: None) -> "Any":
-    """The whole job; re-running it resumes (finished trials and promotions are not redone)."""
+    """The whole job; re-running it resumes (finished trials and promotions are not redone, interrupted ones go on
+    from their checkpoints)."""
     url = storage_url(space, root)
     if is_uri(str(root)) and max(space.resources.workers_per_trial, space.full_retrain.workers) > 1:
         # Every worker writes its checkpoint shards into the run's folder, so it must be one path they all reach.
         raise ConfigError(f"--root {root}: retrains on several workers (resources.workers_per_trial, "
                           f"full_retrain.workers) need a run folder on a filesystem every node mounts, not a URI")
+    import ray
+
+    config, _ = candidates(space)  # the family and the budget, before Ray starts
+    # A private Ray would run on this machine: the plan is checked against it before anything starts.
+    private = not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+    stages = check_fits(space, config, this_machine(space)) if private else None
     reached = init_ray(address, Path(RunStorage(root, space.study).uri))
-    check_fits(space, space_config(space), ray_cluster(space))
-    shared = prepare(space, root)
-    study = open_study(space, root)
+    stages = stages or check_fits(space, config, ray_cluster(space))
+    shared = prepare(space, root, stages)
+    storage = study_storage(url)
+    study = open_study(space, storage=storage)
     study.set_user_attr("parent", space.parent)
     sampler, enqueue, n_trials = _plan(space, study, list(shared.rows))
     echo(f"{space.name}: {len(shared.rows)} feasible candidates, {n_trials} trials to run ({sampler}) on {reached}")
     echo(f"run folder {shared.storage.uri}; study {space.study} in {url}")
     echo(f"watch: optuna-dashboard {url}")
     if n_trials:
-        _tune(space, shared, study, enqueue, n_trials, trial_fn, echo)
+        _tune(space, shared, study, storage, enqueue, n_trials, trial_fn, echo)
     _promote_best(space, shared, study, echo)
+    _fail_dead_trials(study)
     return summarize(space, root)
+
+
+def this_machine(space: SearchSpace) -> Cluster:
+    """This machine, as the plan check sees the private Ray it would start here: its GPUs (a GPU's memory from
+    `resources.gpu_memory_gb`) and its memory."""
+    return Cluster(nodes=1, gpus_per_node=torch.cuda.device_count(), gpu_memory_gb=space.resources.gpu_memory_gb)
 
 
 def ray_cluster(space: SearchSpace) -> Cluster:
@@ -456,8 +637,9 @@ def ray_cluster(space: SearchSpace) -> Cluster:
 class Progress(tune.Callback):
     """One line per finished trial: n/N, label, params, val loss, tokens, trial time, elapsed, ETA."""
 
-    def __init__(self, total: int, rows: dict[str, dict[str, Any]], echo: Callable[[str], None]):
-        self.total, self.rows, self.echo, self.done, self.start = total, rows, echo, 0, time.time()
+    def __init__(self, total: int, rows: dict[str, dict[str, Any]], final: int, echo: Callable[[str], None]):
+        self.total, self.rows, self.final, self.echo = total, rows, final, echo
+        self.done, self.start = 0, time.time()
 
     def line(self, trial, what: str) -> None:
         self.done += 1
@@ -470,7 +652,8 @@ class Progress(tune.Callback):
                   f"{_fmt(r.get('time_total_s'), '.0f')} s; elapsed {elapsed:.0f} s, ETA {eta:.0f} s")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.line(trial, "val loss")
+        stopped = (trial.last_result or {}).get("tokens", self.final) < self.final
+        self.line(trial, "stopped by ASHA; val loss" if stopped else "val loss")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.line(trial, "FAILED after retries; last val loss")
@@ -483,59 +666,81 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-class _Axes:
-    """Optuna's define-by-run space: one categorical parameter per architecture axis."""
+class ArchitectureSearch(Searcher):
+    """Ray Tune's search algorithm over Optuna's ask-and-tell: one Optuna trial per Tune trial, its parameters the
+    architecture axes, its intermediate values indexed by training tokens. A proposal that is no candidate (outside
+    the budget, not a valid child) or whose label is taken (`_taken`) is recorded as pruned with the reason and never
+    trained, and does not use up a Tune trial; a trial ASHA stops is recorded as pruned, with its curve."""
 
-    def __init__(self, choices: dict[str, list[int]]):
-        self.choices = choices
-
-    def __call__(self, trial) -> None:
-        for name in AXES:
-            trial.suggest_categorical(name, self.choices[name])
-
-
-class ArchitectureSearch(OptunaSearch):
-    """Ray Tune's OptunaSearch, adapted so that trials are architectures: infeasible proposals are recorded as
-    pruned with the reason (never trained), feasible ones carry their label, parameter count and share as user
-    attributes, and intermediate values are indexed by training tokens."""
-
-    def __init__(self, space: SearchSpace, rows: dict[str, dict[str, Any]], study, enqueue: list[str]):
+    def __init__(self, space: SearchSpace, rows: dict[str, dict[str, Any]], study, storage, enqueue: list[str]):
         import optuna
 
-        super().__init__(space=_Axes(_choices(rows)), metric=METRIC, mode="min",
-                         points_to_evaluate=[{k: rows[label][k] for k in AXES} for label in enqueue] or None,
-                         sampler=optuna.samplers.TPESampler(seed=space.search.seed), study_name=space.study,
-                         storage=study._storage)
-        self.nas_space, self.nas_config, self.nas_rows = space, parent_config(space.parent), rows
-        self.nas_reported: dict[str, set[int]] = {}
+        super().__init__(metric=METRIC, mode="min")
+        self.space, self.rows, self.study, self.storage = space, rows, study, storage
+        self.config = parent_config(space.parent)
+        self.final = final_tokens(space.short_retrain, space.seq_len)
+        self.distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in _choices(rows).items()}
+        self.live: dict[str, Any] = {}  # Tune trial id -> its Optuna trial
+        self.reported: dict[str, set[int]] = {}
+        for label in enqueue:
+            study.enqueue_trial({k: rows[label][k] for k in AXES})
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        return True  # the metric, mode and space are this searcher's own
+
+    def live_trial_ids(self) -> list[int]:
+        # Optuna has no public accessor for a trial's storage id; its own heartbeat thread reads `_trial_id` too.
+        return [trial._trial_id for trial in list(self.live.values())]
 
     def suggest(self, trial_id: str):
         import optuna
 
-        for _ in range(1000):  # TPE may propose combinations outside the budget; record and skip them
-            params = super().suggest(trial_id)
-            trial = self._ot_trials[trial_id]
-            problem = candidate_problem(self.nas_space, self.nas_config, params)
-            if problem is None:
-                row = self.nas_rows[label_of(params)]
-                for key in ("label", "params", "share_of_parent"):
-                    trial.set_user_attr(key, row[key])
-                trial.set_user_attr("stage", SHORT)
-                return params
-            trial.set_user_attr("pruned_reason", problem)
-            self._ot_study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            del self._ot_trials[trial_id]
+        with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": ours is _Heartbeat
+            warnings.simplefilter("ignore", UserWarning)
+            taken = _taken(self.study)
+            if set(self.rows) <= set(taken):
+                return Searcher.FINISHED
+            for _ in range(1000):
+                trial = self.study.ask(self.distributions)
+                params = trial.params
+                problem = candidate_problem(self.space, self.config, params) or taken.get(label_of(params))
+                if problem is None:
+                    row = self.rows[label_of(params)]
+                    for key in ("label", "params", "share_of_parent"):
+                        trial.set_user_attr(key, row[key])
+                    trial.set_user_attr("stage", SHORT)
+                    trial.set_user_attr("driver", DRIVER)
+                    self.storage.record_heartbeat(trial._trial_id)
+                    self.live[trial_id] = trial
+                    return params
+                trial.set_user_attr("pruned_reason", problem)
+                self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         # Tune hands a function trainable's last result over twice (as a result, then as the final one).
-        tokens, reported = int(result["tokens"]), self.nas_reported.setdefault(trial_id, set())
+        tokens, reported = int(result["tokens"]), self.reported.setdefault(trial_id, set())
         if tokens not in reported:
             reported.add(tokens)
-            self._ot_trials[trial_id].report(result[METRIC], tokens)
+            self.live[trial_id].report(result[METRIC], tokens)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        import optuna
+
+        trial = self.live.pop(trial_id, None)
+        if trial is None:
+            return
+        if error or not result or METRIC not in result:
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        elif result["tokens"] < self.final:  # stopped early by the scheduler
+            trial.set_user_attr("stopped_by", "asha")
+            trial.set_user_attr("pruned_reason", f"stopped by ASHA after {result['tokens']:,} of {self.final:,} tokens")
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        else:
+            self.study.tell(trial, result[METRIC])
 
 
-def _tune(space: SearchSpace, shared: Shared, study, enqueue: list[str], n_trials: int, trial_fn: Callable,
+def _tune(space: SearchSpace, shared: Shared, study, storage, enqueue: list[str], n_trials: int, trial_fn: Callable,
           echo: Callable[[str], None]) -> None:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -549,18 +754,18 @@ def _tune(space: SearchSpace, shared: Shared, study, enqueue: list[str], n_trial
     resources = {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial} if res.workers_per_trial == 1 \
         else {"cpu": 0, "memory": 1}
     trainable = tune.with_resources(tune.with_parameters(trial_fn, shared=shared), resources)
+    search = ArchitectureSearch(space, shared.rows, study, storage, enqueue)
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=ArchitectureSearch(space, shared.rows, study, enqueue),
-                                    scheduler=scheduler,
-                                    num_samples=n_trials, metric=METRIC, mode="min",
-                                    max_concurrent_trials=res.max_concurrent,
+        tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=n_trials, metric=METRIC,
+                                    mode="min", max_concurrent_trials=res.max_concurrent,
                                     reuse_actors=True),  # a trial worker keeps its loaded parent for the next
         run_config=tune.RunConfig(name=f"tune-{int(time.time())}", storage_path=f"{shared.storage.uri}/ray_results",
                                   failure_config=tune.FailureConfig(max_failures=space.search.retries), verbose=0,
-                                  callbacks=[Progress(n_trials, shared.rows, echo)]),
+                                  callbacks=[Progress(n_trials, shared.rows, search.final, echo)]),
     )
-    tuner.fit()
+    with _Heartbeat(storage, search.live_trial_ids):
+        tuner.fit()
 
 
 def _promote_best(space: SearchSpace, shared: Shared, study, echo: Callable[[str], None]) -> None:
@@ -635,16 +840,38 @@ def summarize(space: SearchSpace, root: str | Path = "trials"):
                      "promoted_val_loss": promoted.get(label), "note": t.user_attrs.get("pruned_reason")})
     frame = pd.DataFrame(rows)
     parent = storage.read_json("parent.json") or {}
-    curves = {_label(t): (_stage(t), sorted(t.intermediate_values.items())) for t in study.get_trials(deepcopy=False)
+    # By label and stage: a promoted candidate has its short retrain's curve and its full distillation's.
+    curves = {(_label(t), _stage(t)): sorted(t.intermediate_values.items()) for t in study.get_trials(deepcopy=False)
               if t.intermediate_values}
-    with storage.workdir("") as out:
+    with tempfile.TemporaryDirectory() as tmp:  # written whole, then each replaces the run folder's in one step
+        out = Path(tmp)
         frame.to_parquet(out / "summary.parquet", index=False)
         frame.to_csv(out / "summary.csv", index=False)
         _plot_pareto(frame, parent, out / "pareto.png")
         _plot_curves(curves, parent, out / "curves.png")
         for name in ("summary.parquet", "summary.csv", "pareto.png", "curves.png"):
             storage.upload(out / name, name)
+    _save_contour(study)
     return frame
+
+
+def _save_contour(study) -> None:
+    """Optuna's contour plot of the short retrains, saved in the study for the dashboard's overview page. The
+    dashboard's own contour orders a categorical axis's values as strings (1024 before 768) and, with pruned
+    trials in the study, draws points in the wrong cells; Optuna's places numeric choices on a numeric axis and
+    reads finished trials only."""
+    import optuna
+    from optuna_dashboard import save_plotly_graph_object
+
+    short = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+             if _stage(t) == SHORT]
+    varied = [k for k in AXES if len({t.params[k] for t in short}) > 1]
+    if len(short) < 2 or len(varied) < 2:
+        return
+    finished = optuna.create_study(direction="minimize")  # in memory: the short retrains alone, no promotions
+    finished.add_trials(short)
+    figure = optuna.visualization.plot_contour(finished, params=varied, target_name=METRIC)
+    save_plotly_graph_object(study, figure, graph_object_id="contour")
 
 
 def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -687,14 +914,14 @@ def _plot_pareto(frame, parent: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_curves(curves: dict[str, tuple[str, list[tuple[int, float]]]], parent: dict[str, Any], path: Path) -> None:
+def _plot_curves(curves: dict[tuple[str, str], list[tuple[int, float]]], parent: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for label, (stage, points) in sorted(curves.items()):
+    for (label, stage), points in sorted(curves.items()):
         x, y = zip(*points)
         ax.plot(x, y, marker="o", linestyle="--" if stage == FULL else "-",
                 label=f"{label}{' (full)' if stage == FULL else ''}")

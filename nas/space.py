@@ -16,6 +16,7 @@ import yaml
 from nas.architecture import Architecture
 from nas.errors import ArchitectureError, ConfigError
 from nas.families import family_of
+from nas.importance import AGGREGATIONS, HEAD_SOURCES, LAYER_METHODS, NEURON_SOURCES
 
 AXES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
 
@@ -51,7 +52,11 @@ class Axes:
 
 @dataclass(frozen=True)
 class ImportanceSpec:
+    """The calibration pass (paper §2.2). `sampling`: "random" draws the `samples` calibration sequences from the
+    whole corpus with `search.seed`; "first" takes its first ones (the corpus order)."""
+
     samples: int = 64
+    sampling: str = "random"
     seq_agg: str = "mean"
     batch_agg: str = "l2"
     neuron_source: str = "pre"
@@ -64,7 +69,10 @@ class ImportanceSpec:
 class RetrainSpec:
     """A distillation budget (short retrain per trial, or full for promoted candidates). `workers`: Ray Train
     workers of one promoted candidate's full distillation (a trial's come from `resources.workers_per_trial`).
-    `grad_checkpointing`: recompute each layer's activations in backward instead of keeping them."""
+    `grad_checkpointing`: recompute each layer's activations in backward instead of keeping them.
+    `checkpoint_tokens`: training tokens between DCP checkpoints in the run folder, from which a retried trial, a
+    restarted worker or a re-run search resumes; unset, `nas plan` sizes it so that writing one costs under 2% of
+    the run's time."""
 
     tokens: int = 4096
     batch_size: int = 4
@@ -75,6 +83,7 @@ class RetrainSpec:
     teacher_topk: int = 0
     workers: int = 1
     grad_checkpointing: bool = False
+    checkpoint_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +128,7 @@ class SearchSpace:
     text_field: str = "text"
     seq_len: int = 128
     val_fraction: float = 0.05
+    val_sequences: int = 16
     parent_config: dict[str, Any] | None = None
     importance: ImportanceSpec = field(default_factory=ImportanceSpec)
     short_retrain: RetrainSpec = field(default_factory=RetrainSpec)
@@ -193,8 +203,11 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
          "axes: layer, head and width values must be integers")
     imp = space.importance
     need(imp.samples >= 1, f"importance.samples={imp.samples}: must be >= 1")
-    need(imp.layer_method in ("bi", "drop", "block"), f"importance.layer_method={imp.layer_method!r}: "
-                                                      "must be 'bi', 'drop' or 'block'")
+    for key, allowed in (("sampling", ("random", "first")), ("seq_agg", AGGREGATIONS), ("batch_agg", AGGREGATIONS),
+                         ("neuron_source", NEURON_SOURCES), ("head_source", HEAD_SOURCES),
+                         ("layer_method", LAYER_METHODS)):
+        need(getattr(imp, key) in allowed, f"importance.{key}={getattr(imp, key)!r}: must be one of "
+                                           f"{', '.join(map(repr, allowed))}")
     need(imp.layer_method == "bi" or imp.drop_samples > 0,
          f"importance.layer_method={imp.layer_method!r} needs importance.drop_samples > 0")
     for section in ("short_retrain", "full_retrain"):
@@ -204,6 +217,8 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
              f"{section}.tokens={r.tokens}: below one step of batch_size*grad_accum*seq_len="
              f"{r.batch_size * r.grad_accum * space.seq_len}")
         need(r.reports >= 1, f"{section}.reports={r.reports}: must be >= 1")
+        need(r.checkpoint_tokens is None or r.checkpoint_tokens >= 1,
+             f"{section}.checkpoint_tokens={r.checkpoint_tokens}: must be >= 1 (or left out: sized by `nas plan`)")
         workers = space.resources.workers_per_trial if section == "short_retrain" else r.workers
         need(workers < 1 or r.batch_size % workers == 0,
              f"{section}.batch_size={r.batch_size}: must be a multiple of the {workers} workers that split it")
@@ -219,6 +234,7 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
     need(space.search.retries >= 0, f"search.retries={space.search.retries}: must be >= 0")
     need(space.promote >= 0, f"promote={space.promote}: must be >= 0")
     need(space.seq_len >= 2, f"seq_len={space.seq_len}: must be >= 2")
+    need(space.val_sequences >= 1, f"val_sequences={space.val_sequences}: must be >= 1")
     need(space.resources.cpus_per_trial >= 1, f"resources.cpus_per_trial={space.resources.cpus_per_trial}: "
                                               "must be >= 1")
     need(str(space.name).replace("-", "").replace("_", "").replace(".", "").isalnum(),
@@ -260,9 +276,11 @@ def parse_space(data: Any, where: str = "space") -> SearchSpace:
 
 # -- enumeration ------------------------------------------------------------------------------------
 
-def target_range(space: SearchSpace, parent_params: int) -> tuple[float, float]:
-    target = space.budget.params if space.budget.params is not None else space.budget.fraction * parent_params
-    return target * (1 - space.budget.tolerance), target * (1 + space.budget.tolerance)
+def target_range(space: SearchSpace, config: Any) -> tuple[float, float]:
+    """The budget's [low, high] in its own kind of count: a `fraction` is of the parent's count of that kind."""
+    b = space.budget
+    target = b.params if b.params is not None else b.fraction * counted_params(space, config, Architecture.of_config(config))
+    return target * (1 - b.tolerance), target * (1 + b.tolerance)
 
 
 def counted_params(space: SearchSpace, config: Any, arch: Architecture) -> int:
@@ -302,7 +320,7 @@ def _valid_child(config: Any, arch: Architecture) -> bool:
 def enumerate_candidates(space: SearchSpace, config: Any) -> list[dict[str, Any]]:
     """Every valid child in the axes' product whose counted parameters fall in the budget, sorted by size."""
     parent_params = family_of(config).num_parameters(config, Architecture.of_config(config))
-    low, high = target_range(space, parent_params)
+    low, high = target_range(space, config)
     rows = []
     for arch in _grid(space, config):
         if not _valid_child(config, arch):
@@ -325,7 +343,7 @@ def candidate_problem(space: SearchSpace, config: Any, axes: dict[str, int]) -> 
         family_of(config).child_config(config, arch)
     except ArchitectureError as e:
         return f"not a valid child: {e}"
-    low, high = target_range(space, family_of(config).num_parameters(config, parent))
+    low, high = target_range(space, config)
     counted = counted_params(space, config, arch)
     if not low <= counted <= high:
         return f"{counted:,} {space.budget.kind} parameters, outside the budget [{low:,.0f}, {high:,.0f}]"
@@ -338,8 +356,7 @@ def candidate_problem(space: SearchSpace, config: Any, axes: dict[str, int]) -> 
 
 def infeasible_hint(space: SearchSpace, config: Any) -> str:
     """Why no candidate fits, and which axis to widen."""
-    parent_params = family_of(config).num_parameters(config, Architecture.of_config(config))
-    low, high = target_range(space, parent_params)
+    low, high = target_range(space, config)
     grid = [a for a in _grid(space, config) if _valid_child(config, a)]
     if not grid:
         return "no valid child in the axes' product (check heads against KV heads and hidden_size)"

@@ -40,13 +40,15 @@ class DistillInputs:
 @dataclass(frozen=True)
 class DistillJob:
     """A distillation to run anywhere: `build(device)` makes the inputs (a picklable, module-level function or a
-    partial of one), `cfg` the loop's settings, `out` the output folder (shared by all workers)."""
+    partial of one), `cfg` the loop's settings, `out` the output folder (shared by all workers), `on_checkpoint`
+    what rank 0 does with `out` after each checkpoint (picklable too; e.g. copy it to a URI run folder)."""
 
     build: Callable[[torch.device], DistillInputs]
     cfg: DistillConfig
     out: str
     save_model: bool = True
     threads: int = 1
+    on_checkpoint: Callable[[Path], None] | None = None
 
 
 def run_here(job: DistillJob, device: torch.device, on_eval: Callable[[dict], None] | None = None,
@@ -59,7 +61,7 @@ def run_here(job: DistillJob, device: torch.device, on_eval: Callable[[dict], No
     inputs = job.build(device)
     distiller = Distiller(inputs.student, inputs.teacher, inputs.train, inputs.val, job.out, job.cfg,
                           inputs.layer_map, inputs.topk)
-    distiller.on_eval = on_eval
+    distiller.on_eval, distiller.on_checkpoint = on_eval, job.on_checkpoint
     result = distiller.run(progress=progress, save_model=job.save_model)
     if result.get("finished") and start is not None:
         # What building and training took on top of the process as it was (what `nas plan` predicts), the most
@@ -110,16 +112,17 @@ def _worker_loop(config: dict[str, Any]) -> None:
 
 
 def run_on_workers(job: DistillJob, workers: int, gpus_per_worker: float = 0, cpus_per_worker: float = 1,
-                   max_failures: int = 1, storage_path: str | None = None, name: str | None = None) -> dict[str, Any]:
+                   max_failures: int = 1, storage_path: str | None = None, name: str | None = None,
+                   report_to_tune: bool = False) -> dict[str, Any]:
     """Run the job on `workers` Ray Train workers (Ray must be initialised) and return its result.json.
 
-    Inside a Ray Tune trial, rank 0's evaluations are reported to the trial as they happen."""
+    With `report_to_tune` (the caller is a Ray Tune trial), rank 0's evaluations are reported to the trial as they
+    happen."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.tune.trainable.trainable_fn_utils import _in_tune_session
 
     callbacks = []
-    if _in_tune_session():
+    if report_to_tune:
         from ray.tune.integration.ray_train import TuneReportCallback
 
         callbacks.append(TuneReportCallback())

@@ -45,3 +45,12 @@ def test_prune_distill_eval_and_correct_teacher(capsys, tiny_parent_dir, text_fi
     peak = 5e-3 / 5  # a fifth of the pre-training LR (2408.11796)
     assert first["lr"] == pytest.approx(peak / 5)  # the first of 5 warm-up steps
     AutoModelForCausalLM.from_pretrained(tmp_path / "teacher" / "model")
+
+
+def test_reverse_kd_with_a_teacher_cache_is_refused_before_any_work(capsys, tiny_parent_dir, text_file, tmp_path):
+    code = main(["distill", "--student", str(tiny_parent_dir), "--teacher", str(tiny_parent_dir), "--data",
+                 str(text_file), "--tokens", "4096", "--out", str(tmp_path / "run"), "--kd", "reverse",
+                 "--teacher-topk", "8"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "--teacher-topk 8" in err[0] and "--kd forward" in err[0]
+    assert not (tmp_path / "run").exists()

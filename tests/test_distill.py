@@ -101,6 +101,34 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
 
 
+def test_run_in_a_uri_scratch_folder_resumes_from_the_checkpoint_copied_up(tmp_path):
+    """A search retrain in a URI run folder trains in a scratch folder removed on exit: each checkpoint is copied
+    up, and a new attempt in a fresh scratch folder restores it and ends as an uninterrupted run does, its log
+    holding every step once."""
+    from nas.search import _restore_checkpoint, _upload_checkpoint
+    from nas.storage import RunStorage
+
+    cfg = DistillConfig(**{**CFG.__dict__, "checkpoint_every": 2})
+    student, teacher, layers = _pair()
+    whole = Distiller(student, teacher, TRAIN, VAL, tmp_path / "whole", cfg, layers).run(progress=False)
+    storage = RunStorage(f"file://{tmp_path}/runs", "study")
+    student, teacher, layers = _pair()
+    killed = Distiller(student, teacher, TRAIN, VAL, tmp_path / "scratch-1", cfg, layers)
+    killed.on_checkpoint = lambda out: _upload_checkpoint(storage, "L2", out)
+    killed.run(stop_after=5, progress=False)  # checkpoints at 2, 4 and 5 (the stop)
+    assert storage.listdir("L2/checkpoint") == ["step-000005"]  # the older ones dropped
+    shutil.rmtree(tmp_path / "scratch-1")
+
+    _restore_checkpoint(storage, "L2", tmp_path / "scratch-2")
+    student, teacher, layers = _pair()
+    resumed = Distiller(student, teacher, TRAIN, VAL, tmp_path / "scratch-2", cfg, layers).run(progress=False)
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], rel=1e-5)
+    assert resumed["val_loss"] == pytest.approx(whole["val_loss"], rel=1e-5)
+    lines = [json.loads(line) for line in (tmp_path / "scratch-2" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines if "loss" in r] == list(range(1, 9))
+    assert [r["resumed_at_step"] for r in lines if "resumed_at_step" in r] == [5]
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     student, teacher, layers = _pair()
     run = Distiller(student, teacher, TRAIN, VAL, tmp_path / "run", CFG, layers)

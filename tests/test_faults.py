@@ -1,5 +1,6 @@
 """Faults proven by killing processes: `nas search` (the CLI, a private Ray on loopback) on the tiny space, with
-a trial worker or the driver killed by SIGKILL, ends with the same losses as an undisturbed run."""
+a trial worker, a Ray Train worker or the driver killed by SIGKILL, ends with the same losses as an undisturbed
+run, and an interrupted retrain resumes from its newest checkpoint rather than from step 1."""
 
 import json
 import os
@@ -18,6 +19,8 @@ from conftest import ROOT, tiny_space
 
 pytestmark = pytest.mark.slow
 NAS = [sys.executable, "-m", "nas.cli"]
+STEP_TOKENS = 4 * 32  # batch 4 x seq_len 32
+ONE = {"num_hidden_layers": [3], "num_attention_heads": [6], "intermediate_size": [40], "hidden_size": [48]}
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +29,13 @@ def inputs(tmp_path_factory, tiny_tokenizer):
     return folder, tiny_tokenizer
 
 
-def _space(inputs, name):
+def _space(inputs, name, **overrides):
     folder, tokenizer = inputs
-    # 40 steps per trial, one trial at a time: long enough to be caught mid-run.
-    spec = tiny_space(folder / "inputs", tokenizer, name=name, promote=0,
-                      short_retrain={"tokens": 4 * 32 * 40, "reports": 2},
-                      resources={"max_concurrent": 1}, search={"retries": 2})
+    # 40 steps per trial with a checkpoint every 5, one trial at a time: long enough to be caught mid-run.
+    settings = {"promote": 0, "short_retrain": {"tokens": STEP_TOKENS * 40, "reports": 2,
+                                                "checkpoint_tokens": STEP_TOKENS * 5},
+                "resources": {"max_concurrent": 1}, "search": {"retries": 2}, **overrides}
+    spec = tiny_space(folder / "inputs", tokenizer, name=name, **settings)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path, folder / "runs"
@@ -51,20 +55,30 @@ def _finish(proc, timeout=900):
     return out
 
 
+def _kill_driver(proc):
+    proc.send_signal(signal.SIGKILL)  # the driver alone, as a crash would
+    proc.wait()
+    os.killpg(proc.pid, signal.SIGKILL)  # then the private Ray it had started
+
+
 def _study(root, name):
     return optuna.load_study(study_name=name, storage=f"sqlite:///{root / name / 'study.db'}")
 
 
-def _losses(root, name):
+def _losses(root, name, stage="short_retrain"):
     return {t.user_attrs["label"]: t.value for t in _study(root, name).get_trials()
-            if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("stage") == "short_retrain"}
+            if t.state == optuna.trial.TrialState.COMPLETE and t.user_attrs.get("stage") == stage}
+
+
+def _undisturbed(inputs, name, **overrides):
+    space_file, root = _space(inputs, name, **overrides)
+    _finish(_start(space_file, root))
+    return root
 
 
 @pytest.fixture(scope="module")
 def reference(inputs):
-    space_file, root = _space(inputs, "undisturbed")
-    _finish(_start(space_file, root))
-    return _losses(root, "undisturbed")
+    return _losses(_undisturbed(inputs, "undisturbed"), "undisturbed")
 
 
 def _completed(db) -> int:
@@ -76,29 +90,49 @@ def _completed(db) -> int:
         return 0
 
 
-def _running_label(folder):
-    """A trial folder whose training has started (metrics written) but not finished."""
-    for trial in folder.glob("L*"):
-        if (trial / "metrics.jsonl").exists() and not (trial / "result.json").exists():
-            return trial.name
+def _checkpointed(folder):
+    """A run folder below `folder` (a trial's, or a promotion's) that holds a complete checkpoint and has logged a
+    step past it, but has not finished."""
+    for run in folder.glob("L*"):
+        steps = [int(p.parent.name.split("-")[1]) for p in run.glob("checkpoint/step-*/state.json")]
+        if steps and not (run / "result.json").exists() and _logged_steps(run) and _logged_steps(run)[-1] > steps[0]:
+            return run
     return None
 
 
-def test_trial_worker_killed_is_retried_with_the_same_loss(inputs, reference):
+def _logged_steps(run):
+    lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
+    return [r["step"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def _wait_for_checkpoint(proc, folder):
+    deadline = time.time() + 600
+    while (run := _checkpointed(folder)) is None:
+        assert time.time() < deadline and proc.poll() is None, "no run was caught between checkpoints"
+        time.sleep(0.02)
+    return run
+
+
+def _assert_resumed(run, steps):
+    """Every step logged once, and one resume, from a checkpoint past step 1."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    resumes = [r["resumed_at_step"] for r in records if "resumed_at_step" in r]
+    assert len(resumes) == 1 and resumes[0] >= 5, resumes
+    after = records[[i for i, r in enumerate(records) if "resumed_at_step" in r][0] + 1]
+    assert after["step"] == resumes[0] + 1 > 1  # the first step logged after the restart
+    assert _logged_steps(run) == list(range(1, steps + 1))
+
+
+def test_trial_worker_killed_is_retried_from_its_checkpoint_with_the_same_loss(inputs, reference):
     space_file, root = _space(inputs, "worker-killed")
     proc = _start(space_file, root)
-    deadline, label = time.time() + 600, None
-    while label is None:
-        assert time.time() < deadline and proc.poll() is None, "no trial was caught mid-run"
-        label = _running_label(root / "worker-killed")
-        time.sleep(0.05)
+    run = _wait_for_checkpoint(proc, root / "worker-killed")
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "ImplicitFunc" in " ".join(p.cmdline())]
     assert len(workers) == 1
     workers[0].send_signal(signal.SIGKILL)
     out = _finish(proc)
-    assert f"[retry] {label} failed" in out
-    steps = [json.loads(line).get("step") for line in (root / "worker-killed" / label / "metrics.jsonl").open()]
-    assert steps.count(1) == 2  # the killed attempt's lines, then the retry's from step 1
+    assert f"[retry] {run.name} failed" in out
+    _assert_resumed(run, 40)
     assert _losses(root, "worker-killed") == pytest.approx(reference, rel=1e-6)
 
 
@@ -109,9 +143,7 @@ def test_driver_killed_and_rerun_resumes_without_redoing_trials(inputs, referenc
     while not _completed(root / "driver-killed" / "study.db"):
         assert time.time() < deadline and proc.poll() is None, "no trial finished"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)  # the driver alone, as a crash would
-    proc.wait()
-    os.killpg(proc.pid, signal.SIGKILL)  # then the private Ray it had started
+    _kill_driver(proc)
     done = _losses(root, "driver-killed")
     stamps = {label: (root / "driver-killed" / label / "result.json").stat().st_mtime_ns for label in done}
 
@@ -121,3 +153,36 @@ def test_driver_killed_and_rerun_resumes_without_redoing_trials(inputs, referenc
     states = {t.state for t in _study(root, "driver-killed").get_trials()}
     assert not states & {optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING}
     assert _losses(root, "driver-killed") == pytest.approx(reference, rel=1e-6)
+
+
+# One candidate, promoted to 200 steps of full distillation with a checkpoint every 10.
+PROMOTED = {"axes": ONE, "promote": 1, "full_retrain": {"tokens": STEP_TOKENS * 200, "reports": 2,
+                                                         "checkpoint_tokens": STEP_TOKENS * 10}}
+
+
+def test_driver_killed_during_promotion_resumes_it_from_its_checkpoint(inputs):
+    reference = _losses(_undisturbed(inputs, "promoted-undisturbed", **PROMOTED), "promoted-undisturbed",
+                        "full_distillation")
+    space_file, root = _space(inputs, "promotion-killed", **PROMOTED)
+    proc = _start(space_file, root)
+    run = _wait_for_checkpoint(proc, root / "promotion-killed" / "promoted")
+    _kill_driver(proc)
+
+    _finish(_start(space_file, root))
+    _assert_resumed(run, 200)
+    assert _losses(root, "promotion-killed", "full_distillation") == pytest.approx(reference, rel=1e-5)
+
+
+def test_train_worker_killed_in_a_two_worker_trial_resumes_from_its_checkpoint(inputs):
+    sharded = {"axes": ONE, "resources": {"max_concurrent": 1, "workers_per_trial": 2}}
+    reference = _losses(_undisturbed(inputs, "sharded-undisturbed", **sharded), "sharded-undisturbed")
+    space_file, root = _space(inputs, "sharded-killed", **sharded)
+    proc = _start(space_file, root)
+    run = _wait_for_checkpoint(proc, root / "sharded-killed")
+    workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
+               if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    workers[1].send_signal(signal.SIGKILL)
+    _finish(proc)
+    _assert_resumed(run, 40)
+    assert _losses(root, "sharded-killed") == pytest.approx(reference, rel=1e-5)

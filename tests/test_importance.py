@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import TINY_CONFIGS, tiny_model
 from nas.architecture import Architecture
 from nas.importance import ImportanceSettings, Importances, _over_sequence, _Running, cached_importance, \
     compute_importance, lm_loss, select_layers
@@ -46,6 +46,32 @@ def test_scores_equal_a_direct_computation():
     bi = 1 - torch.nn.functional.cosine_similarity(x, y, dim=-1).mean()
     torch.testing.assert_close(imp.layer_bi[1], bi, rtol=1e-5, atol=1e-6)
     assert imp.hidden.shape == (48,) and (imp.hidden >= 0).all()
+
+
+@pytest.mark.parametrize("name", sorted(TINY_CONFIGS))
+def test_a_channel_every_norm_silences_scores_zero_and_lowest(name):
+    """A channel's score sums its activation over every norm layer's output (paper §2.2), so a channel that every
+    norm outputs as exactly zero must score 0, below every live channel. Zeroing its embedding column would not
+    do: attention and MLP write into that channel of the residual stream (o_proj, down_proj rows), and a
+    LayerNorm maps even a zero input channel to -mean/std. What silences a norm's output channel is its weight:
+    RMSNorm outputs w * x / rms(x); Nemotron's LayerNorm1P (1 + w) * (x - mean) / std + b, so w = -1 and b = 0."""
+    model = tiny_model(name)
+    settings = ImportanceSettings(drop_samples=0, batch_size=4)
+    before = compute_importance(model, TOKENS, settings).hidden
+    dead = sorted({int(before.argmax()), 5})  # the channel that scored highest, and another
+    layernorm = name == "nemotron"
+    norms = [m for layer in model.model.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)]
+    with torch.no_grad():
+        for norm in [*norms, model.model.norm]:
+            norm.weight[dead] = -1.0 if layernorm else 0.0
+            if getattr(norm, "bias", None) is not None:
+                norm.bias[dead] = 0.0
+    hidden = compute_importance(model, TOKENS, settings).hidden
+    assert hidden[dead].abs().max() < 1e-6, hidden[dead]
+    assert sorted(hidden.argsort()[: len(dead)].tolist()) == dead
+    live = torch.ones_like(hidden, dtype=torch.bool)
+    live[dead] = False
+    assert hidden[live].min() > 1e-3  # every other channel still carries activation
 
 
 def test_drop_loss_equals_loss_of_the_depth_pruned_child():

@@ -131,3 +131,19 @@ def test_chunked_loss_peak_memory_drops_by_the_chunking_factor():
     unchunked, chunked = loss_peak_kib(0), loss_peak_kib(2048 // factor)
     assert unchunked > 1_000_000  # the [2048, 32768] fp32 tensors really were there (> 1 GB)
     assert unchunked / chunked >= factor, (unchunked, chunked)
+
+
+def test_evaluation_under_no_grad_builds_no_head_gradient():
+    """Under no_grad (evaluation) no tensor the size of the LM head's fp32 gradient is allocated: for a 256k x 6144
+    head that would be 6 GiB per evaluation. The largest allocation is a chunk's logits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    g = torch.Generator().manual_seed(0)
+    v, d, chunk = 4096, 256, 16
+    hidden = torch.randn(2, 64, d, generator=g, requires_grad=True)
+    head = torch.randn(v, d, generator=g, requires_grad=True)  # a trained student's head: it requires grad
+    targets = losses.LogitTargets(kd="none", labels=torch.randint(0, v, (2, 64), generator=g), ce_weight=1.0)
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        parts = losses.logit_losses(hidden, head, torch.ones(2, 64, dtype=torch.bool), targets, chunk_tokens=chunk)
+    assert max(e.cpu_memory_usage for e in prof.events()) <= chunk * v * 4
+    assert float(parts["ce"]) > 0

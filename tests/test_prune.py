@@ -53,11 +53,18 @@ def test_pruning_zeroed_heads_and_neurons_changes_nothing(name):
                 first.bias[dead_neurons] = 0
     importances = _importances(parent)
     assert all(set(s.argsort()[:3].tolist()) == set(dead_neurons) for s in importances.neurons)
-    # A head's score is measured before o_proj, so mark the silenced heads as least important.
-    importances.heads[:, dead_heads] = -1
+    # The default head score (head_source="output") is the norm of each head's contribution through its own
+    # o_proj columns, so a head whose columns are zero scores exactly 0: the lowest of its KV group. The scores
+    # are used as computed; pruning must then drop exactly the silenced heads.
+    assert ImportanceSettings().head_source == "output"
+    live = [h for h in range(parent.config.num_attention_heads) if h not in dead_heads]
+    assert (importances.heads[:, dead_heads] == 0).all() and (importances.heads[:, live] > 0).all()
     full = Architecture.of_config(parent.config)
     arch = full.replace(num_attention_heads=4, intermediate_size=full.intermediate_size - len(dead_neurons))
     child = prune(parent, importances, arch)
+    rows = torch.cat([torch.arange(h * d, (h + 1) * d) for h in live])
+    for layer_child, layer_parent in zip(child.model.layers, parent.model.layers):  # exactly the live heads kept
+        assert torch.equal(layer_child.self_attn.q_proj.weight, layer_parent.self_attn.q_proj.weight[rows])
     torch.testing.assert_close(_logits(child), _logits(parent), rtol=1e-5, atol=1e-5)
 
 

@@ -148,7 +148,19 @@ def test_dashboard_shows_the_axes_in_a_browser(searched):
         assert all(axis in text for axis in AXES) and "label" in text and "share_of_parent" in text
         plot = show_slice(page, url, sid)
         assert plot.locator(".scatterlayer .point").count() == len(complete)
+        assert "val_loss" in page.locator("main").inner_text() and "Objective 0" not in page.locator("main").inner_text()
+        # The saved contour (the study's overview page): every axis numeric, its ticks in increasing order.
+        page.goto(f"{url}/dashboard/studies/{sid}")
+        page.locator(".js-plotly-plot").first.wait_for()
+        axes = page.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot')]
+            .filter(p => (p.layout.title?.text || '').includes('Contour'))
+            .flatMap(p => Object.keys(p._fullLayout).filter(k => /^[xy]axis\\d*$/.test(k)).map(k => p._fullLayout[k]))
+            .filter(a => a.title?.text).map(a => ({type: a.type, title: a.title.text,
+                                                   ticks: (a._vals || []).map(v => v.x)}))""")
         browser.close()
+    varied = {k for k in AXES if len({t.params[k] for t in complete if t.user_attrs["stage"] == "short_retrain"}) > 1}
+    assert {a["title"] for a in axes} == varied
+    assert all(a["type"] == "linear" and a["ticks"] == sorted(a["ticks"]) for a in axes), axes
 
 
 def test_tpe_prunes_infeasible_proposals_and_writes_to_a_uri_run_folder(ray_session, tmp_path, tiny_tokenizer):
@@ -159,7 +171,8 @@ def test_tpe_prunes_infeasible_proposals_and_writes_to_a_uri_run_folder(ray_sess
                       axes={"num_hidden_layers": [4, 3, 2], "hidden_size": [48, 36, 24]},
                       budget={"fraction": 0.6, "tolerance": 0.1}, search={"sampler": "tpe", "max_trials": 3},
                       storage=f"sqlite:///{tmp_path / 'study.db'}",
-                      short_retrain={"teacher_topk": 16}, resources={"cache_workers": 2})
+                      short_retrain={"teacher_topk": 16, "checkpoint_tokens": 4 * 32},
+                      resources={"cache_workers": 2})
     space, root = parse_space(spec), f"file://{tmp_path / 'runs'}"
     run_search(space, root)
     trials = optuna.load_study(study_name="tpe", storage=spec["storage"]).get_trials()
@@ -171,10 +184,38 @@ def test_tpe_prunes_infeasible_proposals_and_writes_to_a_uri_run_folder(ray_sess
     cache = json.loads((tmp_path / "runs" / "tpe" / "teacher_topk" / "index.json").read_text())
     assert cache["k"] == 16 and all((tmp_path / "runs" / "tpe" / "teacher_topk" / s).exists() for s in cache["shards"])
     assert folders == {t.user_attrs["label"] for t in complete}  # pruned proposals were never trained
+    assert len({t.user_attrs["label"] for t in complete}) == 3  # no label trained twice; repeats did not count
     for t in pruned:
-        assert "outside the budget" in t.user_attrs["pruned_reason"] or "not a valid child" in t.user_attrs["pruned_reason"]
-        assert label_of(t.params) not in folders
+        reason = t.user_attrs["pruned_reason"]
+        assert "outside the budget" in reason or "not a valid child" in reason or reason.startswith("duplicate: ")
+        assert label_of(t.params) not in folders or reason.startswith("duplicate: ")
+    # Every step checkpointed into the URI folder; a finished trial keeps none there.
+    assert not list((tmp_path / "runs" / "tpe").glob("*/checkpoint"))
     assert (tmp_path / "runs" / "tpe" / "summary.csv").exists() and (tmp_path / "runs" / "tpe" / "pareto.png").exists()
+
+
+def test_asha_stopped_trials_are_pruned_with_their_curves_and_not_retrained(ray_session, tmp_path, tiny_tokenizer):
+    spec = tiny_space(tmp_path / "inputs", tiny_tokenizer, name="asha", promote=0, search={"asha": True},
+                      resources={"max_concurrent": 1})
+    space = parse_space(spec)
+    frame = run_search(space, tmp_path)
+    trials = _trials(space, tmp_path)
+    final = spec["short_retrain"]["tokens"]
+    stopped = [t for t in trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert stopped and all(t.user_attrs["stopped_by"] == "asha" for t in stopped)
+    for t in stopped:  # its curve is kept, short of the end, and it has no result
+        assert t.intermediate_values and max(t.intermediate_values) < final
+        assert t.user_attrs["pruned_reason"].startswith("stopped by ASHA after")
+        assert not (tmp_path / "asha" / _label(t) / "result.json").exists()
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(max(t.intermediate_values) == final for t in complete)
+    assert set(frame[frame["state"] == "COMPLETE"]["label"]) == {_label(t) for t in complete}
+    assert set(frame[frame["state"] == "PRUNED"]["label"]) == {_label(t) for t in stopped}
+
+    lines = []
+    run_search(space, tmp_path, echo=lines.append)  # the resume trains nothing: stopped trials are not redone
+    assert lines[0].startswith(f"asha: {len(trials)} feasible candidates, 0 trials to run (grid)")
+    assert [(t.number, t.state) for t in _trials(space, tmp_path)] == [(t.number, t.state) for t in trials]
 
 
 _DRIVER = """

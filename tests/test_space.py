@@ -1,7 +1,9 @@
+import itertools
 from pathlib import Path
 
 import pytest
-from transformers import AutoConfig
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import ROOT
 from nas.cli import main
@@ -9,6 +11,7 @@ from nas.errors import ConfigError
 from nas.space import enumerate_candidates, infeasible_hint, load_space, parse_space
 
 SPACES = sorted((ROOT / "search_spaces").glob("*.yaml"))
+PAPER_SPACES = ("llama-3.1-8b-to-4b", "nemotron-15b-to-4b", "nemotron-15b-to-8b")
 
 # Minitron (2407.14679) lists these 15 feasible 8B candidates: layers/heads/MLP/hidden.
 PAPER_8B = {"32/32/12800/5120", "32/32/13824/4608", "32/48/11520/4608", "32/48/16384/4096", "31/32/12800/5120",
@@ -25,6 +28,69 @@ def _key(row):
     return f"{row['num_hidden_layers']}/{row['num_attention_heads']}/{row['intermediate_size']}/{row['hidden_size']}"
 
 
+# -- an independent reference: parameter counts and the feasible set, written here from HF's modeling code ------
+
+def _hf_params(config, layers: int, heads: int, kv: int, mlp: int, hidden: int) -> int:
+    """Parameters of a child as HF's modeling_llama.py / modeling_nemotron.py lay them out, for parents without
+    attention or MLP biases (the paper spaces' parents): written from the modeling code, not from nas.families."""
+    assert not config.attention_bias and not config.mlp_bias
+    d = config.head_dim
+    attention = hidden * heads * d + 2 * hidden * kv * d + heads * d * hidden  # q_proj, k_proj + v_proj, o_proj
+    if config.model_type == "llama":
+        mlp_params, norm = 3 * hidden * mlp, hidden  # SwiGLU gate/up/down; RMSNorm has a weight
+    else:
+        assert config.model_type == "nemotron"
+        mlp_params, norm = 2 * hidden * mlp, 2 * hidden  # squared-ReLU up/down; LayerNorm1P: weight and bias
+    embeddings = config.vocab_size * hidden * (1 if config.tie_word_embeddings else 2)  # embed_tokens, lm_head
+    return layers * (attention + mlp_params + 2 * norm) + norm + embeddings  # 2 norms a layer, one final
+
+
+def _child_config(config, layers, heads, kv, mlp, hidden):
+    """The stock HF config of a child (its class's own validation applies: e.g. LlamaConfig rejects a hidden size
+    that is not a multiple of the heads)."""
+    return type(config).from_dict({**config.to_dict(), "num_hidden_layers": layers, "num_attention_heads": heads,
+                                   "num_key_value_heads": kv, "intermediate_size": mlp, "hidden_size": hidden})
+
+
+def _meta_params(config, *axes) -> int:
+    """What HF itself builds: the child's model on the meta device (no memory), its parameters counted."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(_child_config(config, *axes))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _expected(space, config, low: float, high: float) -> dict[str, int]:
+    """The feasible set by brute force: every combination of the file's axes (the parent's value where an axis is
+    empty) that HF's config class accepts, with whole GQA groups, whose count falls in [low, high]."""
+    ax = space.axes
+    pick = lambda values, parent: [int(v) for v in values] or [parent]  # noqa: E731
+    out = {}
+    for layers, heads, kv, hidden in itertools.product(
+            pick(ax.num_hidden_layers, config.num_hidden_layers),
+            pick(ax.num_attention_heads, config.num_attention_heads),
+            pick(ax.num_key_value_heads, config.num_key_value_heads), pick(ax.hidden_size, config.hidden_size)):
+        mlps = [round(hidden * e) for e in ax.mlp_expansion] or pick(ax.intermediate_size, config.intermediate_size)
+        for mlp in mlps:
+            if heads % kv:
+                continue
+            try:
+                _child_config(config, layers, heads, kv, mlp, hidden)
+            except Exception:
+                continue
+            n = _hf_params(config, layers, heads, kv, mlp, hidden)
+            if low <= n <= high:
+                out[f"L{layers}-H{heads}-KV{kv}-M{mlp}-E{hidden}"] = n
+    return out
+
+
+def _window(space, config) -> tuple[float, float]:
+    assert space.budget.kind == "total"
+    target = space.budget.params if space.budget.params is not None else space.budget.fraction * _hf_params(
+        config, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+        config.intermediate_size, config.hidden_size)
+    return target * (1 - space.budget.tolerance), target * (1 + space.budget.tolerance)
+
+
 def test_shipped_spaces_include_the_demo_and_the_papers():
     assert {p.name for p in SPACES} >= {"smollm2-135m-demo.yaml", "nemotron-15b-to-8b.yaml",
                                         "nemotron-15b-to-4b.yaml", "llama-3.1-8b-to-4b.yaml"}
@@ -37,6 +103,42 @@ def test_every_shipped_space_loads_and_has_candidates(path):
         assert enumerate_candidates(space, _config(space))
 
 
+@pytest.mark.parametrize("name", PAPER_SPACES)
+def test_paper_spaces_enumerate_exactly_the_brute_force_candidates(name):
+    """Every candidate, and its parameter count, equals the test's own enumeration with counts from HF's layout."""
+    space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
+    config = _config(space)
+    got = {r["label"]: r["params"] for r in enumerate_candidates(space, config)}
+    assert got == _expected(space, config, *_window(space, config))
+
+
+# The papers' own models, their architectures from the model cards, and the sizes the papers report.
+# Minitron (2407.14679, the table comparing with community models, "#Params (Non-Emb)"): Minitron 8B 8.3B (6.2B),
+# Minitron 4B 4.2B (2.6B); 24 heads for the 4B (its card says 32, which would make 4.4B and 2.8B).
+# Llama-3.1-Minitron (2408.11796): 4.5B both; non-embedding 3.7B (width) and 3.5B (depth); the width model's card
+# gives 4.51B.
+PAPER_MODELS = [  # space, (layers, heads, kv, mlp, hidden), total (B), decimals, non-embedding (B)
+    ("llama-3.1-8b-to-4b", (32, 32, 8, 9216, 3072), 4.51, 2, 3.7),   # Llama-3.1-Minitron-4B-Width
+    ("llama-3.1-8b-to-4b", (16, 32, 8, 14336, 4096), 4.5, 1, 3.5),   # Llama-3.1-Minitron-4B-Depth
+    ("nemotron-15b-to-8b", (32, 48, 8, 16384, 4096), 8.3, 1, 6.2),   # Minitron-8B
+    ("nemotron-15b-to-4b", (32, 24, 8, 9216, 3072), 4.2, 1, 2.6),    # Minitron-4B
+]
+
+
+@pytest.mark.parametrize("name, axes, total, decimals, non_embedding", PAPER_MODELS,
+                         ids=["llama-width", "llama-depth", "minitron-8b", "minitron-4b"])
+def test_the_papers_models_are_candidates_of_the_papers_sizes(name, axes, total, decimals, non_embedding):
+    space = load_space(ROOT / "search_spaces" / f"{name}.yaml")
+    config = _config(space)
+    n = _meta_params(config, *axes)
+    assert n == _hf_params(config, *axes)  # the test's formula is HF's layout
+    assert round(n / 1e9, decimals) == total
+    assert round((n - 2 * config.vocab_size * axes[4]) / 1e9, 1) == non_embedding  # untied embeddings and head
+    layers, heads, kv, mlp, hidden = axes
+    rows = {r["label"]: r for r in enumerate_candidates(space, config)}
+    assert rows[f"L{layers}-H{heads}-KV{kv}-M{mlp}-E{hidden}"]["params"] == n
+
+
 def test_nemotron_8b_space_reproduces_the_papers_candidates():
     space = load_space(ROOT / "search_spaces" / "nemotron-15b-to-8b.yaml")
     assert {_key(r) for r in enumerate_candidates(space, _config(space))} == PAPER_8B
@@ -44,23 +146,23 @@ def test_nemotron_8b_space_reproduces_the_papers_candidates():
 
 def test_a_plain_8b_plus_minus_5_percent_differs_as_the_readme_says():
     space = load_space(ROOT / "search_spaces" / "nemotron-15b-to-8b.yaml")
+    config = _config(space)
     plain = parse_space({**_raw(space), "budget": {"params": 8e9, "tolerance": 0.05}})
-    ours = {_key(r) for r in enumerate_candidates(plain, _config(space))}
-    assert PAPER_8B - ours == {"31/32/16128/4608", "32/32/12800/5120"}  # 8.43B and 8.49B: above 8.4B
-    assert ours - PAPER_8B == {"29/48/16384/4096", "31/32/13824/4608", "31/48/11520/4608", "32/32/16384/4096",
-                               "32/48/14336/4096"}
+    rows = enumerate_candidates(plain, config)
+    assert {r["label"]: r["params"] for r in rows} == _expected(plain, config, 7.6e9, 8.4e9)
+    # The README's account: two of the paper's candidates, 8.43B and 8.49B, are above 8.4B and fall out.
+    def billions(key):
+        layers, heads, mlp, hidden = map(int, key.split("/"))
+        return round(_hf_params(config, layers, heads, config.num_key_value_heads, mlp, hidden) / 1e9, 2)
+
+    ours = {_key(r) for r in rows}
+    assert {k: billions(k) for k in PAPER_8B - ours} == {"31/32/16128/4608": 8.43, "32/32/12800/5120": 8.49}
 
 
 def _raw(space):
     import yaml
 
     return yaml.safe_load((ROOT / "search_spaces" / "nemotron-15b-to-8b.yaml").read_text())
-
-
-def test_llama_space_holds_the_follow_up_papers_width_and_depth_models():
-    space = load_space(ROOT / "search_spaces" / "llama-3.1-8b-to-4b.yaml")
-    keys = {_key(r) for r in enumerate_candidates(space, _config(space))}
-    assert {"32/32/9216/3072", "16/32/14336/4096"} <= keys
 
 
 def test_loading_reports_every_error_at_once(tmp_path):
