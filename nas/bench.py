@@ -338,7 +338,8 @@ def bench_search() -> dict[str, Any]:
     asha_done = asha_frame[asha_frame["state"] == "COMPLETE"]
     out["asha_winner"] = asha_done.loc[asha_done["val_loss"].idxmin(), "label"]
     asha_tokens = 0
-    for label in asha_done["label"]:
+    stopped = asha_frame["note"].fillna("").str.startswith("stopped by ASHA")
+    for label in asha_frame[(asha_frame["state"] == "COMPLETE") | stopped]["label"]:
         metrics = (root / asha.study / label / "metrics.jsonl").read_text().splitlines()
         asha_tokens += max(json.loads(line).get("tokens", 0) for line in metrics)
     out["asha_retrain_tokens"] = asha_tokens

@@ -148,6 +148,8 @@ class Distiller:
                  cfg: DistillConfig, layer_map: list[int] | None = None, teacher_topk: TeacherTopK | TopKShards | None = None):
         if cfg.kd != "none" and teacher is None:
             raise ConfigError(f"kd={cfg.kd!r} needs a teacher")
+        if teacher_topk is not None and cfg.kd != "forward":
+            raise ConfigError(f"kd={cfg.kd!r} needs the whole teacher distribution; a top-K cache serves forward KL")
         self.rank, self.workers = sharding.rank_and_world()
         if cfg.batch_size % self.workers:
             raise ConfigError(f"batch_size={cfg.batch_size}: must be a multiple of the {self.workers} workers, which "
@@ -248,17 +250,26 @@ class Distiller:
         trainer = sharding.load_checkpoint(latest, self.trained, self.optimizer)
         self.scheduler.load_state_dict(trainer["scheduler"])
         self.step = state["step"]
-        if self.rank == 0:
-            self._truncate_log()
         return True
 
-    def _truncate_log(self) -> None:
-        """Drop what a killed attempt logged after the checkpoint's step (it is trained again), then mark the resume."""
+    def _resume_log(self) -> list[dict[str, Any]]:
+        """What an earlier, killed attempt logged up to the step this one starts from (the rest is trained again):
+        the log keeps that and marks the resume; returns the evaluations kept."""
         path = self.out / "metrics.jsonl"
-        records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-        kept = [r for r in records if r.get("step", 0) <= self.step] + [{"resumed_at_step": self.step}]
-        with atomic_path(path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        if not path.exists():
+            return []
+        records = []
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # the line being written when the attempt was killed
+                continue
+        kept = [r for r in records if r.get("step", 0) <= self.step]
+        if self.rank == 0:
+            with atomic_path(path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in [*kept, {"resumed_at_step": self.step}]))
+        sharding.barrier()
+        return [r for r in kept if "val_loss" in r]
 
     # -- evaluation and logging -------------------------------------------------------------------
     @torch.no_grad()
@@ -315,6 +326,9 @@ class Distiller:
         torch.manual_seed(self.cfg.seed)
         if self.load_checkpoint():
             log.info("resuming %s at step %d", self.out, self.step)
+        for record in self._resume_log():  # its evaluations, to whoever follows them (a Tune trial's curve)
+            if self.on_eval is not None:
+                self.on_eval(record)
         self.student.train()
         tokens_per_step = self.cfg.batch_size * self.cfg.grad_accum * self.seq_len
         bar = tqdm(total=self.total, initial=self.step, disable=not progress or self.rank > 0, unit="step",
@@ -346,7 +360,8 @@ class Distiller:
             bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < self.total:
                 self._evaluate_and_log(final=False)
-            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 or self.step == stop_after:
+            periodic = self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0 and self.step < self.total
+            if periodic or self.step == stop_after:  # none at the end: `finish` would delete it
                 self.save_checkpoint()
                 if self.on_checkpoint is not None and self.rank == 0:
                     self.on_checkpoint(self.out)

@@ -15,15 +15,17 @@ Files live in the run folder (`nas.storage.RunStorage`: a local path or a URI ev
     summary.{parquet,csv}, pareto.png, curves.png, best.json
 
 Trial states: COMPLETE (trained to the end), PRUNED (never trained: no candidate, or its label is taken; or
-stopped by ASHA, with its curve), FAIL (failed after its retries, or its driver died), RUNNING (a live driver
-records its heartbeat: another driver on the same study never fails it).
+stopped by ASHA, with its curve), FAIL (failed after its retries, or its driver died), RUNNING (its driver
+records a heartbeat, so another driver on the same study leaves it running while that driver lives).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -66,6 +68,7 @@ TRIAL_FILES = ("architecture.json", "metrics.jsonl", "result.json")
 SHORT, FULL = "short_retrain", "full_distillation"
 HEARTBEAT_S = 30  # a driver records the heartbeat of each trial it runs this often
 GRACE_S = 120  # a RUNNING trial whose heartbeat is older belongs to a dead driver
+REJECTIONS = 20  # proposals in a row that are no free candidate, after which the searcher picks one itself
 
 
 def storage_url(space: SearchSpace, root: str | Path = "trials") -> str:
@@ -133,7 +136,8 @@ def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage]
     if len(val) < space.val_sequences:
         raise ConfigError(f"val_sequences={space.val_sequences}: the validation split ({space.val_fraction:g} of "
                           f"{space.data}) has only {len(val)} sequences; lower val_sequences or raise val_fraction")
-    train = train.select(slice(0, _sequences_needed(space.full_retrain, space.seq_len)))
+    train = train.select(slice(0, max(_sequences_needed(spec, space.seq_len)
+                                      for spec in (space.short_retrain, space.full_retrain))))
     val = val[:space.val_sequences]
     nas_cache = os.environ.get("NAS_CACHE", "")
     short_rows = train.rows[:_sequences_needed(space.short_retrain, space.seq_len)]
@@ -265,8 +269,8 @@ def retrain_config(spec: RetrainSpec, seq_len: int, seed: int, checkpoint_tokens
 
 def final_tokens(spec: RetrainSpec, seq_len: int) -> int:
     """The training tokens of a retrain run to its end (whole steps)."""
-    cfg = retrain_config(spec, seq_len, 0, 1)
-    return cfg.steps(seq_len) * cfg.batch_size * cfg.grad_accum * seq_len
+    step_tokens = spec.batch_size * spec.grad_accum * seq_len
+    return max(1, spec.tokens // step_tokens) * step_tokens
 
 
 def _device(space: SearchSpace) -> torch.device:
@@ -316,7 +320,8 @@ def candidate_inputs(shared: Shared, label: str, promoted: bool, device: torch.d
                          list(arch.layers), topk)
 
 
-def _retrain(shared: Shared, label: str, rel: str, spec, on_eval: Callable[[dict], None], promoted: bool) -> dict:
+def _retrain(shared: Shared, label: str, rel: str, spec, on_eval: Callable[[dict], None], promoted: bool,
+             report_to_tune: bool = False) -> dict:
     """Prune `label` and distil it into the run folder's `rel`; a finished one (its result.json) is not redone, and
     an interrupted one resumes from its newest checkpoint there (`checkpoint/`, written every
     `Shared.checkpoint_tokens`). One worker trains here; more run as a Ray Train job (`nas.workers`) whose folder
@@ -344,7 +349,7 @@ def _retrain(shared: Shared, label: str, rel: str, spec, on_eval: Callable[[dict
         else:
             result = run_on_workers(job, workers, res.gpus_per_worker, res.cpus_per_trial, shared.space.search.retries,
                                     storage_path=f"{storage.uri}/ray_train", name=f"{rel.replace('/', '-')}-{int(time.time())}",
-                                    report_to_tune=not promoted)
+                                    report_to_tune=report_to_tune)
         if promoted:
             from transformers import AutoTokenizer
 
@@ -377,26 +382,29 @@ def _publish(storage: RunStorage, out: Path, rel: str) -> None:
 def _restore_checkpoint(storage: RunStorage, rel: str, out: Path) -> None:
     """Into a URI run's scratch folder: the newest complete checkpoint an interrupted attempt uploaded, and its log."""
     steps = [name for name in storage.listdir(f"{rel}/checkpoint")
-             if storage.exists(f"{rel}/checkpoint/{name}/state.json")]
+             if sharding.STEP_DIR.fullmatch(name) and storage.exists(f"{rel}/checkpoint/{name}/state.json")]
     if steps:
-        newest = max(steps)  # step-000040: zero-padded, so the names sort by step
-        shutil.copytree(storage.fetch(f"{rel}/checkpoint/{newest}"), out / "checkpoint" / newest)
-        shutil.copyfile(storage.fetch(f"{rel}/metrics.jsonl"), out / "metrics.jsonl")
+        newest = max(steps, key=lambda name: int(sharding.STEP_DIR.fullmatch(name).group(1)))
+        storage.download(f"{rel}/checkpoint/{newest}", out / "checkpoint" / newest)
+        if storage.exists(f"{rel}/metrics.jsonl"):
+            storage.download(f"{rel}/metrics.jsonl", out / "metrics.jsonl")
 
 
 def _upload_checkpoint(storage: RunStorage, rel: str, out: Path) -> None:
-    """After each checkpoint of a run in a URI run folder's scratch folder: copy it up (its state.json, the
-    'complete' marker, last) with the log so far, then drop the older one there."""
+    """After each checkpoint of a run in a URI run folder's scratch folder: copy up the log so far (a resume drops
+    what it holds past its checkpoint), then the checkpoint (its state.json, the 'complete' marker, last), then drop
+    the older one there."""
     newest = sharding.latest_checkpoint(out / "checkpoint")
-    storage.upload(newest, f"{rel}/checkpoint/{newest.name}")
     storage.upload(out / "metrics.jsonl", f"{rel}/metrics.jsonl")
+    storage.upload(newest, f"{rel}/checkpoint/{newest.name}")
     for name in storage.listdir(f"{rel}/checkpoint"):
         if name != newest.name:
             storage.remove(f"{rel}/checkpoint/{name}")
 
 
-def run_trial(config: dict[str, Any], shared: Shared, report: Callable[[dict], None] | None = None) -> dict:
+def run_trial(config: dict[str, Any], shared: Shared, report: Callable[[dict], None] | None = None) -> None:
     """One trial: prune the candidate with these axes, distil it briefly, report validation loss by tokens."""
+    in_tune = report is None
     report = report or tune.report
     reported = []
 
@@ -404,16 +412,16 @@ def run_trial(config: dict[str, Any], shared: Shared, report: Callable[[dict], N
         reported.append(m["tokens"])
         report({METRIC: m["val_loss"], "val_kd": m.get("val_kd"), "tokens": m["tokens"], "step": m["step"]})
 
-    result = _retrain(shared, label_of(config), label_of(config), shared.space.short_retrain, on_eval, False)
+    result = _retrain(shared, label_of(config), label_of(config), shared.space.short_retrain, on_eval, False,
+                      report_to_tune=in_tune)
     if not reported:  # finished by an earlier, killed run: report its result once so Optuna records it
         report({METRIC: result["val_loss"], "val_kd": result.get("val_kd"), "tokens": result["tokens"],
                 "step": result["steps"]})
-    return result
 
 
-def replay_trial(shared: Shared, label: str) -> dict:
+def replay_trial(shared: Shared, label: str) -> None:
     """Run one trial in this process, outside Ray and Optuna (debugging, benchmarks)."""
-    return run_trial(dict(zip(AXES, (shared.rows[label][k] for k in AXES))), shared, report=lambda m: None)
+    run_trial(dict(zip(AXES, (shared.rows[label][k] for k in AXES))), shared, report=lambda m: None)
 
 
 def promote(shared: Shared, label: str) -> dict:
@@ -503,26 +511,38 @@ def _process_start(pid: int) -> str | None:
 DRIVER = f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
 
 
-def _dead_driver(driver: str | None) -> bool:
+def _dead_driver(driver: str) -> bool:
     """Whether `driver` (a trial's "driver" attribute) is a process of this machine that has ended."""
-    if not driver:
-        return False
     host, pid, start = driver.rsplit(":", 2)
-    return host == socket.gethostname() and _process_start(int(pid)) != start
+    if host != socket.gethostname():
+        return False
+    if not Path("/proc/self/stat").exists():  # no /proc (macOS): the pid alone says it
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+        return False
+    return _process_start(int(pid)) != start
 
 
 def _fail_dead_trials(study) -> None:
     """Record as failed the RUNNING trials whose driver is gone: at once when it was a process of this machine,
-    else once their heartbeat is older than GRACE_S (Optuna's `fail_stale_trials`). Live trials of another driver
-    on the same study are left alone."""
+    else once their heartbeat is older than GRACE_S (Optuna's `fail_stale_trials`); one that names no driver and
+    has no heartbeat (a driver killed as it asked for it, or an older nas) once it is GRACE_S old. Live trials of
+    another driver on the same study are left alone."""
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
+    now = datetime.datetime.now()
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        if _dead_driver(t.user_attrs.get("driver")):
-            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        driver = t.user_attrs.get("driver")
+        orphan = driver is None and (now - t.datetime_start).total_seconds() > GRACE_S
+        if orphan or driver is not None and _dead_driver(driver):
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
 
 
 def _taken(study) -> dict[str, str]:
@@ -556,7 +576,10 @@ class _Heartbeat:
     def _beat(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
             for trial_id in self.trial_ids():
-                self.storage.record_heartbeat(trial_id)
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except Exception as e:  # a locked or dropped database: the next beat tries again
+                    log.warning("heartbeat of trial %s not recorded: %s", trial_id, e)
 
     def __enter__(self) -> "_Heartbeat":
         self.thread.start()
@@ -614,7 +637,6 @@ def run_search(space: SearchSpace, root: str | Path = "trials", address: str | N
     if n_trials:
         _tune(space, shared, study, storage, enqueue, n_trials, trial_fn, echo)
     _promote_best(space, shared, study, echo)
-    _fail_dead_trials(study)
     return summarize(space, root)
 
 
@@ -682,6 +704,7 @@ class ArchitectureSearch(Searcher):
         self.distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in _choices(rows).items()}
         self.live: dict[str, Any] = {}  # Tune trial id -> its Optuna trial
         self.reported: dict[str, set[int]] = {}
+        self.rng = np.random.default_rng(space.search.seed)
         for label in enqueue:
             study.enqueue_trial({k: rows[label][k] for k in AXES})
 
@@ -698,31 +721,36 @@ class ArchitectureSearch(Searcher):
         with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": ours is _Heartbeat
             warnings.simplefilter("ignore", UserWarning)
             taken = _taken(self.study)
-            if set(self.rows) <= set(taken):
+            free = sorted(set(self.rows) - set(taken))
+            if not free:
                 return Searcher.FINISHED
-            for _ in range(1000):
+            for attempt in itertools.count():
+                if attempt == REJECTIONS:  # TPE keeps proposing taken or infeasible ones: take a free one at random
+                    pick = free[self.rng.integers(len(free))]
+                    self.study.enqueue_trial({k: self.rows[pick][k] for k in AXES})
                 trial = self.study.ask(self.distributions)
-                params = trial.params
-                problem = candidate_problem(self.space, self.config, params) or taken.get(label_of(params))
+                self.storage.record_heartbeat(trial._trial_id)
+                trial.set_user_attr("driver", DRIVER)
+                params, label = trial.params, label_of(trial.params)
+                problem = candidate_problem(self.space, self.config, params) or taken.get(label)
                 if problem is None:
-                    row = self.rows[label_of(params)]
                     for key in ("label", "params", "share_of_parent"):
-                        trial.set_user_attr(key, row[key])
+                        trial.set_user_attr(key, self.rows[label][key])
                     trial.set_user_attr("stage", SHORT)
-                    trial.set_user_attr("driver", DRIVER)
-                    self.storage.record_heartbeat(trial._trial_id)
                     self.live[trial_id] = trial
                     return params
                 trial.set_user_attr("pruned_reason", problem)
                 self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-        return None
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
-        # Tune hands a function trainable's last result over twice (as a result, then as the final one).
+        self._report(trial_id, self.live[trial_id], result)
+
+    def _report(self, trial_id: str, trial, result: dict) -> None:
+        # A retried trial reports again the evaluations its checkpoint had passed: each is recorded once.
         tokens, reported = int(result["tokens"]), self.reported.setdefault(trial_id, set())
         if tokens not in reported:
             reported.add(tokens)
-            self.live[trial_id].report(result[METRIC], tokens)
+            trial.report(result[METRIC], tokens)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         import optuna
@@ -731,13 +759,16 @@ class ArchitectureSearch(Searcher):
         if trial is None:
             return
         if error or not result or METRIC not in result:
-            self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        elif result["tokens"] < self.final:  # stopped early by the scheduler
+            self.study.tell(trial, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+            return
+        # The result ASHA stopped a trial on (the last one, at the end too) never reached on_trial_result.
+        self._report(trial_id, trial, result)
+        if result["tokens"] < self.final:
             trial.set_user_attr("stopped_by", "asha")
             trial.set_user_attr("pruned_reason", f"stopped by ASHA after {result['tokens']:,} of {self.final:,} tokens")
-            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
         else:
-            self.study.tell(trial, result[METRIC])
+            self.study.tell(trial, result[METRIC], skip_if_finished=True)
 
 
 def _tune(space: SearchSpace, shared: Shared, study, storage, enqueue: list[str], n_trials: int, trial_fn: Callable,
@@ -745,7 +776,12 @@ def _tune(space: SearchSpace, shared: Shared, study, storage, enqueue: list[str]
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's console table off (verbose=0 below); nas prints its own lines
-    scheduler = ASHAScheduler(grace_period=1, reduction_factor=2, max_t=space.short_retrain.reports + 1) \
+    # ASHA's rungs in training tokens: the first report's, then doubling up to the end (a retried or resumed trial
+    # reports later tokens from its first report on, which a count of reports would misplace).
+    cfg = retrain_config(space.short_retrain, space.seq_len, space.search.seed, 1)
+    first = cfg.eval_every * cfg.batch_size * cfg.grad_accum * space.seq_len
+    scheduler = ASHAScheduler(time_attr="tokens", grace_period=first, reduction_factor=2,
+                              max_t=final_tokens(space.short_retrain, space.seq_len)) \
         if space.search.asha else FIFOScheduler()
     res = space.resources
     # A multi-worker trial only waits on its Ray Train job, whose workers ask for the CPUs and GPUs themselves.

@@ -135,6 +135,22 @@ class RunStorage:
         pyarrow.fs.copy_files(str(local), tmp, destination_filesystem=self.fs)
         self.fs.move(tmp, remote)
 
+    def download(self, rel: str, local: str | Path) -> None:
+        """Copy file or folder `rel` to the local path `local` (for what is read once, such as a checkpoint to
+        resume from: no copy is kept in the cache)."""
+        local = Path(local)
+        if not self.remote:
+            source = Path(self.base) / rel
+            shutil.copytree(source, local) if source.is_dir() else shutil.copyfile(source, local)
+            return
+        import pyarrow.fs
+
+        if self.fs.get_file_info(self._remote(rel)).type == pyarrow.fs.FileType.Directory:
+            local.mkdir(parents=True)  # copy_files makes the folders inside, not the one it is given
+        else:
+            local.parent.mkdir(parents=True, exist_ok=True)
+        pyarrow.fs.copy_files(self._remote(rel), str(local), source_filesystem=self.fs)
+
     def listdir(self, rel: str) -> list[str]:
         """The names in folder `rel` (none when it does not exist)."""
         if not self.remote:
