@@ -513,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=("core", "distill", "search", "tokens", "plan", "fidelity", "validation"))
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<which>.json)")
+    parser.add_argument("--short-tokens", type=int, default=4096, help="validation: the short retrain's tokens")
     args = parser.parse_args(argv)
     import transformers
 
@@ -523,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.which == "fidelity":
         return bench_fidelity(path)
     if args.which == "validation":
-        figures = bench_validation(path.with_name("validation-runs.json"))
+        path = Path(args.out or RESULTS / f"validation-{args.short_tokens}.json")
+        figures = bench_validation(RESULTS / "validation-runs.json", short=args.short_tokens)
     else:
         figures = {"core": bench_core, "distill": bench_distill, "search": bench_search,
                    "tokens": bench_tokens, "plan": bench_plan}[args.which]()

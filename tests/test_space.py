@@ -1,4 +1,5 @@
 import itertools
+import re
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,29 @@ def test_several_workers_need_a_shared_folder_not_a_uri(tmp_path, tiny_tokenizer
         run_search(space, f"file://{tmp_path}/runs")
     with pytest.raises(ConfigError, match="short_retrain.batch_size=4: must be a multiple of the 3 workers"):
         parse_space(tiny_space(tmp_path, tiny_tokenizer, resources={"workers_per_trial": 3}))
+
+
+def test_a_non_embedding_fraction_is_of_the_parents_non_embedding_count():
+    """`fraction` with `kind: non_embedding` targets that share of the parent's non-embedding parameters, and each
+    child is measured the same way (before, the target came from the parent's total count)."""
+    space = load_space(ROOT / "search_spaces" / "llama-3.1-8b-to-4b.yaml")
+    config = _config(space)
+    space = parse_space({**_raw(space), "budget": {"fraction": 0.5, "tolerance": 0.1, "kind": "non_embedding"}})
+
+    def non_embedding(*axes):
+        return _hf_params(config, *axes) - 2 * config.vocab_size * axes[-1]  # untied: embed_tokens and lm_head
+
+    parent = non_embedding(32, 32, 8, 14336, 4096)
+    expected = {label for label in _expected(space, config, 0, float("inf"))
+                if 0.45 * parent <= non_embedding(*map(int, re.findall(r"\d+", label))) <= 0.55 * parent}
+    rows = enumerate_candidates(space, config)
+    assert expected and {r["label"] for r in rows} == expected
+    assert all(0.45 * parent <= r["counted"] <= 0.55 * parent for r in rows)
+
+
+def _raw(space):
+    """A space back as the mapping its file holds (sections as mappings)."""
+    import dataclasses
+
+    return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+            for k, v in ((f.name, getattr(space, f.name)) for f in dataclasses.fields(space))}
