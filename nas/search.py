@@ -449,7 +449,9 @@ def init_ray(address: str | None, folder: Path, num_cpus: int | None = None) -> 
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from ray._private import ray_constants
 
-    ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before the variable was set
+    # In case Ray was imported before the variable was set (this module imports it). Private, and kept: Ray has no
+    # public setting for a loopback-only node, and without it a private Ray binds the machine's other interfaces.
+    ray_constants.ENABLE_RAY_CLUSTER = False
     # Ray's Unix socket paths (temp dir + ~65 bytes of session name) must stay under 107 bytes, which a run folder
     # deep in a file system would overflow: its files go to a short folder named for the run folder.
     temp = Path(tempfile.gettempdir()) / f"nas-ray-{hashlib.sha1(str(folder).encode()).hexdigest()[:8]}"
