@@ -58,7 +58,11 @@ def _run(cluster, job, root, extra_env=None):
 
 
 def test_ray_job_runs_trials_on_both_nodes_into_postgres(cluster, database, tmp_path, tiny_tokenizer):
-    job, space, root = _job(tmp_path, tiny_tokenizer, database, "cluster")
+    # 400 steps a trial (~10 s): the head has an idle worker that has imported nas (it ran the importance task),
+    # node_b must start one (seconds on 2 loaded cores); shorter trials all finished on the head's reused worker
+    # before node_b's was up.
+    job, space, root = _job(tmp_path, tiny_tokenizer, database, "cluster",
+                            short_retrain={"tokens": 4 * 32 * 400, "reports": 2})
     out, _ = _run(cluster, job, root).communicate(timeout=900)
     assert "succeeded" in out, out[-4000:]
     labels = {r["label"] for r in enumerate_candidates(space, AutoModelForCausalLM.from_pretrained(space.parent).config)}
