@@ -218,13 +218,18 @@ def _intact(folder: Path) -> TokenSet | None:
     return tokens
 
 
-def split(tokens: TokenSet, val_fraction: float, seed: int = 0) -> tuple[TokenSet, TokenSet]:
-    """Deterministic (train, validation) split of whole sequences by a seeded permutation."""
+def validation_size(n: int, val_fraction: float) -> int:
+    """How many of `n` sequences a split keeps for validation."""
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction={val_fraction}: must be in (0, 1)")
-    n = len(tokens)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     n_val = max(1, int(round(n * val_fraction)))
     if n_val >= n:
         raise DataError(f"{n} sequences are too few to split off {val_fraction:.0%} for validation")
+    return n_val
+
+
+def split(tokens: TokenSet, val_fraction: float, seed: int = 0) -> tuple[TokenSet, TokenSet]:
+    """Deterministic (train, validation) split of whole sequences by a seeded permutation."""
+    n_val = validation_size(len(tokens), val_fraction)
+    order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(seed)).numpy()
     return tokens.select(order[n_val:]), tokens.select(order[:n_val])

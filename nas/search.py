@@ -46,7 +46,7 @@ from ray.tune.search import Searcher
 
 from nas import sharding
 from nas.architecture import short_label as label_of
-from nas.data import load_tokens, split
+from nas.data import load_tokens, validation_size
 from nas.distill import DistillConfig
 from nas.errors import ConfigError, NasError
 from nas.files import atomic_dir, write_json
@@ -128,17 +128,23 @@ def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage]
     imp = space.importance
     tokens = load_tokens(space.data, tokenizer, space.seq_len, space.text_field, min_sequences=imp.samples + 2)
     _share_tokens(storage, tokens)
-    # Calibration sequences: a seeded sample of the whole corpus (or its first ones); the rest is split.
-    order = np.random.default_rng(space.search.seed).permutation(len(tokens)) if imp.sampling == "random" \
-        else np.arange(len(tokens))
-    calibration = np.sort(order[:imp.samples])
-    train, val = split(tokens.select(np.sort(order[imp.samples:])), space.val_fraction, space.search.seed)
-    if len(val) < space.val_sequences:
+    # Calibration sequences: a seeded sample of the whole corpus (or its first ones); then, from the rest, the
+    # validation sequences and the training ones, in a seeded order. Only the rows used are drawn (no permutation of
+    # the corpus's rows, which would grow with it); `val_fraction` bounds how many of them validation may take.
+    rng = np.random.default_rng(space.search.seed)
+    n_val = validation_size(len(tokens) - imp.samples, space.val_fraction)
+    if n_val < space.val_sequences:
         raise ConfigError(f"val_sequences={space.val_sequences}: the validation split ({space.val_fraction:g} of "
-                          f"{space.data}) has only {len(val)} sequences; lower val_sequences or raise val_fraction")
-    train = train.select(slice(0, max(_sequences_needed(spec, space.seq_len)
-                                      for spec in (space.short_retrain, space.full_retrain))))
-    val = val[:space.val_sequences]
+                          f"{space.data}) has only {n_val} sequences; lower val_sequences or raise val_fraction")
+    needed = max(_sequences_needed(spec, space.seq_len) for spec in (space.short_retrain, space.full_retrain))
+    drawn = space.val_sequences + min(needed, len(tokens) - imp.samples - n_val)  # (the training part may be short)
+    if imp.sampling == "random":
+        picked = rng.choice(len(tokens), imp.samples + drawn, replace=False)
+        calibration, picked = np.sort(picked[:imp.samples]), picked[imp.samples:]
+    else:
+        calibration = np.arange(imp.samples)
+        picked = imp.samples + rng.choice(len(tokens) - imp.samples, drawn, replace=False)
+    val, train = tokens[picked[:space.val_sequences]], tokens.select(picked[space.val_sequences:])
     nas_cache = os.environ.get("NAS_CACHE", "")
     short_rows = train.rows[:_sequences_needed(space.short_retrain, space.seq_len)]
     args = (space, storage, calibration, short_rows, val, nas_cache)

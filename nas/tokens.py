@@ -32,7 +32,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def write_shards(texts: Iterable[str], tokenizer, seq_len: int, out: str | Path, rows_per_shard: int = 16_384,
                  docs_per_batch: int = 512, meta: dict[str, Any] | None = None) -> Path:
-    """Tokenise documents (a batch of up to `docs_per_batch` documents or 1M characters at a time, through the fast
+    """Tokenise documents (a batch of up to `docs_per_batch` documents or 256K characters at a time, through the fast
     tokenizer's parallel batch encoder), join them with
     EOS, cut them into sequences of `seq_len` and write them as shards; the tail shorter than one sequence is
     dropped. The folder appears only when complete."""
@@ -45,7 +45,8 @@ def write_shards(texts: Iterable[str], tokenizer, seq_len: int, out: str | Path,
             digest = hashlib.sha256()  # of every token written: the content's name for caches keyed on it
             pending = np.empty(0, dtype=dtype)  # tokens not yet in a written shard
             for batch in _batched(texts, docs_per_batch):
-                ids = tokenizer(batch, add_special_tokens=False)["input_ids"]
+                ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False,
+                                return_token_type_ids=False)["input_ids"]
                 joined = [np.asarray(doc + ([eos] if eos is not None else []), dtype=dtype) for doc in ids]
                 pending = np.concatenate([pending, *joined])
                 while pending.size >= rows_per_shard * seq_len:
@@ -62,8 +63,9 @@ def write_shards(texts: Iterable[str], tokenizer, seq_len: int, out: str | Path,
     return out
 
 
-def _batched(texts: Iterable[str], n: int, max_chars: int = 2**20) -> Iterator[list[str]]:
-    """Lists of up to `n` documents and about `max_chars` characters (what one tokenizer call holds at once)."""
+def _batched(texts: Iterable[str], n: int, max_chars: int = 2**18) -> Iterator[list[str]]:
+    """Lists of up to `n` documents and about `max_chars` characters (what one tokenizer call holds at once: its
+    encodings take about 100 bytes a character, and a larger batch is no faster)."""
     batch: list[str] = []
     chars = 0
     for text in texts:
@@ -98,7 +100,8 @@ class TokenSet:
         self.seq_len = int(self.index["seq_len"])
         self.dtype = np.dtype(self.index["dtype"])
         self.starts = np.cumsum([0, *self.index["shard_rows"]])
-        self.rows = np.arange(self.starts[-1]) if rows is None else np.asarray(rows, dtype=np.int64)
+        # Row numbers in the shards; None for all of them (kept as no array: it would grow with the corpus).
+        self.rows = None if rows is None else np.asarray(rows, dtype=np.int64)
         self._maps: dict[int, np.memmap] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -108,18 +111,18 @@ class TokenSet:
         self.__init__(state["folder"], state["rows"])
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return int(self.starts[-1]) if self.rows is None else len(self.rows)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return len(self.rows), self.seq_len
+        return len(self), self.seq_len
 
     def select(self, rows: np.ndarray | Tensor | slice) -> TokenSet:
         """A view of some of these sequences (row numbers relative to this set)."""
-        return TokenSet(self.folder, self.rows[_as_rows(rows)])
+        return TokenSet(self.folder, self._in_shards(rows))
 
     def __getitem__(self, rows: np.ndarray | Tensor | list[int] | slice) -> Tensor:
-        chosen = np.atleast_1d(self.rows[_as_rows(rows)])
+        chosen = np.atleast_1d(self._in_shards(rows))
         out = np.empty((len(chosen), self.seq_len), dtype=np.int64)
         shard_of = np.searchsorted(self.starts, chosen, side="right") - 1
         for n, (shard, row) in enumerate(zip(shard_of.tolist(), chosen.tolist())):
@@ -132,7 +135,20 @@ class TokenSet:
 
     def fingerprint(self) -> str:
         """Which tokens these are: the shards' content hash and the selected rows (no shard is read)."""
-        return hashlib.sha256(self.index["sha256"].encode() + self.rows.tobytes()).hexdigest()[:16]
+        rows = b"all" if self.rows is None else self.rows.tobytes()
+        return hashlib.sha256(self.index["sha256"].encode() + rows).hexdigest()[:16]
+
+    def _in_shards(self, rows: np.ndarray | Tensor | list[int] | slice) -> np.ndarray:
+        """The shard row numbers of `rows` (numbered within this set), indexed as numpy indexes."""
+        rows = _as_rows(rows)
+        if self.rows is not None:
+            return self.rows[rows]
+        n = len(self)
+        if isinstance(rows, slice):
+            return np.arange(*rows.indices(n))
+        if rows.size and (rows.min() < -n or rows.max() >= n):
+            raise IndexError(f"rows {rows.min()}..{rows.max()} are out of range for {n} sequences")
+        return np.where(rows < 0, rows + n, rows)
 
     def _map(self, shard: int) -> np.memmap:
         if shard not in self._maps:

@@ -58,7 +58,7 @@ def test_a_vocabulary_beyond_uint16_is_stored_as_uint32(tmp_path):
         def __len__(self):
             return 70_001
 
-        def __call__(self, batch, add_special_tokens=False):
+        def __call__(self, batch, **options):
             return {"input_ids": [[65_536 + len(t), 69_999] for t in batch]}
 
     write_shards(["ab", "abc"], Big(), 3, tmp_path / "s")

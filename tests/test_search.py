@@ -235,7 +235,7 @@ print(json.dumps({"start": start, "peak": resident_bytes(peak=True), "train_rows
 def test_driver_memory_does_not_grow_with_the_corpus(tmp_path, tiny_tokenizer):
     """`prepare` (tokenising, sharing the shards, importance and the teacher cache in a Ray task) in a fresh driver
     process, on a corpus of 12 MB and of 60 MB: the driver's peak memory grows by less than half of what holding
-    the larger corpus would add (its text alone is 48 MB more; its 20M token ids 40 MB as uint16)."""
+    the larger corpus would add (its text alone is 48 MB more; its 32M more token ids 64 MB as uint16)."""
     import subprocess
 
     import yaml
