@@ -59,6 +59,19 @@ def cmd_importance(args) -> None:
           f"(base loss {imp.base_loss:.4f})")
 
 
+def cmd_arch(args) -> None:
+    from nas.architecture import Architecture
+    from nas.parents import parent_config
+
+    text = json.dumps(Architecture.of_config(parent_config(args.parent)).to_dict(), indent=2) + "\n"
+    if args.out:
+        from nas.files import atomic_path
+
+        with atomic_path(args.out) as tmp:
+            tmp.write_text(text)
+    print(text, end="")
+
+
 def cmd_prune(args) -> None:
     import math
 
@@ -334,6 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-sizes", type=int, nargs="*", default=[], help="contiguous layer-block sizes to score")
     p.add_argument("--batch-size", type=int, default=8)
     p.set_defaults(func=cmd_importance)
+
+    p = sub.add_parser("arch", help="print a parent's own architecture (every layer kept) as `nas prune --arch` JSON")
+    p.add_argument("--parent", default="smollm2-135m")
+    p.add_argument("--out", default=None, help="also write it to this file, to edit into a child")
+    p.set_defaults(func=cmd_arch)
 
     p = sub.add_parser("prune", help="cut one architecture from a parent")
     p.add_argument("--parent", default="smollm2-135m")

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from nas import losses, sharding
 from nas.errors import ConfigError, TrainingError
+from nas.families import logit_map
 from nas.files import atomic_dir, atomic_path, write_json
 from nas.teacher_cache import TeacherTopK, TopKShards
 
@@ -205,7 +206,7 @@ class Distiller:
         autocast = self._autocast()
         teacher_states: list[Tensor] = []
         targets = losses.LogitTargets(kd=cfg.kd, temperature=cfg.temperature, labels=tokens.roll(-1, 1),
-                                      ce_weight=cfg.ce_weight)
+                                      ce_weight=cfg.ce_weight, logit_map=logit_map(self.student.config))
         if self.teacher is not None and (self.topk is None or self.intermediate):
             with torch.no_grad(), autocast, capture_states(self.teacher, self.layer_map if self.intermediate else []) as ts:
                 teacher_hidden = losses.final_hidden(self.teacher, tokens)
@@ -283,7 +284,8 @@ class Distiller:
         for batch in self.val.split(self.cfg.batch_size):
             batch = batch.to(self.device)
             mask = torch.ones(batch.shape, dtype=torch.bool, device=self.device)
-            targets = losses.LogitTargets(kd="none", labels=batch.roll(-1, 1), ce_weight=1.0)
+            targets = losses.LogitTargets(kd="none", labels=batch.roll(-1, 1), ce_weight=1.0,
+                                          logit_map=logit_map(self.student.config))
             with autocast:
                 if with_kd:
                     targets = dataclasses.replace(targets, kd="forward",

@@ -1,9 +1,9 @@
-"""Model-family adapters: where each family keeps its heads, neurons, channels, norms and layers.
+"""Model families as data over block units (`nas.blocks`): which units a decoder layer holds, which norms sit
+where, and the quirks of the embeddings and logits. Importance, pruning and parameter counts read these entries;
+adding a dense family is one entry in `FAMILIES` plus its tiny config in the tests.
 
-Every supported family shares HF's Llama layout (`model.embed_tokens`, `model.layers[i].self_attn.{q,k,v,o}_proj`,
-`.mlp.{gate,up,down}_proj`, `.input_layernorm`, `.post_attention_layernorm`, `model.norm`, `lm_head`), so an
-adapter only states what differs: gating, biases, norm type and per-head q/k norms. Importance and pruning are
-written once against these facts.
+Every family here keeps HF's decoder layout: `model.embed_tokens`, `model.layers[i]` holding `self_attn` and
+`mlp`, `model.norm`, `lm_head` (tied or not).
 """
 
 from __future__ import annotations
@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from nas.architecture import Architecture
+from nas.blocks import MLP, Attention, Norm
 from nas.errors import ArchitectureError, UnsupportedModelError
+
+PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # Llama: before attention, before the MLP
+SANDWICH_NORMS = (*PRE_NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma 2/3: around both
+POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # OLMo 2/3: on each block's output
 
 
 @dataclass(frozen=True)
@@ -21,45 +26,49 @@ class Family:
 
     Attributes:
         model_type: HF `config.model_type`.
-        gated_mlp: SwiGLU-style `gate_proj`; False for Nemotron's squared-ReLU `up_proj -> down_proj`.
-        layernorm: LayerNorm with bias (Nemotron's LayerNorm1P) rather than RMSNorm.
-        qk_norm: per-head RMSNorm on queries and keys (Qwen3), of size `head_dim`.
-        qkv_bias_always: q/k/v projections always carry a bias (Qwen2), whatever the config says.
-        bias_key: config key that switches q/k/v/o biases on, or None when the family has none.
+        attention, mlp, norm: the block units of its decoder layers (`norm` is the kind of every norm).
+        layer_norms: the norms of a decoder layer, by module name; each is scored for the hidden channels and
+            sliced with them.
+        scaled_embedding: the embedding output is multiplied by sqrt(hidden_size) (Gemma), a factor that changes
+            with the child's width.
     """
 
     model_type: str
-    gated_mlp: bool = True
-    layernorm: bool = False
-    qk_norm: bool = False
-    qkv_bias_always: bool = False
-    bias_key: str | None = "attention_bias"
+    attention: Attention = Attention()
+    mlp: MLP = MLP()
+    norm: Norm = Norm()
+    layer_norms: tuple[str, ...] = PRE_NORMS
+    scaled_embedding: bool = False
+
+    def slice_axes(self, name: str) -> tuple[str | None, ...]:
+        """Which kept-index set each dimension of the parameter `name` (as in the state dict) is sliced by."""
+        parts = name.split(".")
+        if parts[:2] == ["model", "layers"]:
+            inner = ".".join(parts[3:])
+            if inner in self._layer_axes:
+                return self._layer_axes[inner]
+        elif name in _OUTSIDE_LAYERS:
+            return _OUTSIDE_LAYERS[name]
+        raise AssertionError(f"{self.model_type}: no slicing rule for parameter {name}")
 
     @property
-    def neuron_module(self) -> str:
-        """The MLP projection whose output is the paper's pre-activation `X W1^T` (§2.2)."""
-        return "gate_proj" if self.gated_mlp else "up_proj"
+    def _layer_axes(self) -> dict[str, tuple[str | None, ...]]:
+        norms = {f"{n}.{kind}": axes for n in self.layer_norms for kind, axes in self.norm.slice_axes.items()}
+        return {**self.attention.slice_axes, **self.mlp.slice_axes, **norms}
 
-    def biases(self, config: Any) -> tuple[bool, bool, bool]:
-        """(q/k/v bias, o bias, MLP bias) for a config of this family."""
-        attn = bool(self.bias_key and getattr(config, self.bias_key, False))
-        mlp = bool(getattr(config, "mlp_bias", False))
-        return attn or self.qkv_bias_always, attn, mlp
+    def is_norm(self, name: str) -> bool:
+        """Whether the parameter `name` is the weight of a norm over the hidden channels."""
+        parts = name.split(".")
+        return parts[-1] == "weight" and (name == "model.norm.weight" or parts[-2] in self.layer_norms)
 
     def num_parameters(self, config: Any, arch: Architecture) -> int:
         """Exact parameter count of the child `arch` of a parent with `config` (no weights needed)."""
-        qkv_bias, o_bias, mlp_bias = self.biases(config)
-        h, d, i = arch.hidden_size, arch.head_dim, arch.intermediate_size
-        q, kv = arch.num_attention_heads * d, arch.num_key_value_heads * d
-        norm = 2 * h if self.layernorm else h
-        attention = h * (q + 2 * kv) + q * h + qkv_bias * (q + 2 * kv) + o_bias * h
-        attention += 2 * d if self.qk_norm else 0
-        mlp_mats = 3 if self.gated_mlp else 2
-        mlp = mlp_mats * h * i + mlp_bias * ((mlp_mats - 1) * i + h)
-        per_layer = attention + mlp + 2 * norm
+        h = arch.hidden_size
+        per_layer = self.attention.num_parameters(config, arch) + self.mlp.num_parameters(config, arch) + \
+            len(self.layer_norms) * self.norm.num_parameters(h)
         vocab = config.vocab_size * h
         lm_head = 0 if getattr(config, "tie_word_embeddings", False) else vocab
-        return arch.num_hidden_layers * per_layer + vocab + lm_head + norm
+        return arch.num_hidden_layers * per_layer + vocab + lm_head + self.norm.num_parameters(h)
 
     def check_child(self, config: Any, arch: Architecture) -> None:
         """Raise if `arch` is not a sub-architecture of the parent `config`."""
@@ -88,7 +97,8 @@ class Family:
         data = config.to_dict()
         parent_layers = config.num_hidden_layers
         for key, value in data.items():
-            # Per-layer lists (e.g. Qwen2's `layer_types`) must follow the kept layers.
+            # Per-layer lists (`layer_types`' sliding and full layers, SmolLM3's `no_rope_layers`) follow the kept
+            # layers.
             if isinstance(value, list) and len(value) == parent_layers and key != "architectures":
                 data[key] = [value[i] for i in arch.layers]
         data.update({k: v for k, v in arch.to_dict().items() if k != "layers"})
@@ -100,23 +110,60 @@ class Family:
             raise ArchitectureError(f"{arch.short()}: {type(config).__name__} rejects it: {reason}") from None
 
 
+_OUTSIDE_LAYERS: dict[str, tuple[str | None, ...]] = {
+    "model.embed_tokens.weight": (None, "hidden"),
+    "lm_head.weight": (None, "hidden"),
+    "model.norm.weight": ("hidden",),
+    "model.norm.bias": ("hidden",),
+}
+
+_GEMMA = dict(norm=Norm("rms_1p"), layer_norms=SANDWICH_NORMS, scaled_embedding=True)
+
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
         Family("llama"),
-        Family("mistral", bias_key=None),
-        Family("qwen2", qkv_bias_always=True, bias_key=None),
-        Family("qwen3", qk_norm=True),
-        Family("nemotron", gated_mlp=False, layernorm=True),
+        Family("mistral", attention=Attention(bias_key=None)),
+        Family("qwen2", attention=Attention(bias_key=None, qkv_bias_always=True)),
+        Family("qwen3", attention=Attention(qk_norm="head")),
+        Family("nemotron", mlp=MLP(gated=False), norm=Norm("layernorm_1p")),
+        Family("gemma2", **_GEMMA),
+        Family("gemma3_text", attention=Attention(qk_norm="head"), **_GEMMA),
+        Family("phi3", attention=Attention(fused_qkv=True, bias_key=None), mlp=MLP(fused=True)),
+        Family("smollm3"),
+        Family("olmo2", attention=Attention(qk_norm="all"), layer_norms=POST_NORMS),
+        Family("olmo3", attention=Attention(qk_norm="all"), layer_norms=POST_NORMS),
+        Family("granite"),
     )
+}
+
+#: Families transformers knows that these units do not describe yet, and what they lack.
+NOT_YET: dict[str, str] = {
+    **{t: "its layers route tokens to experts (a mixture-of-experts block unit)"
+       for t in ("qwen3_moe", "mixtral", "gpt_oss", "olmoe", "granitemoe", "phimoe", "deepseek_v3", "qwen3_5_moe_text")},
+    **{t: "its layers mix Mamba2 / linear-attention blocks with attention (hybrid block units)"
+       for t in ("nemotron_h", "qwen3_next", "qwen3_5_text", "jamba", "falcon_h1", "granitemoehybrid")},
+    "gemma4_text": "its layers take per-layer input embeddings (hidden_size_per_layer_input) and share KV caches "
+                   "across layers (num_kv_shared_layers), which no block unit slices yet",
+    "gemma3": "it is the multimodal Gemma 3; give the text model (model_type gemma3_text, e.g. Gemma 3 270M/1B)",
 }
 
 
 def family_of(config: Any) -> Family:
-    """The adapter for a config, or one clear error listing the supported families."""
+    """The family of a config, or one clear error: what is missing for a known family, else the supported ones."""
     model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise UnsupportedModelError(
-            f"model_type={model_type!r} is not supported; supported families: {', '.join(sorted(FAMILIES))}"
-        )
-    return FAMILIES[model_type]
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    supported = ", ".join(sorted(FAMILIES))
+    if model_type in NOT_YET:
+        raise UnsupportedModelError(f"model_type={model_type!r} is not supported yet: {NOT_YET[model_type]}; "
+                                    f"supported families: {supported}")
+    raise UnsupportedModelError(f"model_type={model_type!r} is not supported; supported families: {supported}")
+
+
+def logit_map(config: Any) -> tuple[float, float | None]:
+    """(scale, softcap) that a family's forward applies to `hidden @ lm_head.T`: Granite divides by
+    `logits_scaling`, Gemma 2 caps with `final_logit_softcapping` (tanh(x / cap) * cap). The chunked losses and the
+    teacher cache apply the same, so that they see the logits the model's own forward gives."""
+    return 1.0 / float(getattr(config, "logits_scaling", None) or 1.0), \
+        getattr(config, "final_logit_softcapping", None) or None

@@ -159,7 +159,8 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
     acc: dict[str, Any] = {
         "heads": [_Running(settings.batch_agg) for _ in layers],
         "neurons": [_Running(settings.batch_agg) for _ in layers],
-        "norms": [_Running(settings.batch_agg) for _ in range(2 * len(layers) + 1)],
+        # Every layer norm's output, in layer order, then the final norm's.
+        "norms": [_Running(settings.batch_agg) for _ in range(len(family.layer_norms) * len(layers) + 1)],
         "bi_sum": torch.zeros(len(layers), dtype=torch.float64),
         "bi_tokens": 0,
     }
@@ -168,8 +169,8 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
     def heads_hook(i: int):
         grams: list[Tensor] = []  # computed at the first call, on the layer's device, with its weight in place
 
-        def hook(o_proj, args):
-            x = args[0].float().unflatten(-1, (-1, head_dim))  # [B, S, H, d]: per-head outputs before o_proj
+        def record(o_proj, x):
+            x = x.float().unflatten(-1, (-1, head_dim))  # [B, S, H, d]: per-head outputs before o_proj
             if settings.head_source == "attn":
                 norms = x.norm(dim=-1)
             else:
@@ -181,12 +182,10 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
                         grams.append(torch.einsum("ohd,ohe->hde", w, w))
                 norms = torch.einsum("bshd,hde,bshe->bsh", x, grams[0], x).clamp_min(0).sqrt()
             acc["heads"][i].add(_over_sequence(norms, seq))
-        return hook
+        return record
 
-    def neurons_hook(i: int, pre: bool):
-        def hook(_mod, args, out=None):
-            acc["neurons"][i].add(_over_sequence(out if pre else args[0], seq))
-        return hook
+    def neurons_record(i: int):
+        return lambda x: acc["neurons"][i].add(_over_sequence(x, seq))
 
     def norm_hook(j: int):
         def hook(_mod, _args, out):
@@ -204,16 +203,14 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
         return hook
 
     handles = []
+    per_layer = len(family.layer_norms)
     for i, layer in enumerate(layers):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(heads_hook(i)))
-        if settings.neuron_source == "pre":
-            handles.append(getattr(layer.mlp, family.neuron_module).register_forward_hook(neurons_hook(i, True)))
-        else:
-            handles.append(layer.mlp.down_proj.register_forward_pre_hook(neurons_hook(i, False)))
-        handles.append(layer.input_layernorm.register_forward_hook(norm_hook(2 * i)))
-        handles.append(layer.post_attention_layernorm.register_forward_hook(norm_hook(2 * i + 1)))
+        handles += family.attention.hooks(layer, heads_hook(i))
+        handles += family.mlp.hooks(layer, settings.neuron_source == "pre", neurons_record(i))
+        handles += [getattr(layer, name).register_forward_hook(norm_hook(per_layer * i + n))
+                    for n, name in enumerate(family.layer_norms)]
         handles.append(layer.register_forward_hook(bi_hook(i), with_kwargs=True))
-    handles.append(_decoder(model).norm.register_forward_hook(norm_hook(2 * len(layers))))
+    handles.append(_decoder(model).norm.register_forward_hook(norm_hook(per_layer * len(layers))))
     try:
         yield acc
     finally:

@@ -128,6 +128,18 @@ class LogitTargets:
     topk_index: Tensor | None = None  # [B, S, K]
     labels: Tensor | None = None
     ce_weight: float = 0.0
+    # (scale, softcap) the model family applies to `hidden @ head.T`, student and teacher alike (`nas.families`).
+    logit_map: tuple[float, float | None] = (1.0, None)
+
+
+def mapped_logits(logits: Tensor, logit_map: tuple[float, float | None]) -> Tensor:
+    """`logits` as the family's forward leaves them: multiplied by the scale, then capped at +-softcap by tanh."""
+    scale, softcap = logit_map
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits
 
 
 def logit_losses(hidden: Tensor, head: Tensor, mask: Tensor, targets: LogitTargets,
@@ -164,7 +176,7 @@ def logit_losses(hidden: Tensor, head: Tensor, mask: Tensor, targets: LogitTarge
         # Evaluation: a Function sees its inputs' requires_grad even under no_grad, and would build the gradients
         # (an fp32 [V, D] for the head) that nothing reads.
         flat, head = flat.detach(), head.detach()
-    loss = _ChunkedHeadLoss.apply(flat, head, chunk_loss, max(1, chunk_tokens))
+    loss = _ChunkedHeadLoss.apply(flat, head, chunk_loss, max(1, chunk_tokens), targets.logit_map)
     return {"loss": loss, **parts}
 
 
@@ -184,7 +196,8 @@ def _kd_tokens(log_probs: Tensor, rows: slice, targets: LogitTargets) -> Tensor:
     if targets.topk_logprobs is not None:
         return _topk_forward_kl_tokens(log_probs, targets.topk_logprobs.flatten(0, 1)[rows],
                                        targets.topk_index.flatten(0, 1)[rows])
-    teacher = _teacher_log_softmax(F.linear(targets.teacher_hidden.flatten(0, 1)[rows], targets.teacher_head),
+    teacher = _teacher_log_softmax(mapped_logits(F.linear(targets.teacher_hidden.flatten(0, 1)[rows],
+                                                          targets.teacher_head), targets.logit_map),
                                    targets.temperature)
     return (_forward_kl_tokens if targets.kd == "forward" else _reverse_kl_tokens)(log_probs, teacher)
 
@@ -195,7 +208,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     place as it appears (no [V, D] temporary per chunk), and backward only scales the stored gradients."""
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, head: Tensor, chunk_loss, chunk_tokens: int) -> Tensor:
+    def forward(ctx, hidden: Tensor, head: Tensor, chunk_loss, chunk_tokens: int,
+                logit_map: tuple[float, float | None]) -> Tensor:
         want_hidden, want_head = ctx.needs_input_grad[:2]
         grad_hidden = torch.zeros_like(hidden, dtype=torch.float32) if want_hidden else None
         grad_head = torch.zeros_like(head, dtype=torch.float32) if want_head else None
@@ -211,8 +225,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             def logits(h: Tensor = h) -> Tensor:
                 out = F.linear(h, weight)
                 if want_head:
-                    out.register_hook(fold)
-                return out
+                    out.register_hook(fold)  # the gradient of the head's own output, before the family's map
+                return mapped_logits(out, logit_map)
 
             with torch.enable_grad():
                 loss = chunk_loss(logits, rows)
@@ -229,7 +243,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     def backward(ctx, grad_output: Tensor):
         saved = iter(ctx.saved_tensors)  # ours alone, and backward runs once: scaled in place
         out = [next(saved).mul_(grad_output) if needed else None for needed in ctx.needs_input_grad[:2]]
-        return tuple(g.to(d) if g is not None else None for g, d in zip(out, ctx.dtypes)) + (None, None)
+        return tuple(g.to(d) if g is not None else None for g, d in zip(out, ctx.dtypes)) + (None, None, None)
 
 
 def final_hidden(model: nn.Module, tokens: Tensor) -> Tensor:

@@ -310,14 +310,27 @@ def saved_bytes_per_layer(config: Any, batch: int, seq_len: int, dtype: torch.dt
                                       **({"layer_types": config.layer_types[:1]} if getattr(config, "layer_types", None)
                                          else {})})
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(one, dtype=dtype, attn_implementation=_TRACE_ATTENTION)
+        model = AutoModelForCausalLM.from_config(one, dtype=dtype)
+        # Where SDPA cannot run the family's attention (Gemma 2's logit softcap), transformers picks eager attention,
+        # which keeps the seq_len^2 scores: trace what a real run takes.
+        if model.config._attn_implementation != "eager":
+            model = AutoModelForCausalLM.from_config(one, dtype=dtype, attn_implementation=_TRACE_ATTENTION)
     model.train()
     decoder = model.model
     x = torch.empty(batch, seq_len, config.hidden_size, dtype=dtype, device="meta", requires_grad=True)
     positions = torch.arange(seq_len, device="meta")[None].expand(batch, seq_len)
-    rotary = decoder.rotary_emb(x, positions)
+    rotary = rotary_embeddings(decoder, x, positions)
     return saved_bytes(model, lambda: decoder.layers[0](x, attention_mask=None, position_embeddings=rotary,
                                                         position_ids=positions))
+
+
+def rotary_embeddings(decoder: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor):
+    """The (cos, sin) a decoder's first layer takes: Gemma 3 keeps one rotary base per layer type."""
+    import inspect
+
+    if "layer_type" in inspect.signature(decoder.rotary_emb.forward).parameters:
+        return decoder.rotary_emb(x, positions, decoder.config.layer_types[0])
+    return decoder.rotary_emb(x, positions)
 
 
 def saved_bytes(model: torch.nn.Module, run) -> int:

@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from nas.files import atomic_path
-from nas.losses import final_hidden
+from nas.families import logit_map as family_logit_map
+from nas.losses import final_hidden, mapped_logits
 from nas.importance import fingerprint_model, fingerprint_tokens, input_device
 from nas.storage import RunStorage
 
@@ -58,11 +59,12 @@ def compute_topk(teacher: nn.Module, tokens: Tensor, k: int, temperature: float 
     device = input_device(teacher)
     k = min(k, teacher.config.vocab_size)
     head = teacher.get_output_embeddings()
+    logit_map = family_logit_map(teacher.config)
     values, indices = [], []
     for batch in tokens.split(batch_size):
         hidden = final_hidden(teacher, batch.to(device)).flatten(0, 1)
         for chunk in hidden.split(chunk_tokens):
-            logprobs = F.log_softmax(head(chunk).float() / temperature, dim=-1)
+            logprobs = F.log_softmax(mapped_logits(head(chunk).float(), logit_map) / temperature, dim=-1)
             top = logprobs.topk(k, dim=-1)
             values.append(top.values.to(dtype).cpu())
             indices.append(top.indices.to(torch.int32).cpu())

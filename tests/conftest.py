@@ -34,10 +34,35 @@ TINY_CONFIGS = {
     "nemotron": lambda: NemotronConfig(**_COMMON, partial_rotary_factor=0.5, attention_bias=True, mlp_bias=True),
 }
 
+_IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)  # inside the tiny vocabulary
+_SLIDING = dict(sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2)
+
+
+def _stock(model_type: str, **extra):
+    from transformers import AutoConfig
+
+    return lambda: AutoConfig.for_model(model_type, **_COMMON, **_IDS, **extra)
+
+
+#: The families added on block units, each with its quirks switched on (softcaps, multipliers, sliding windows),
+#: run through the per-family checks of tests/test_families.py.
+FAMILY_CONFIGS = {
+    "gemma2": _stock("gemma2", **_SLIDING, query_pre_attn_scalar=16, final_logit_softcapping=3.0,
+                     attn_logit_softcapping=5.0),
+    "gemma3_text": _stock("gemma3_text", **_SLIDING, query_pre_attn_scalar=16),
+    "phi3": _stock("phi3", tie_word_embeddings=False),
+    "smollm3": _stock("smollm3", no_rope_layers=[1, 0, 1, 0]),
+    "olmo2": _stock("olmo2"),
+    "olmo3": _stock("olmo3", **_SLIDING),
+    "granite": _stock("granite", embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                      logits_scaling=4.0),
+}
+ALL_CONFIGS = {**TINY_CONFIGS, **FAMILY_CONFIGS}
+
 
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(ALL_CONFIGS[name](), dtype=torch.float32).eval()
     with torch.no_grad():  # stock init is near-identity noise; wider weights make pruning effects visible
         for p in model.parameters():
             if p.dim() == 1:

@@ -2,7 +2,7 @@ import random
 
 import pytest
 
-from conftest import TINY_CONFIGS, tiny_model
+from conftest import ALL_CONFIGS, TINY_CONFIGS, tiny_model
 from nas.architecture import Architecture
 from nas.errors import ArchitectureError, UnsupportedModelError
 from nas.families import FAMILIES, family_of
@@ -45,7 +45,7 @@ def test_parameter_count_matches_materialised_model(name):
 
 
 def test_every_family_has_a_tiny_model():
-    assert {TINY_CONFIGS[n]().model_type for n in TINY_CONFIGS} == set(FAMILIES)
+    assert {ALL_CONFIGS[n]().model_type for n in ALL_CONFIGS} == set(FAMILIES)
 
 
 def test_json_round_trip_uses_hf_keys():
@@ -80,7 +80,8 @@ def test_child_wider_than_parent_is_rejected():
 def test_unknown_family_lists_supported_ones():
     from transformers import GPT2Config
 
-    with pytest.raises(UnsupportedModelError, match="supported families: llama, mistral, nemotron, qwen2, qwen3"):
+    with pytest.raises(UnsupportedModelError, match="supported families: gemma2, gemma3_text, granite, llama, mistral, "
+                                                    "nemotron, olmo2, olmo3, phi3, qwen2, qwen3, smollm3$"):
         family_of(GPT2Config())
 
 

@@ -1,0 +1,20 @@
+"""Block units: the parts a decoder layer is made of, each written once.
+
+A unit knows, for the modules it names inside a decoder layer (`self_attn.`, `mlp.`, a norm):
+- its prunable widths, as the HF config keys of `Architecture` (`num_attention_heads`, `intermediate_size`, ...);
+- `num_parameters(config, arch)`: its exact parameter count in a child;
+- `slice_axes`: for each of its parameters (by name inside the layer), which kept-index set each dimension is
+  sliced by ("hidden": residual channels; "q"/"kv": rows of kept query/KV heads; "mlp": neurons; None: whole),
+  shared by in-memory `prune` and streamed `prune_checkpoint`;
+- `indices(...)`: the kept-index sets it adds (fused projections need composite rows);
+- `hooks(layer, record)`: where importance reads its activations.
+
+A model family (`nas.families`) is then data: which units a layer holds, which norms sit where, and the quirks
+of its embeddings and logits.
+"""
+
+from nas.blocks.attention import Attention
+from nas.blocks.mlp import MLP
+from nas.blocks.norm import Norm
+
+__all__ = ["MLP", "Attention", "Norm"]

@@ -1,0 +1,71 @@
+"""Attention unit: grouped-query attention with `q_proj`, `k_proj`, `v_proj` (or Phi-3's fused `qkv_proj`) and
+`o_proj`, optional biases and optional q/k norms. Its prunable widths are `num_attention_heads` and
+`num_key_value_heads` (whole heads; `head_dim` stays the parent's)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Attributes:
+        fused_qkv: one `qkv_proj` whose rows are all query heads, then the key heads, then the value heads.
+        qk_norm: None; "head" for a norm of size `head_dim` shared by every head (Qwen3, Gemma 3); "all" for one
+            over all heads at once (OLMo 2: sizes H * head_dim and KV * head_dim, sliced with the heads).
+        bias_key: the config key that turns on q/k/v/o biases, or None when the family has none.
+        qkv_bias_always: q/k/v always carry a bias (Qwen2), whatever the config says.
+    """
+
+    fused_qkv: bool = False
+    qk_norm: str | None = None
+    bias_key: str | None = "attention_bias"
+    qkv_bias_always: bool = False
+
+    def biases(self, config: Any) -> tuple[bool, bool]:
+        """(q/k/v bias, o bias) for a config of this family."""
+        on = bool(self.bias_key and getattr(config, self.bias_key, False))
+        return on or self.qkv_bias_always, on
+
+    def num_parameters(self, config: Any, arch: Any) -> int:
+        qkv_bias, o_bias = self.biases(config)
+        h, d = arch.hidden_size, arch.head_dim
+        q, kv = arch.num_attention_heads * d, arch.num_key_value_heads * d
+        norms = {None: 0, "head": 2 * d, "all": q + kv}[self.qk_norm]
+        return h * (q + 2 * kv) + q * h + qkv_bias * (q + 2 * kv) + o_bias * h + norms
+
+    @property
+    def slice_axes(self) -> dict[str, tuple[str | None, ...]]:
+        if self.fused_qkv:
+            out = {"self_attn.qkv_proj.weight": ("qkv", "hidden"), "self_attn.qkv_proj.bias": ("qkv",)}
+        else:
+            out = {f"self_attn.{p}_proj.{kind}": (rows, "hidden") if kind == "weight" else (rows,)
+                   for p, rows in (("q", "q"), ("k", "kv"), ("v", "kv")) for kind in ("weight", "bias")}
+        out.update({"self_attn.o_proj.weight": ("hidden", "q"), "self_attn.o_proj.bias": ("hidden",)})
+        per_head = self.qk_norm == "head"
+        out.update({"self_attn.q_norm.weight": (None,) if per_head else ("q",),
+                    "self_attn.k_norm.weight": (None,) if per_head else ("kv",)})
+        return out
+
+    def indices(self, q_heads: Tensor, kv_heads: Tensor, head_dim: int, parent: Any) -> dict[str, Tensor]:
+        """Rows of the kept query and KV heads, and, fused, of `qkv_proj`."""
+        q, kv = _rows(q_heads, head_dim), _rows(kv_heads, head_dim)
+        out = {"q": q, "kv": kv}
+        if self.fused_qkv:
+            q_width, kv_width = parent.num_attention_heads * head_dim, parent.num_key_value_heads * head_dim
+            out["qkv"] = torch.cat([q, q_width + kv, q_width + kv_width + kv])
+        return out
+
+    @staticmethod
+    def hooks(layer: nn.Module, record: Callable[[nn.Module, Tensor], None]) -> list:
+        """Heads are scored at the output projection's input: the heads' outputs side by side."""
+        return [layer.self_attn.o_proj.register_forward_pre_hook(lambda o_proj, args: record(o_proj, args[0]))]
+
+
+def _rows(heads: Tensor, head_dim: int) -> Tensor:
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()

@@ -1,0 +1,174 @@
+"""The families written as data over block units (nas/families.py), each checked against its stock HF model:
+keep-all pruning is the parent, a child cut on every axis is a stock checkpoint, counts and plans match what is
+built, and KD sees the logits the family's own forward gives (softcaps and scalings included)."""
+
+import json
+import random
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import FAMILY_CONFIGS, tiny_model
+from nas import losses
+from nas.architecture import Architecture
+from nas.cli import main
+from nas.errors import UnsupportedModelError
+from nas.families import family_of, logit_map
+from nas.importance import ImportanceSettings, compute_importance
+from nas.plan import rotary_embeddings, saved_bytes, saved_bytes_per_layer
+from nas.prune import prune, prune_checkpoint
+from nas.teacher_cache import compute_topk
+
+FAMILIES = sorted(FAMILY_CONFIGS)
+TOKENS = torch.randint(3, 320, (4, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _importances(model):
+    return compute_importance(model, TOKENS, ImportanceSettings(drop_samples=2, batch_size=4))
+
+
+def _cut(config) -> Architecture:
+    """Every axis cut at once: heads and KV heads halved, MLP and hidden width to 3/4 or less, one layer dropped."""
+    return Architecture.of_config(config).replace(num_hidden_layers=3, layers=(0, 1, 3), num_attention_heads=3,
+                                                  num_key_value_heads=1, intermediate_size=40, hidden_size=36)
+
+
+def _logits(model, tokens=TOKENS):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def _cached_step(model):
+    """Logits of one decoding step after a cached prompt: the path `generate` takes."""
+    with torch.no_grad():
+        out = model(input_ids=TOKENS[:, :16], use_cache=True)
+        return model(input_ids=TOKENS[:, 16:17], cache=out.past_key_values, use_cache=True).logits
+
+
+def _rel(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_keep_all_equals_the_parent_with_and_without_a_kv_cache(name):
+    parent = tiny_model(name)
+    child = prune(parent, _importances(parent), Architecture.of_config(parent.config))
+    assert _rel(_logits(child), _logits(parent)) < 1e-4
+    assert _rel(_cached_step(child), _cached_step(parent)) < 1e-4
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_child_cut_on_every_axis_reloads_as_stock_and_generates(name, tmp_path):
+    parent = tiny_model(name)
+    arch = _cut(parent.config)
+    child = prune(parent, _importances(parent), arch)
+    child.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(parent)
+    assert {k: getattr(reloaded.config, k) for k in arch.to_dict() if k != "layers"} == \
+        {k: v for k, v in arch.to_dict().items() if k != "layers"}
+    torch.testing.assert_close(_logits(reloaded), _logits(child), rtol=0, atol=0)
+    for key in ("layer_types", "no_rope_layers"):  # per-layer patterns follow the kept layers
+        if getattr(parent.config, key, None) is not None:
+            assert getattr(reloaded.config, key) == [getattr(parent.config, key)[i] for i in arch.layers]
+    out = reloaded.generate(TOKENS[:1, :8], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 13)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_parameter_count_equals_the_materialised_models(name):
+    parent = tiny_model(name)
+    family = family_of(parent.config)
+    assert family.num_parameters(parent.config, Architecture.of_config(parent.config)) == \
+        sum(p.numel() for p in parent.parameters())
+    child = prune(parent, _importances(parent), _cut(parent.config))
+    assert family.num_parameters(parent.config, _cut(parent.config)) == sum(p.numel() for p in child.parameters())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_streamed_pruning_is_bit_identical_to_in_memory(name, tmp_path):
+    parent = tiny_model(name)
+    parent.save_pretrained(tmp_path / "parent", max_shard_size="20KB")
+    importances, arch = _importances(parent), _cut(parent.config)
+    expected = prune(parent, importances, arch).state_dict()
+    prune_checkpoint(tmp_path / "parent", importances, arch, tmp_path / "child", max_shard_bytes=30_000)
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "child").state_dict()
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_planned_activations_equal_a_real_layers_saved_bytes(name):
+    config = FAMILY_CONFIGS[name]()
+    one = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1,
+                                      **({"layer_types": config.layer_types[:1]} if getattr(config, "layer_types", None)
+                                         else {})})
+    model = AutoModelForCausalLM.from_config(one, dtype=torch.float32).train()
+    x = torch.randn(3, 24, config.hidden_size, requires_grad=True)
+    positions = torch.arange(24)[None].expand(3, 24)
+    real = saved_bytes(model, lambda: model.model.layers[0](x, attention_mask=None, position_ids=positions,
+                                                            position_embeddings=rotary_embeddings(model.model, x,
+                                                                                                  positions)))
+    assert saved_bytes_per_layer(config, 3, 24, torch.float32) == real
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_kd_sees_the_models_own_logits_online_and_from_a_full_vocabulary_cache(name):
+    """The chunked KD loss, online and from a top-K cache with K = the vocabulary, equals forward KL between the
+    two models' own `forward` logits, which carry the family's softcap and logit scaling."""
+    teacher = tiny_model(name)
+    student = prune(teacher, _importances(teacher), _cut(teacher.config))
+    mask = torch.ones(TOKENS.shape, dtype=torch.bool)
+    reference = losses.forward_kl(_logits(student), _logits(teacher), mask)
+    mapping = logit_map(teacher.config)
+    with torch.no_grad():
+        hidden = losses.final_hidden(student, TOKENS)
+        online = losses.logit_losses(hidden, student.get_output_embeddings().weight, mask, losses.LogitTargets(
+            teacher_hidden=losses.final_hidden(teacher, TOKENS), teacher_head=teacher.get_output_embeddings().weight,
+            logit_map=mapping), chunk_tokens=7)["loss"]
+        top = compute_topk(teacher, TOKENS, teacher.config.vocab_size, dtype=torch.float32)
+        cached = losses.logit_losses(hidden, student.get_output_embeddings().weight, mask, losses.LogitTargets(
+            topk_logprobs=top.logprobs, topk_index=top.index.long(), logit_map=mapping), chunk_tokens=7)["loss"]
+    torch.testing.assert_close(online, reference, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(cached, reference, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cli_arch_importance_and_prune_keep_all_and_cut(name, tmp_path, tiny_tokenizer, text_file, capsys):
+    """The Bar, through the CLI: `nas arch`, `nas importance`, then `nas prune` with the keep-all JSON (the child
+    equals the parent) and with a cut one (a stock checkpoint carrying the cut values, that generates)."""
+    parent = tiny_model(name)
+    parent.save_pretrained(tmp_path / "parent")
+    tiny_tokenizer.save_pretrained(tmp_path / "parent")
+    p = str(tmp_path / "parent")
+    assert main(["arch", "--parent", p, "--out", str(tmp_path / "keep.json")]) == 0
+    keep = json.loads(capsys.readouterr().out)
+    assert keep == json.loads((tmp_path / "keep.json").read_text())
+    assert Architecture.from_dict(keep) == Architecture.of_config(parent.config)
+    imp = str(tmp_path / "imp.safetensors")
+    assert main(["importance", "--parent", p, "--data", str(text_file), "--seq-len", "32", "--samples", "8",
+                 "--drop-samples", "2", "--out", imp, "--device", "cpu"]) == 0
+    assert main(["prune", "--parent", p, "--arch", str(tmp_path / "keep.json"), "--importance", imp,
+                 "--out", str(tmp_path / "same")]) == 0
+    same = AutoModelForCausalLM.from_pretrained(tmp_path / "same").eval()
+    assert _rel(_logits(same), _logits(parent)) < 1e-4
+    rng = random.Random(name)
+    cut = {**keep, "num_hidden_layers": 3, "layers": sorted(rng.sample(range(4), 3)), "num_attention_heads": 3,
+           "num_key_value_heads": 1, "intermediate_size": 40, "hidden_size": 36}
+    (tmp_path / "cut.json").write_text(json.dumps(cut))
+    assert main(["prune", "--parent", p, "--arch", str(tmp_path / "cut.json"), "--importance", imp,
+                 "--out", str(tmp_path / "cut")]) == 0
+    child = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").eval()
+    assert {k: getattr(child.config, k) for k in cut if k != "layers"} == {k: v for k, v in cut.items() if k != "layers"}
+    assert child.generate(TOKENS[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, 12)
+
+
+@pytest.mark.parametrize("model_type, says", [("qwen3_moe", "experts"), ("nemotron_h", "Mamba2"),
+                                               ("gemma4_text", "per-layer input"), ("gpt2", "supported families")])
+def test_a_family_not_described_is_refused_with_what_it_lacks(model_type, says):
+    from transformers import AutoConfig
+
+    with pytest.raises(UnsupportedModelError, match=says):
+        family_of(AutoConfig.for_model(model_type))
