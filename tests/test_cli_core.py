@@ -84,7 +84,8 @@ def test_console_script_exits_non_zero_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nas.cli", "importance", "--parent", str(tmp_path / "nowhere"),
                            "--out", str(tmp_path / "x")], capture_output=True, text=True)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().endswith("no such checkpoint directory (or use a hub id, or 'smollm2-135m')")
+    assert proc.stderr.strip().endswith("no such checkpoint directory (or use a hub id, or 'smollm2-135m' or "
+                                          "'gemma3-270m')")
 
 
 def test_eval_with_a_bad_model_folder_names_the_model_flag(capsys, tmp_path):

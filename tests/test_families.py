@@ -17,7 +17,7 @@ from nas.errors import UnsupportedModelError
 from nas.families import family_of, logit_map
 from nas.importance import ImportanceSettings, compute_importance
 from nas.plan import rotary_embeddings, saved_bytes, saved_bytes_per_layer
-from nas.prune import prune, prune_checkpoint
+from nas.prune import PruneOptions, prune, prune_checkpoint
 from nas.teacher_cache import compute_topk
 
 FAMILIES = sorted(FAMILY_CONFIGS)
@@ -74,6 +74,29 @@ def test_a_child_cut_on_every_axis_reloads_as_stock_and_generates(name, tmp_path
             assert getattr(reloaded.config, key) == [getattr(parent.config, key)[i] for i in arch.layers]
     out = reloaded.generate(TOKENS[:1, :8], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 13)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_pruning_channels_nothing_writes_to_changes_nothing(name):
+    """Hidden channels that the embeddings and every block leave at zero carry nothing: pruning them gives the
+    parent's logits (up to the norms' epsilon), through each family's norms (post-norms, sandwich norms, Gemma's
+    1 + w), multipliers, and Gemma's sqrt(hidden_size) embedding scale with a tied head. Without the rescale
+    that the child's narrower norms need, the logits move."""
+    parent = tiny_model(name)
+    dead = [0, 7, 13, 22, 30, 41]
+    with torch.no_grad():
+        parent.model.embed_tokens.weight[:, dead] = 0
+        for layer in parent.model.layers:
+            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                linear.weight[dead] = 0
+                if linear.bias is not None:
+                    linear.bias[dead] = 0
+    importances = _importances(parent)
+    assert set(importances.hidden.argsort()[: len(dead)].tolist()) == set(dead)
+    arch = Architecture.of_config(parent.config).replace(hidden_size=48 - len(dead))
+    exact = _rel(_logits(prune(parent, importances, arch)), _logits(parent))
+    unscaled = _rel(_logits(prune(parent, importances, arch, PruneOptions(rescale_norms=False))), _logits(parent))
+    assert exact < 1e-3 and unscaled > 1e-2
 
 
 @pytest.mark.parametrize("name", FAMILIES)
