@@ -1,4 +1,4 @@
-"""Benchmarks (not tests): speed and quality figures on SmolLM2-135M, written to JSON and printed as a table.
+"""Benchmarks (not tests): speed and quality figures on SmolLM2-135M (and Gemma 3 270M), written to JSON and printed as a table.
 
     nas-bench core      importance overhead, prune time, zero-shot held-out loss of pruning strategies
     nas-bench distill   KD vs CE recovery, step-time ratios, teacher top-K cost, peak memory of the chunked
@@ -11,6 +11,8 @@
                         benchmarks/FIDELITY.md
     nas-bench validation  the demo search's own ranking: its candidates after the short retrain against a 4x
                         longer one, with 8..128 validation sequences of its split (resumable)
+    nas-bench gemma3    the second real parent, Gemma 3 270M: importance against random pruning, zero-shot and
+                        after equal-token KD, on held-out WikiText-2 (about 10 minutes)
 """
 
 from __future__ import annotations
@@ -145,6 +147,55 @@ def bench_core() -> dict[str, Any]:
         "heldout_tokens": int(held.numel()), "quality": quality,
         "random_importance_mean_loss": sum(random_losses) / len(random_losses),
     }
+
+
+def bench_gemma3(kd_tokens: int = 2048) -> dict[str, Any]:
+    """The second real parent, Gemma 3 270M: zero-shot held-out loss of importance-pruned children against
+    randomly pruned ones (width and depth cuts of the demo space), then the width child of each kind after the same
+    KD budget from the parent."""
+    import tempfile
+
+    from nas.distill import DistillConfig, Distiller
+
+    torch.manual_seed(0)
+    model, tokenizer = load_parent("gemma3-270m", device=torch.device("cpu"))
+    cal = load_tokens("shakespeare", tokenizer, 128)[:32]
+    held = load_tokens(str(HELDOUT), tokenizer, 128)[:16]
+    train = load_tokens("shakespeare", tokenizer, 128)[100:100 + kd_tokens // 128]
+    start = time.perf_counter()
+    imp = compute_importance(model, cal, ImportanceSettings(drop_samples=0))
+    importance_s = time.perf_counter() - start
+    full = Architecture.of_config(model.config)
+    width = full.replace(intermediate_size=1536, hidden_size=512)  # L18-H4-KV1-M1536-E512 of the demo space
+    depth = full.replace(num_hidden_layers=12, layers=select_layers(imp, 12, "bi"))
+    both = full.replace(num_attention_heads=2, intermediate_size=1536, num_hidden_layers=14,
+                        layers=select_layers(imp, 14, "bi"))
+    quality: dict[str, Any] = {"parent": {"params": _params(model), "heldout_loss": lm_loss(model, held)}}
+    for cut, arch in (("width", width), ("depth (BI)", depth), ("heads+mlp+depth", both)):
+        child = prune(model, imp, arch)
+        quality[f"{cut}, importance"] = {"params": _params(child), "heldout_loss": lm_loss(child, held)}
+        if cut != "depth (BI)":  # depth keeps the same layers either way; its random baseline is another method
+            losses = [lm_loss(prune(model, imp.shuffled(seed), arch), held) for seed in range(3)]
+            quality[f"{cut}, random (mean of 3)"] = {"params": _params(child), "heldout_loss": sum(losses) / 3}
+    # The alternative to scaling the embeddings by sqrt(parent/child width) (and leaving the final norm alone, as the
+    # head is tied): leave the embeddings as they are and rescale the final norm like every other norm.
+    plain = prune(model, imp, width)
+    factor = (model.config.hidden_size / width.hidden_size) ** 0.5
+    with torch.no_grad():
+        plain.model.embed_tokens.weight.div_(factor)  # the tied head with it
+        plain.model.norm.weight.copy_((1 + plain.model.norm.weight) * factor - 1)
+    quality["width, importance, embeddings not rescaled"] = {"params": _params(plain),
+                                                             "heldout_loss": lm_loss(plain, held)}
+    after_kd = {}
+    for name, importances in (("importance", imp), ("random", imp.shuffled(0))):
+        student = prune(model, importances, width)
+        cfg = DistillConfig(tokens=kd_tokens, batch_size=4, lr=1e-4, warmup_steps=2, checkpoint_every=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            result = Distiller(student, model, train, held[:4], Path(tmp), cfg).run(progress=False, save_model=False)
+        after_kd[name] = {"heldout_loss": lm_loss(student, held), "kd_tokens_per_s": result["tokens_per_s"]}
+    return {"parent": "gemma3-270m", "calibration_tokens": int(cal.numel()), "heldout_tokens": int(held.numel()),
+            "importance_pass_s": importance_s, "zero_shot": quality,
+            "after_kd": {"tokens": kd_tokens, "child": width.short(), **after_kd}}
 
 
 def _child(model, cal):
@@ -511,7 +562,8 @@ def _table(name: str, figures: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nas-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("which", choices=("core", "distill", "search", "tokens", "plan", "fidelity", "validation"))
+    parser.add_argument("which", choices=("core", "distill", "search", "tokens", "plan", "fidelity", "validation",
+                                          "gemma3"))
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<which>.json)")
     parser.add_argument("--short-tokens", type=int, default=4096, help="validation: the short retrain's tokens")
     args = parser.parse_args(argv)
@@ -528,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = bench_validation(RESULTS / "validation-runs.json", short=args.short_tokens)
     else:
         figures = {"core": bench_core, "distill": bench_distill, "search": bench_search,
-                   "tokens": bench_tokens, "plan": bench_plan}[args.which]()
+                   "tokens": bench_tokens, "plan": bench_plan, "gemma3": bench_gemma3}[args.which]()
     figures["machine"] = _machine()
     write_json(path, figures)
     print(_table(args.which, figures))

@@ -61,14 +61,18 @@ class Family:
         parts = name.split(".")
         return parts[-1] == "weight" and (name == "model.norm.weight" or parts[-2] in self.layer_norms)
 
+    def layer_parameters(self, config: Any, arch: Architecture) -> int:
+        """Parameters of one decoder layer of the child `arch`."""
+        return self.attention.num_parameters(config, arch) + self.mlp.num_parameters(config, arch) + \
+            len(self.layer_norms) * self.norm.num_parameters(arch.hidden_size)
+
     def num_parameters(self, config: Any, arch: Architecture) -> int:
         """Exact parameter count of the child `arch` of a parent with `config` (no weights needed)."""
         h = arch.hidden_size
-        per_layer = self.attention.num_parameters(config, arch) + self.mlp.num_parameters(config, arch) + \
-            len(self.layer_norms) * self.norm.num_parameters(h)
         vocab = config.vocab_size * h
         lm_head = 0 if getattr(config, "tie_word_embeddings", False) else vocab
-        return arch.num_hidden_layers * per_layer + vocab + lm_head + self.norm.num_parameters(h)
+        return arch.num_hidden_layers * self.layer_parameters(config, arch) + vocab + lm_head + \
+            self.norm.num_parameters(h)
 
     def check_child(self, config: Any, arch: Architecture) -> None:
         """Raise if `arch` is not a sub-architecture of the parent `config`."""
@@ -159,6 +163,38 @@ def family_of(config: Any) -> Family:
         raise UnsupportedModelError(f"model_type={model_type!r} is not supported yet: {NOT_YET[model_type]}; "
                                     f"supported families: {supported}")
     raise UnsupportedModelError(f"model_type={model_type!r} is not supported; supported families: {supported}")
+
+
+@dataclass(frozen=True)
+class Parent:
+    """A parent's config resolved once: its family and its own architecture (every layer kept). Enumeration, the
+    budget and the plan ask it about children instead of re-deriving both from the config each time."""
+
+    config: Any
+    family: Family
+    architecture: Architecture
+
+    @classmethod
+    def of(cls, config: Any) -> Parent:
+        return cls(config, family_of(config), Architecture.of_config(config))
+
+    def num_parameters(self, arch: Architecture | None = None) -> int:
+        """The exact parameter count of the child `arch` (of the parent itself when None)."""
+        return self.family.num_parameters(self.config, arch or self.architecture)
+
+    def embedding_parameters(self, arch: Architecture | None = None) -> int:
+        """Those of the embedding and a separate LM head (what a "non_embedding" budget leaves out)."""
+        tied = getattr(self.config, "tie_word_embeddings", False)
+        return self.config.vocab_size * (arch or self.architecture).hidden_size * (1 if tied else 2)
+
+    def child_config(self, arch: Architecture) -> Any:
+        return self.family.child_config(self.config, arch)
+
+    def child(self, axes: dict[str, Any], layers: tuple[int, ...] | None = None) -> Architecture:
+        """The architecture with these axis values (HF config keys), keeping `layers` (default: the first ones)."""
+        depth = int(axes.get("num_hidden_layers", self.architecture.num_hidden_layers))
+        return self.architecture.replace(**{k: int(v) for k, v in axes.items()},
+                                         layers=tuple(range(depth)) if layers is None else layers)
 
 
 def logit_map(config: Any) -> tuple[float, float | None]:

@@ -30,10 +30,9 @@ from typing import Any
 
 import torch
 
-from nas.architecture import Architecture
 from nas.distill import DistillConfig, uses_intermediate
 from nas.errors import ConfigError
-from nas.families import family_of
+from nas.families import Parent
 from nas.space import SearchSpace, architecture_of, enumerate_candidates, infeasible_hint
 
 GIB = 2**30
@@ -94,7 +93,7 @@ def plan(space: SearchSpace, config: Any, cluster: Cluster = Cluster()) -> list[
     if not rows:
         raise ConfigError(f"{space.name}: {infeasible_hint(space, config)}")
     largest = architecture_of(rows[0], config, tuple(range(int(rows[0]["num_hidden_layers"]))))
-    child = family_of(config).child_config(config, largest)
+    child = Parent.of(config).child_config(largest)
     res = space.resources
     gpu = max(res.gpus_per_trial, res.gpus_per_worker) > 0
     trials = len(rows) if space.search.sampler == "grid" else min(len(rows), space.search.max_trials)
@@ -260,7 +259,7 @@ def check_fits(space: SearchSpace, config: Any, cluster: Cluster) -> list[Stage]
 
 # -- what the numbers come from -----------------------------------------------------------------------------
 def _params(config: Any) -> int:
-    return family_of(config).num_parameters(config, Architecture.of_config(config))
+    return Parent.of(config).num_parameters()
 
 
 def _fsdp_unsharded(child: Any, parent: Any, act_size: int, teacher_bytes: int) -> int:
@@ -275,11 +274,9 @@ def _fsdp_unsharded(child: Any, parent: Any, act_size: int, teacher_bytes: int) 
 
 
 def _layer_params(config: Any) -> int:
-    """Parameters of one decoder layer: a one-layer model's, less the embeddings, head and final norm."""
-    one = Architecture.of_config(config).replace(num_hidden_layers=1, layers=(0,))
-    tied = getattr(config, "tie_word_embeddings", False)
-    outside = config.vocab_size * config.hidden_size * (1 if tied else 2) + config.hidden_size
-    return family_of(config).num_parameters(config, one) - outside
+    """Parameters of one decoder layer of `config`."""
+    parent = Parent.of(config)
+    return parent.family.layer_parameters(config, parent.architecture)
 
 
 def _block_sizes(space: SearchSpace, config: Any) -> set[int]:

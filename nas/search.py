@@ -55,7 +55,7 @@ from nas.parents import load_parent, parent_config, resolve_parent
 from nas.plan import Cluster, Stage, check_fits, checkpoint_tokens, plan
 from nas.prune import prune
 from nas.space import AXES, RetrainSpec, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, \
-    infeasible_hint, space_config
+    infeasible_hint
 from nas.storage import RunStorage, is_uri
 from nas.teacher_cache import ShardPlan, TopKShards, publish, topk_plan, write_part
 from nas.tokens import TokenSet

@@ -15,7 +15,7 @@ import yaml
 
 from nas.architecture import Architecture
 from nas.errors import ArchitectureError, ConfigError
-from nas.families import family_of
+from nas.families import Parent, family_of
 from nas.importance import AGGREGATIONS, HEAD_SOURCES, LAYER_METHODS, NEURON_SOURCES
 
 AXES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
@@ -278,55 +278,51 @@ def parse_space(data: Any, where: str = "space") -> SearchSpace:
 
 def target_range(space: SearchSpace, config: Any) -> tuple[float, float]:
     """The budget's [low, high] in its own kind of count: a `fraction` is of the parent's count of that kind."""
-    b = space.budget
-    target = b.params if b.params is not None else b.fraction * counted_params(space, config, Architecture.of_config(config))
-    return target * (1 - b.tolerance), target * (1 + b.tolerance)
+    return _range(space, Parent.of(config))
 
 
 def counted_params(space: SearchSpace, config: Any, arch: Architecture) -> int:
-    total = family_of(config).num_parameters(config, arch)
-    if space.budget.kind == "non_embedding":
-        tied = getattr(config, "tie_word_embeddings", False)
-        total -= config.vocab_size * arch.hidden_size * (1 if tied else 2)
-    return total
+    return _counted(space, Parent.of(config), arch)
 
 
-def _grid(space: SearchSpace, config: Any) -> list[Architecture]:
-    parent = Architecture.of_config(config)
+def _range(space: SearchSpace, parent: Parent) -> tuple[float, float]:
+    b = space.budget
+    target = b.params if b.params is not None else b.fraction * _counted(space, parent, parent.architecture)
+    return target * (1 - b.tolerance), target * (1 + b.tolerance)
+
+
+def _counted(space: SearchSpace, parent: Parent, arch: Architecture) -> int:
+    total = parent.num_parameters(arch)
+    return total - parent.embedding_parameters(arch) if space.budget.kind == "non_embedding" else total
+
+
+def _grid(space: SearchSpace, parent: Parent) -> list[Architecture]:
+    """Every valid child in the axes' product (an axis left empty keeps the parent's value)."""
     ax = space.axes
-    values = {name: [int(v) for v in getattr(ax, name)] or [getattr(parent, name)] for name in AXES}
+    values = {name: [int(v) for v in getattr(ax, name)] or [getattr(parent.architecture, name)] for name in AXES}
     out = []
-    expansions = ax.mlp_expansion or [None]
-    for layers, heads, kv, mlp, hidden, expansion in itertools.product(
-            values["num_hidden_layers"], values["num_attention_heads"], values["num_key_value_heads"],
-            values["intermediate_size"], values["hidden_size"], expansions):
-        inter = int(round(hidden * expansion)) if expansion is not None else mlp
+    for *axes, expansion in itertools.product(*(values[name] for name in AXES), ax.mlp_expansion or [None]):
+        axes = dict(zip(AXES, axes))
+        if expansion is not None:
+            axes["intermediate_size"] = int(round(axes["hidden_size"] * expansion))
         try:
-            out.append(parent.replace(num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
-                                      intermediate_size=inter, hidden_size=hidden, layers=tuple(range(layers))))
+            arch = parent.child(axes)
+            parent.child_config(arch)
         except ArchitectureError:
-            continue  # e.g. heads not a multiple of KV heads: not a valid child
+            continue  # e.g. heads not a multiple of KV heads, or a stock config rejects it: not a valid child
+        out.append(arch)
     return out
-
-
-def _valid_child(config: Any, arch: Architecture) -> bool:
-    try:
-        family_of(config).child_config(config, arch)
-        return True
-    except ArchitectureError:
-        return False
 
 
 def enumerate_candidates(space: SearchSpace, config: Any) -> list[dict[str, Any]]:
     """Every valid child in the axes' product whose counted parameters fall in the budget, sorted by size."""
-    parent_params = family_of(config).num_parameters(config, Architecture.of_config(config))
-    low, high = target_range(space, config)
+    parent = Parent.of(config)
+    parent_params = parent.num_parameters()
+    low, high = _range(space, parent)
     rows = []
-    for arch in _grid(space, config):
-        if not _valid_child(config, arch):
-            continue
-        params = family_of(config).num_parameters(config, arch)
-        counted = counted_params(space, config, arch)
+    for arch in _grid(space, parent):
+        params = parent.num_parameters(arch)
+        counted = _counted(space, parent, arch)
         memory_ok = space.budget.max_weight_gb is None or \
             params * space.budget.bytes_per_param <= space.budget.max_weight_gb * 2**30
         if low <= counted <= high and memory_ok:
@@ -337,18 +333,18 @@ def enumerate_candidates(space: SearchSpace, config: Any) -> list[dict[str, Any]
 
 def candidate_problem(space: SearchSpace, config: Any, axes: dict[str, int]) -> str | None:
     """Why an axes combination is not a candidate of `space` (None when it is one)."""
-    parent = Architecture.of_config(config)
+    parent = Parent.of(config)
     try:
-        arch = parent.replace(**{k: int(axes[k]) for k in AXES}, layers=tuple(range(int(axes["num_hidden_layers"]))))
-        family_of(config).child_config(config, arch)
+        arch = parent.child({k: axes[k] for k in AXES})
+        parent.child_config(arch)
     except ArchitectureError as e:
         return f"not a valid child: {e}"
-    low, high = target_range(space, config)
-    counted = counted_params(space, config, arch)
+    low, high = _range(space, parent)
+    counted = _counted(space, parent, arch)
     if not low <= counted <= high:
         return f"{counted:,} {space.budget.kind} parameters, outside the budget [{low:,.0f}, {high:,.0f}]"
     if space.budget.max_weight_gb is not None:
-        gb = family_of(config).num_parameters(config, arch) * space.budget.bytes_per_param / 2**30
+        gb = parent.num_parameters(arch) * space.budget.bytes_per_param / 2**30
         if gb > space.budget.max_weight_gb:
             return f"{gb:.2f} GB of weights, above budget.max_weight_gb={space.budget.max_weight_gb}"
     return None
@@ -356,11 +352,12 @@ def candidate_problem(space: SearchSpace, config: Any, axes: dict[str, int]) -> 
 
 def infeasible_hint(space: SearchSpace, config: Any) -> str:
     """Why no candidate fits, and which axis to widen."""
-    low, high = target_range(space, config)
-    grid = [a for a in _grid(space, config) if _valid_child(config, a)]
+    parent = Parent.of(config)
+    low, high = _range(space, parent)
+    grid = _grid(space, parent)
     if not grid:
         return "no valid child in the axes' product (check heads against KV heads and hidden_size)"
-    counts = [counted_params(space, config, a) for a in grid]
+    counts = [_counted(space, parent, a) for a in grid]
     if max(counts) < low:
         side, bound, fix = "largest", max(counts), "larger values"
     elif min(counts) > high:
@@ -385,8 +382,7 @@ def infeasible_hint(space: SearchSpace, config: Any) -> str:
 
 
 def architecture_of(row: dict[str, Any], config: Any, layers: tuple[int, ...]) -> Architecture:
-    parent = Architecture.of_config(config)
-    return parent.replace(**{k: int(row[k]) for k in AXES}, layers=layers)
+    return Parent.of(config).child({k: row[k] for k in AXES}, layers)
 
 
 def space_config(space: SearchSpace) -> Any:
