@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import platform
 import sys
@@ -507,7 +508,10 @@ def bench_validation(path: Path, short: int = 4096, factor: int = 4, sizes: tupl
     space = dataclasses.replace(demo, val_sequences=max(sizes), promote=0,
                                 full_retrain=dataclasses.replace(demo.full_retrain, tokens=short * factor))
     shared = prepare(space, RESULTS / "validation-trials")
-    runs = json.loads(path.read_text()) if path.exists() else {}
+    # The saved runs count only for the same sequences (a change to the space or to how rows are drawn moves them).
+    data = hashlib.sha256(shared.val.numpy().tobytes() + shared.train_rows.tobytes()).hexdigest()[:16]
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    runs = saved.get("runs", {}) if saved.get("data") == data else {}
     for tokens in (short, short * factor):
         spec = dataclasses.replace(space.short_retrain, tokens=tokens)
         # No evaluations on the way (they would cost more than the training): the losses are taken after it.
@@ -525,7 +529,7 @@ def bench_validation(path: Path, short: int = 4096, factor: int = 4, sizes: tupl
             trained = time.perf_counter() - start
             losses = per_sequence_loss(inputs.student, shared.val)
             runs[key] = {"per_sequence": losses, "train_s": trained, "eval_s": time.perf_counter() - start - trained}
-            write_json(path, runs)
+            write_json(path, {"data": data, "runs": runs})
             print(f"{key}: val {sum(losses) / len(losses):.4f} (train {trained:.0f} s)", flush=True)
     labels = list(shared.rows)
 
