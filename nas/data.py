@@ -13,10 +13,10 @@ import hashlib
 import importlib.util
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 
-from collections.abc import Iterator
-
+import numpy as np
 import torch
 
 from nas.errors import DataError
@@ -216,6 +216,34 @@ def _intact(folder: Path) -> TokenSet | None:
             log.warning("token cache %s is damaged (%s); re-tokenising", folder, path.name)
             return None
     return tokens
+
+
+def shuffled_rows(n: int, start: int, count: int, seed: int = 0) -> np.ndarray:
+    """Positions start .. start + count - 1 of a seeded random order of range(n), computed for those positions only
+    (a keyed Feistel permutation with cycle walking), so that no array of n row numbers is made and a longer
+    prefix of the order starts with the shorter one: what is drawn first does not depend on how much is drawn."""
+    bits = max(2, (max(n, 2) - 1).bit_length() + 1) // 2  # each half; 2^(2 * bits) >= n
+    mask = np.uint64((1 << bits) - 1)
+    keys = np.random.default_rng(seed).integers(0, 2**63, size=8, dtype=np.uint64)
+
+    def permute(x: np.ndarray) -> np.ndarray:
+        hi, lo = x >> np.uint64(bits), x & mask
+        for key in keys:
+            hi, lo = lo, hi ^ (_mix(lo + key) & mask)
+        return (hi << np.uint64(bits)) | lo
+
+    out = permute(np.arange(start, start + count, dtype=np.uint64))
+    while (outside := out >= n).any():  # walk the cycle until it comes back into range(n)
+        out[outside] = permute(out[outside])
+    return out.astype(np.int64)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: every output bit depends on every input bit (uint64 arithmetic wraps)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
 
 
 def validation_size(n: int, val_fraction: float) -> int:

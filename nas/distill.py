@@ -212,7 +212,8 @@ class Distiller:
                 teacher_hidden = losses.final_hidden(self.teacher, tokens)
                 teacher_states = list(ts)
             targets = dataclasses.replace(targets, teacher_hidden=teacher_hidden,
-                                          teacher_head=self.teacher.get_output_embeddings().weight)
+                                          teacher_head=self.teacher.get_output_embeddings().weight,
+                                          teacher_logit_map=logit_map(self.teacher.config))
         if cfg.kd == "forward" and self.topk is not None:
             logprobs, index = self.topk.rows(idx, self.device)
             targets = dataclasses.replace(targets, teacher_hidden=None, teacher_head=None, topk_logprobs=logprobs,
@@ -290,7 +291,8 @@ class Distiller:
                 if with_kd:
                     targets = dataclasses.replace(targets, kd="forward",
                                                   teacher_hidden=losses.final_hidden(self.teacher, batch),
-                                                  teacher_head=self.teacher.get_output_embeddings().weight)
+                                                  teacher_head=self.teacher.get_output_embeddings().weight,
+                                                  teacher_logit_map=logit_map(self.teacher.config))
                 parts = losses.logit_losses(losses.final_hidden(self.student, batch),
                                             self.student.get_output_embeddings().weight, mask, targets,
                                             self.cfg.loss_chunk_tokens)

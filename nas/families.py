@@ -103,7 +103,7 @@ class Family:
         for key, value in data.items():
             # Per-layer lists (`layer_types`' sliding and full layers, SmolLM3's `no_rope_layers`) follow the kept
             # layers.
-            if isinstance(value, list) and len(value) == parent_layers and key != "architectures":
+            if isinstance(value, list) and len(value) == parent_layers and key not in _NOT_PER_LAYER:
                 data[key] = [value[i] for i in arch.layers]
         data.update({k: v for k, v in arch.to_dict().items() if k != "layers"})
         data.pop("transformers_version", None)
@@ -113,6 +113,9 @@ class Family:
             reason = str(e).strip().splitlines()[-1].strip()
             raise ArchitectureError(f"{arch.short()}: {type(config).__name__} rejects it: {reason}") from None
 
+
+# Lists in a config that can happen to be as long as the layers without being per layer.
+_NOT_PER_LAYER = {"architectures", "bos_token_id", "eos_token_id", "pad_token_id"}
 
 _OUTSIDE_LAYERS: dict[str, tuple[str | None, ...]] = {
     "model.embed_tokens.weight": (None, "hidden"),

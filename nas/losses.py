@@ -128,8 +128,9 @@ class LogitTargets:
     topk_index: Tensor | None = None  # [B, S, K]
     labels: Tensor | None = None
     ce_weight: float = 0.0
-    # (scale, softcap) the model family applies to `hidden @ head.T`, student and teacher alike (`nas.families`).
+    # (scale, softcap) the student's and the teacher's families apply to `hidden @ head.T` (`nas.families`).
     logit_map: tuple[float, float | None] = (1.0, None)
+    teacher_logit_map: tuple[float, float | None] = (1.0, None)
 
 
 def mapped_logits(logits: Tensor, logit_map: tuple[float, float | None]) -> Tensor:
@@ -197,7 +198,7 @@ def _kd_tokens(log_probs: Tensor, rows: slice, targets: LogitTargets) -> Tensor:
         return _topk_forward_kl_tokens(log_probs, targets.topk_logprobs.flatten(0, 1)[rows],
                                        targets.topk_index.flatten(0, 1)[rows])
     teacher = _teacher_log_softmax(mapped_logits(F.linear(targets.teacher_hidden.flatten(0, 1)[rows],
-                                                          targets.teacher_head), targets.logit_map),
+                                                          targets.teacher_head), targets.teacher_logit_map),
                                    targets.temperature)
     return (_forward_kl_tokens if targets.kd == "forward" else _reverse_kl_tokens)(log_probs, teacher)
 

@@ -46,7 +46,7 @@ from ray.tune.search import Searcher
 
 from nas import sharding
 from nas.architecture import short_label as label_of
-from nas.data import load_tokens, validation_size
+from nas.data import load_tokens, shuffled_rows, validation_size
 from nas.distill import DistillConfig
 from nas.errors import ConfigError, NasError
 from nas.files import atomic_dir, write_json
@@ -128,23 +128,26 @@ def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage]
     imp = space.importance
     tokens = load_tokens(space.data, tokenizer, space.seq_len, space.text_field, min_sequences=imp.samples + 2)
     _share_tokens(storage, tokens)
-    # Calibration sequences: a seeded sample of the whole corpus (or its first ones); then, from the rest, the
-    # validation sequences and the training ones, in a seeded order. Only the rows used are drawn (no permutation of
-    # the corpus's rows, which would grow with it); `val_fraction` bounds how many of them validation may take.
-    rng = np.random.default_rng(space.search.seed)
-    n_val = validation_size(len(tokens) - imp.samples, space.val_fraction)
+    # Calibration sequences: a seeded sample of the whole corpus (or its first ones); then, from the rest in a seeded
+    # order, the validation sequences and after them the training ones. The order is computed for the positions
+    # drawn only (no array of the corpus's rows), and each part is a prefix of its own, so what is drawn for one
+    # part does not depend on how much another takes.
+    n, seed, drawn = len(tokens), space.search.seed, imp.sampling == "random"
+    calibration = np.sort(shuffled_rows(n, 0, imp.samples, seed)) if drawn else np.arange(imp.samples)
+
+    def rest(start: int, count: int) -> np.ndarray:
+        """Rows `start` .. of the seeded order of those after calibration."""
+        if drawn:
+            return shuffled_rows(n, imp.samples + start, count, seed)
+        return imp.samples + shuffled_rows(n - imp.samples, start, count, seed)
+
+    n_val = validation_size(n - imp.samples, space.val_fraction)
     if n_val < space.val_sequences:
         raise ConfigError(f"val_sequences={space.val_sequences}: the validation split ({space.val_fraction:g} of "
                           f"{space.data}) has only {n_val} sequences; lower val_sequences or raise val_fraction")
     needed = max(_sequences_needed(spec, space.seq_len) for spec in (space.short_retrain, space.full_retrain))
-    drawn = space.val_sequences + min(needed, len(tokens) - imp.samples - n_val)  # (the training part may be short)
-    if imp.sampling == "random":
-        picked = rng.choice(len(tokens), imp.samples + drawn, replace=False)
-        calibration, picked = np.sort(picked[:imp.samples]), picked[imp.samples:]
-    else:
-        calibration = np.arange(imp.samples)
-        picked = imp.samples + rng.choice(len(tokens) - imp.samples, drawn, replace=False)
-    val, train = tokens[picked[:space.val_sequences]], tokens.select(picked[space.val_sequences:])
+    val = tokens[rest(0, space.val_sequences)]
+    train = tokens.select(rest(n_val, min(needed, n - imp.samples - n_val)))  # (the training part may be short)
     nas_cache = os.environ.get("NAS_CACHE", "")
     short_rows = train.rows[:_sequences_needed(space.short_retrain, space.seq_len)]
     args = (space, storage, calibration, short_rows, val, nas_cache)

@@ -141,7 +141,8 @@ def topk_plan(teacher: nn.Module, tokens, k: int, temperature: float = 1.0, batc
     """The cache of this teacher's top-K on `tokens`: its key and shards."""
     k = min(k, teacher.config.vocab_size)
     key = {"teacher": fingerprint_model(teacher), "tokens": fingerprint_tokens(tokens), "k": str(k),
-           "temperature": repr(temperature), "dtype": str(dtype), "rows_per_shard": str(rows_per_shard)}
+           "temperature": repr(temperature), "dtype": str(dtype), "rows_per_shard": str(rows_per_shard),
+           "logit_map": repr(family_logit_map(teacher.config))}  # (scale, softcap): caches made before it differ
     return ShardPlan(key, len(tokens), rows_per_shard, k, temperature, batch_size, dtype)
 
 

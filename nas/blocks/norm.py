@@ -36,6 +36,6 @@ class Norm:
         LayerNorm is left alone (its mean and variance move with the dropped channels; no factor restores both)."""
         if self.kind == "rms":
             return weight * factor
-        if self.kind == "rms_1p":
-            return (1 + weight) * factor - 1
+        if self.kind == "rms_1p":  # in fp32 as the model computes 1 + w: a small w would vanish next to 1 in bf16
+            return ((1 + weight.float()) * factor - 1).to(weight.dtype)
         return weight
