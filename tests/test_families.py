@@ -55,6 +55,8 @@ def test_keep_all_equals_the_parent_with_and_without_a_kv_cache(name):
     parent = tiny_model(name)
     child = prune(parent, _importances(parent), Architecture.of_config(parent.config))
     assert _rel(_logits(child), _logits(parent)) < 1e-4
+    # The cached step is the full forward's position 16 (so the cache is really read), for child and parent alike.
+    assert _rel(_cached_step(parent), _logits(parent, TOKENS[:, :17])[:, 16:17]) < 1e-4
     assert _rel(_cached_step(child), _cached_step(parent)) < 1e-4
 
 
@@ -150,7 +152,7 @@ def test_kd_sees_the_models_own_logits_online_and_from_a_full_vocabulary_cache(n
         hidden = losses.final_hidden(student, TOKENS)
         online = losses.logit_losses(hidden, student.get_output_embeddings().weight, mask, losses.LogitTargets(
             teacher_hidden=losses.final_hidden(teacher, TOKENS), teacher_head=teacher.get_output_embeddings().weight,
-            logit_map=mapping), chunk_tokens=7)["loss"]
+            logit_map=mapping, teacher_logit_map=mapping), chunk_tokens=7)["loss"]
         top = compute_topk(teacher, TOKENS, teacher.config.vocab_size, dtype=torch.float32)
         cached = losses.logit_losses(hidden, student.get_output_embeddings().weight, mask, losses.LogitTargets(
             topk_logprobs=top.logprobs, topk_index=top.index.long(), logit_map=mapping), chunk_tokens=7)["loss"]
