@@ -12,7 +12,9 @@
     nas-bench validation  the demo search's own ranking: its candidates after the short retrain against a 4x
                         longer one, with 8..128 validation sequences of its split (resumable)
     nas-bench gemma3    the second real parent, Gemma 3 270M: importance against random pruning, zero-shot and
-                        after equal-token KD, on held-out WikiText-2 (about 10 minutes)
+                        after equal-token KD, on held-out WikiText-2 (about 6 minutes)
+    nas-bench qk-norm   OLMo 2's q/k norm over all heads: a small OLMo 2 trained from scratch on the plays
+                        (cached), half its query heads cut, the child as pruned against its q norm rescaled
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 
 from nas.architecture import Architecture
 from nas.data import load_tokens
-from nas.files import write_json
+from nas.files import atomic_dir, write_json
 from nas.importance import ImportanceSettings, Importances, compute_importance, lm_loss, select_layers
 from nas.parents import load_parent
 from nas.prune import PruneOptions, prune
@@ -197,6 +199,86 @@ def bench_gemma3(kd_tokens: int = 2048) -> dict[str, Any]:
     return {"parent": "gemma3-270m", "calibration_tokens": int(cal.numel()), "heldout_tokens": int(held.numel()),
             "importance_pass_s": importance_s, "zero_shot": quality,
             "after_kd": {"tokens": kd_tokens, "child": width.short(), **after_kd}}
+
+
+def bench_qk_norm(train_tokens: int = 2_000_000, kd_tokens: int = 65_536) -> dict[str, Any]:
+    """OLMo 2/3 normalise queries (and keys) over all heads at once, so a child with fewer heads divides by the RMS
+    of its kept heads instead of all of them. No pretrained OLMo fits this machine, so a small OLMo 2 is trained
+    from scratch on the shipped plays (cached under benchmarks/results/); then half its query heads are cut by
+    importance, and the child as pruned is compared with one whose q/k norm weights are multiplied by the
+    calibration mean of rms(kept heads) / rms(all heads), the correction that restores the parent's statistic on
+    average: zero-shot and after the same KD, on held-out plays."""
+    import tempfile
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, Olmo2Config, PreTrainedTokenizerFast
+
+    from nas.data import iter_texts, split
+    from nas.distill import DistillConfig, Distiller
+    from nas.prune import head_selection
+
+    torch.manual_seed(0)
+    folder = RESULTS / f"olmo2-from-scratch-{train_tokens}"
+    if not (folder / "model.safetensors").exists():
+        bpe = Tokenizer(models.BPE())
+        bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        bpe.decoder = decoders.ByteLevel()
+        bpe.train_from_iterator(iter_texts("shakespeare"), trainers.BpeTrainer(
+            vocab_size=2048, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
+        train, _ = split(load_tokens("shakespeare", tokenizer, 128), 0.05)
+        config = Olmo2Config(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                             num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
+                             pad_token_id=0, bos_token_id=0, eos_token_id=0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        cfg = DistillConfig(tokens=train_tokens, batch_size=16, lr=3e-3, warmup_steps=50, kd="none", ce_weight=1.0,
+                            checkpoint_every=0, weight_decay=0.01)
+        with tempfile.TemporaryDirectory() as tmp:
+            Distiller(model, None, train, train[:8], Path(tmp), cfg).run(progress=False, save_model=False)
+        with atomic_dir(folder) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
+    train, held = split(load_tokens("shakespeare", tokenizer, 128), 0.05)
+    held = held[:64]
+    cal = train[:32]
+    imp = compute_importance(model, cal, ImportanceSettings(drop_samples=0))
+    full = Architecture.of_config(model.config)
+    arch = full.replace(num_attention_heads=4)  # one query head of each KV pair
+    d = full.head_dim
+    kept = [torch.cat([(h * d + torch.arange(d)) for h in head_selection(imp.heads[i], arch, 4)[0].tolist()])
+            for i in range(full.num_hidden_layers)]
+    ratios: list[list[float]] = [[] for _ in kept]
+
+    def hook(i: int):
+        def record(_m, _a, out):
+            rms = lambda x: x.pow(2).mean(-1).sqrt()  # noqa: E731
+            # nanmean: a token whose queries are all zero (the padding id's zero embedding) has no ratio
+            ratios[i].append(float(torch.nanmean(rms(out[..., kept[i]]) / rms(out))))
+        return record
+
+    handles = [layer.self_attn.q_proj.register_forward_hook(hook(i)) for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(input_ids=cal)
+    for h in handles:
+        h.remove()
+    q_ratio = [sum(r) / len(r) for r in ratios]
+    as_pruned = prune(model, imp, arch)
+    corrected = prune(model, imp, arch)
+    with torch.no_grad():
+        for layer, r in zip(corrected.model.layers, q_ratio):
+            layer.self_attn.q_norm.weight.mul_(r)  # keys: every KV head is kept, so their statistic is unchanged
+    out: dict[str, Any] = {"parent": {"trained_tokens": train_tokens, "heldout_loss": lm_loss(model, held)},
+                           "child": arch.short(), "q_rms_kept_over_all": q_ratio}
+    for name, child in (("as pruned", as_pruned), ("q norm rescaled", corrected)):
+        zero_shot = lm_loss(child, held)
+        cfg = DistillConfig(tokens=kd_tokens, batch_size=8, lr=1e-3, warmup_steps=5, checkpoint_every=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            Distiller(child, model, train[64:], held[:4], Path(tmp), cfg).run(progress=False, save_model=False)
+        out[name] = {"zero_shot": zero_shot, "after_kd": lm_loss(child, held)}
+    out["kd_tokens"] = kd_tokens
+    return out
 
 
 def _child(model, cal):
@@ -567,7 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nas-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=("core", "distill", "search", "tokens", "plan", "fidelity", "validation",
-                                          "gemma3"))
+                                          "gemma3", "qk-norm"))
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<which>.json)")
     parser.add_argument("--short-tokens", type=int, default=4096, help="validation: the short retrain's tokens")
     args = parser.parse_args(argv)
@@ -584,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = bench_validation(RESULTS / "validation-runs.json", short=args.short_tokens)
     else:
         figures = {"core": bench_core, "distill": bench_distill, "search": bench_search,
-                   "tokens": bench_tokens, "plan": bench_plan, "gemma3": bench_gemma3}[args.which]()
+                   "tokens": bench_tokens, "plan": bench_plan, "gemma3": bench_gemma3, "qk-norm": bench_qk_norm}[args.which]()
     figures["machine"] = _machine()
     write_json(path, figures)
     print(_table(args.which, figures))
