@@ -167,3 +167,17 @@ def test_cli_reports_text_that_is_not_utf8_in_one_line(tmp_path, tiny_parent_dir
         f"nas tokenize: error: {path}: not UTF-8 text (byte offset 6, line 1: b'\\xe9\\n'); re-encode it as UTF-8, "
         f"e.g. iconv -f latin1 -t utf-8 {path} > {tmp_path / 'latin1.utf8.txt'}"]
     assert not (tmp_path / "shards").exists()
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 4097])
+def test_shuffled_rows_is_a_seeded_permutation_whose_prefixes_do_not_depend_on_the_count(n):
+    """The order the search draws calibration, validation and training rows from: every row once, each window of
+    it the same whether drawn alone or as part of the whole, another order for another seed."""
+    from nas.data import shuffled_rows
+
+    whole = shuffled_rows(n, 0, n, seed=3)
+    assert sorted(whole.tolist()) == list(range(n))
+    for start, count in ((0, min(n, 5)), (n // 3, n - n // 3), (n - 1, 1)):
+        assert shuffled_rows(n, start, count, seed=3).tolist() == whole[start:start + count].tolist()
+    if n >= 7:
+        assert shuffled_rows(n, 0, n, seed=4).tolist() != whole.tolist()
