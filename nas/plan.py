@@ -23,6 +23,7 @@ The rest follows from how `nas.distill` and `nas.sharding` hold a run (per worke
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -323,8 +324,6 @@ def saved_bytes_per_layer(config: Any, batch: int, seq_len: int, dtype: torch.dt
 
 def rotary_embeddings(decoder: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor):
     """The (cos, sin) a decoder's first layer takes: Gemma 3 keeps one rotary base per layer type."""
-    import inspect
-
     if "layer_type" in inspect.signature(decoder.rotary_emb.forward).parameters:
         return decoder.rotary_emb(x, positions, decoder.config.layer_types[0])
     return decoder.rotary_emb(x, positions)

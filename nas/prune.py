@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from nas.architecture import Architecture
 from nas.errors import NasError
-from nas.families import family_of
+from nas.families import Parent
 from nas.importance import Importances
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def prune(parent: nn.Module, importances: Importances, arch: Architecture,
     Returns:
         The child on the parent's device and dtype, in eval mode.
     """
-    child_config = family_of(parent.config).child_config(parent.config, arch)
+    child_config = Parent.of(parent.config).child_config(arch)
     source = parent.state_dict()
     device, dtype = next(parent.parameters()).device, next(parent.parameters()).dtype
     with torch.device(device):
@@ -97,17 +97,18 @@ def child_tensors(source: Callable[[str], Tensor], parent_config, expected: dict
     """The child's tensors one decoder layer at a time, each sliced from `source(parent name)`: the parent is
     read tensor by tensor, so it never has to be in memory whole. `expected` holds the child's names and shapes
     (a meta-device child will do)."""
-    family = family_of(parent_config)
-    parent_arch = Architecture.of_config(parent_config)
+    parent = Parent.of(parent_config)
+    family, parent_arch = parent.family, parent.architecture
     hidden = _top(importances.hidden, arch.hidden_size)
     factor = math.sqrt(parent_arch.hidden_size / arch.hidden_size) \
         if options.rescale_norms and arch.hidden_size != parent_arch.hidden_size else 1.0
     scaled_embedding = family.scaled_embedding and factor != 1.0
     tied = getattr(parent_config, "tie_word_embeddings", False)
+    embeddings = {"model.embed_tokens.weight", "lm_head.weight"} if tied else {"model.embed_tokens.weight"}
 
     def take(name: str, parent_name: str, index: dict[str, Tensor]) -> Tensor:
         tensor = _slice(source(parent_name), family.slice_axes(name), index)
-        if scaled_embedding and name in ("model.embed_tokens.weight", "lm_head.weight" if tied else ""):
+        if scaled_embedding and name in embeddings:
             tensor = tensor * factor
         elif factor != 1.0 and family.is_norm(name) and not (scaled_embedding and tied and name == "model.norm.weight"):
             tensor = family.norm.rescaled(tensor, factor)
@@ -223,7 +224,7 @@ def prune_checkpoint(parent_dir: str | Path, importances: Importances, arch: Arc
 
     parent_config = AutoConfig.from_pretrained(parent_dir)
     reader = SafetensorsReader(parent_dir)
-    child_config = family_of(parent_config).child_config(parent_config, arch)
+    child_config = Parent.of(parent_config).child_config(arch)
     with torch.device("meta"):
         expected = AutoModelForCausalLM.from_config(child_config).state_dict()
     tied = getattr(child_config, "tie_word_embeddings", False)

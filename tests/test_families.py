@@ -10,13 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import FAMILY_CONFIGS, tiny_model
+from test_plan import _real_saved_bytes
 from nas import losses
 from nas.architecture import Architecture
 from nas.cli import main
 from nas.errors import UnsupportedModelError
 from nas.families import family_of, logit_map
 from nas.importance import ImportanceSettings, compute_importance
-from nas.plan import rotary_embeddings, saved_bytes, saved_bytes_per_layer
+from nas.plan import saved_bytes_per_layer
 from nas.prune import PruneOptions, prune, prune_checkpoint
 from nas.teacher_cache import compute_topk
 
@@ -127,16 +128,7 @@ def test_streamed_pruning_is_bit_identical_to_in_memory(name, tmp_path):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_planned_activations_equal_a_real_layers_saved_bytes(name):
     config = FAMILY_CONFIGS[name]()
-    one = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1,
-                                      **({"layer_types": config.layer_types[:1]} if getattr(config, "layer_types", None)
-                                         else {})})
-    model = AutoModelForCausalLM.from_config(one, dtype=torch.float32).train()
-    x = torch.randn(3, 24, config.hidden_size, requires_grad=True)
-    positions = torch.arange(24)[None].expand(3, 24)
-    real = saved_bytes(model, lambda: model.model.layers[0](x, attention_mask=None, position_ids=positions,
-                                                            position_embeddings=rotary_embeddings(model.model, x,
-                                                                                                  positions)))
-    assert saved_bytes_per_layer(config, 3, 24, torch.float32) == real
+    assert saved_bytes_per_layer(config, 3, 24, torch.float32) == _real_saved_bytes(config, 3, 24)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

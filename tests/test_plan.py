@@ -24,7 +24,7 @@ from nas.distill import DistillConfig, Distiller, uses_intermediate
 from nas.families import family_of
 from nas.importance import ImportanceSettings, compute_importance
 from nas.parents import parent_config
-from nas.plan import Cluster, plan, retrain_stage, saved_bytes, saved_bytes_per_layer
+from nas.plan import Cluster, plan, retrain_stage, rotary_embeddings, saved_bytes, saved_bytes_per_layer
 from nas.prune import prune
 from nas.space import RetrainSpec, architecture_of, enumerate_candidates, load_space, parse_space, space_config
 
@@ -39,7 +39,7 @@ def _real_saved_bytes(config, batch: int, seq_len: int) -> int:
     model = AutoModelForCausalLM.from_config(one, dtype=torch.float32).train()
     x = torch.randn(batch, seq_len, config.hidden_size, requires_grad=True)
     positions = torch.arange(seq_len)[None].expand(batch, seq_len)
-    rotary = model.model.rotary_emb(x, positions)
+    rotary = rotary_embeddings(model.model, x, positions)
     return saved_bytes(model, lambda: model.model.layers[0](x, attention_mask=None, position_embeddings=rotary,
                                                             position_ids=positions))
 
