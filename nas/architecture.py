@@ -19,13 +19,18 @@ CONFIG_KEYS = (
     "intermediate_size",
 )
 
+#: Figures that `architecture.json` records beside the axes.
+COUNTS = ("params", "active_params")
+
 
 @dataclass(frozen=True)
 class Architecture:
     """A child model: uniform widths across layers plus the parent layers it keeps.
 
     Attributes mirror the HF config keys so the JSON form reads like a `config.json` excerpt.
-    `layers` holds the kept parent layer indices in ascending order.
+    `layers` holds the kept parent layer indices in ascending order. `unit_axes` holds the widths of a family's
+    own block units beyond the dense ones (a mixture of experts' expert count, top-k and expert width), as
+    (config key, value) pairs under the family's own key names; `get` and `replace` take those keys like the others.
     """
 
     num_hidden_layers: int
@@ -35,11 +40,13 @@ class Architecture:
     head_dim: int
     intermediate_size: int
     layers: tuple[int, ...]
+    unit_axes: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
-        for key in CONFIG_KEYS:
-            value = getattr(self, key)
+        object.__setattr__(self, "unit_axes", tuple((str(k), v) for k, v in self.unit_axes))
+        for key in (*CONFIG_KEYS, *dict(self.unit_axes)):
+            value = self.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ArchitectureError(f"{key}={value!r}: must be a positive integer")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -54,6 +61,15 @@ class Architecture:
         if list(self.layers) != sorted(set(self.layers)) or (self.layers and self.layers[0] < 0):
             raise ArchitectureError(f"layers={list(self.layers)}: must be distinct, ascending, >= 0")
 
+    def get(self, key: str) -> int:
+        """The value of a config key, dense or a unit's."""
+        return getattr(self, key) if key in CONFIG_KEYS else dict(self.unit_axes)[key]
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The config keys this architecture sets (not "layers")."""
+        return (*CONFIG_KEYS, *dict(self.unit_axes))
+
     @property
     def mlp_expansion(self) -> float:
         return self.intermediate_size / self.hidden_size
@@ -63,8 +79,8 @@ class Architecture:
         return self.num_attention_heads // self.num_key_value_heads
 
     @classmethod
-    def of_config(cls, config: Any) -> Architecture:
-        """The architecture of a stock HF config (every layer kept)."""
+    def of_config(cls, config: Any, unit_keys: tuple[str, ...] = ()) -> Architecture:
+        """The architecture of a stock HF config (every layer kept), with the family's `unit_keys` read from it."""
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return cls(
             num_hidden_layers=config.num_hidden_layers,
@@ -74,22 +90,30 @@ class Architecture:
             head_dim=head_dim,
             intermediate_size=config.intermediate_size,
             layers=tuple(range(config.num_hidden_layers)),
+            unit_axes=tuple((key, getattr(config, key)) for key in unit_keys),
         )
 
     def replace(self, **changes: Any) -> Architecture:
-        return dataclasses.replace(self, **changes)
+        units = dict(self.unit_axes)
+        for key in [k for k in changes if k in units]:
+            units[key] = changes.pop(key)
+        if unknown := [k for k in changes if k not in (*CONFIG_KEYS, "layers")]:
+            raise ArchitectureError(f"{unknown}: not axes of this architecture; its axes: {list(self.keys)}")
+        return dataclasses.replace(self, **changes, unit_axes=tuple(units.items()))
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {key: getattr(self, key) for key in CONFIG_KEYS}
+        out: dict[str, Any] = {key: self.get(key) for key in self.keys}
         out["layers"] = list(self.layers)
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Architecture:
+        """Its JSON form: the dense keys and "layers", plus any unit keys (all other integer entries)."""
         missing = [k for k in (*CONFIG_KEYS, "layers") if k not in data]
         if missing:
             raise ArchitectureError(f"architecture JSON lacks {missing}; expected keys {[*CONFIG_KEYS, 'layers']}")
-        return cls(**{k: data[k] for k in CONFIG_KEYS}, layers=tuple(data["layers"]))
+        units = tuple((k, v) for k, v in data.items() if k not in (*CONFIG_KEYS, "layers", *COUNTS))
+        return cls(**{k: data[k] for k in CONFIG_KEYS}, layers=tuple(data["layers"]), unit_axes=units)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -105,13 +129,18 @@ class Architecture:
             raise ArchitectureError(f"--arch {path}: not valid JSON ({e})") from None
 
     def short(self) -> str:
-        """A compact label: layers/heads/kv/mlp/hidden."""
+        """A compact label: layers/heads/kv/mlp/hidden, then the unit axes."""
         return short_label(self.to_dict())
 
 
+#: Label prefixes, in label order: the dense axes, then the units' (experts, experts a token, expert and shared
+#: widths). Keys absent from a candidate are left out of its label.
+LABEL_PARTS = {"num_hidden_layers": "L", "num_attention_heads": "H", "num_key_value_heads": "KV",
+               "intermediate_size": "M", "hidden_size": "E", "num_experts": "X", "num_local_experts": "X",
+               "num_experts_per_tok": "K", "moe_intermediate_size": "XM", "shared_expert_intermediate_size": "S"}
+
+
 def short_label(axes: dict[str, Any]) -> str:
-    """The compact label of a candidate's axes (e.g. "L30-H6-KV3-M768-E576"), as `Architecture.short()` gives it."""
-    a = {k: int(axes[k]) for k in ("num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                                   "intermediate_size", "hidden_size")}
-    return (f"L{a['num_hidden_layers']}-H{a['num_attention_heads']}-KV{a['num_key_value_heads']}"
-            f"-M{a['intermediate_size']}-E{a['hidden_size']}")
+    """The compact label of a candidate's axes (e.g. "L30-H6-KV3-M768-E576", "L4-H4-KV2-M64-E64-X4-K2-XM32"), as
+    `Architecture.short()` gives it."""
+    return "-".join(f"{prefix}{int(axes[key])}" for key, prefix in LABEL_PARTS.items() if key in axes)

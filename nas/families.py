@@ -1,9 +1,9 @@
 """Model families as data over block units (`nas.blocks`): which units a decoder layer holds, which norms sit
 where, and the quirks of the embeddings and logits. Importance, pruning and parameter counts read these entries;
-adding a dense family is one entry in `FAMILIES` plus its tiny config in the tests.
+adding a family is one entry in `FAMILIES` plus its tiny config in the tests.
 
 Every family here keeps HF's decoder layout: `model.embed_tokens`, `model.layers[i]` holding `self_attn` and
-`mlp`, `model.norm`, `lm_head` (tied or not).
+`mlp` (a dense MLP, or in a mixture of experts a router over experts), `model.norm`, `lm_head` (tied or not).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nas.architecture import Architecture
-from nas.blocks import MLP, Attention, Norm
+from nas.blocks.moe import TOP_K
+from nas.blocks import MLP, Attention, MoE, Norm
 from nas.errors import ArchitectureError, UnsupportedModelError
 
 PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # Llama: before attention, before the MLP
@@ -27,6 +28,8 @@ class Family:
     Attributes:
         model_type: HF `config.model_type`.
         attention, mlp, norm: the block units of its decoder layers (`norm` is the kind of every norm).
+        moe: the mixture-of-experts unit of its sparse layers (None: every layer's MLP is dense); a family with
+            one may still keep dense MLPs in some layers (`MoE.is_sparse`).
         layer_norms: the norms of a decoder layer, by module name; each is scored for the hidden channels and
             sliced with them.
         scaled_embedding: the embedding output is multiplied by sqrt(hidden_size) (Gemma), a factor that changes
@@ -39,6 +42,16 @@ class Family:
     norm: Norm = Norm()
     layer_norms: tuple[str, ...] = PRE_NORMS
     scaled_embedding: bool = False
+    moe: MoE | None = None
+
+    @property
+    def unit_keys(self) -> tuple[str, ...]:
+        """The config keys of its axes beyond the dense ones (`Architecture.unit_axes`)."""
+        return self.moe.keys if self.moe else ()
+
+    def is_sparse(self, config: Any, layer: int) -> bool:
+        """Whether the parent layer `layer` routes tokens to experts."""
+        return self.moe is not None and self.moe.is_sparse(config, layer)
 
     def slice_axes(self, name: str) -> tuple[str | None, ...]:
         """Which kept-index set each dimension of the parameter `name` (as in the state dict) is sliced by."""
@@ -54,35 +67,51 @@ class Family:
     @property
     def _layer_axes(self) -> dict[str, tuple[str | None, ...]]:
         norms = {f"{n}.{kind}": axes for n in self.layer_norms for kind, axes in self.norm.slice_axes.items()}
-        return {**self.attention.slice_axes, **self.mlp.slice_axes, **norms}
+        moe = self.moe.slice_axes if self.moe else {}
+        return {**self.attention.slice_axes, **self.mlp.slice_axes, **moe, **norms}
 
     def is_norm(self, name: str) -> bool:
         """Whether the parameter `name` is the weight of a norm over the hidden channels."""
         parts = name.split(".")
         return parts[-1] == "weight" and (name == "model.norm.weight" or parts[-2] in self.layer_norms)
 
-    def layer_parameters(self, config: Any, arch: Architecture) -> int:
-        """Parameters of one decoder layer of the child `arch`."""
-        return self.attention.num_parameters(config, arch) + self.mlp.num_parameters(config, arch) + \
+    def layer_parameters(self, config: Any, arch: Architecture, layer: int = 0, active: bool = False) -> int:
+        """Parameters of the child `arch`'s copy of the parent layer `layer`; `active`: those a token uses (a
+        sparse layer's top-k experts, not all)."""
+        mlp = self.moe.num_parameters(config, arch, active) if self.is_sparse(config, layer) else \
+            self.mlp.num_parameters(config, arch)
+        return self.attention.num_parameters(config, arch) + mlp + \
             len(self.layer_norms) * self.norm.num_parameters(arch.hidden_size)
 
-    def num_parameters(self, config: Any, arch: Architecture) -> int:
-        """Exact parameter count of the child `arch` of a parent with `config` (no weights needed)."""
+    def num_parameters(self, config: Any, arch: Architecture, active: bool = False) -> int:
+        """Exact parameter count of the child `arch` of a parent with `config` (no weights needed); `active`: the
+        parameters one token uses (all but the experts it is not routed to)."""
         h = arch.hidden_size
         vocab = config.vocab_size * h
         lm_head = 0 if getattr(config, "tie_word_embeddings", False) else vocab
-        return arch.num_hidden_layers * self.layer_parameters(config, arch) + vocab + lm_head + \
+        return sum(self.layer_parameters(config, arch, i, active) for i in arch.layers) + vocab + lm_head + \
             self.norm.num_parameters(h)
 
     def check_child(self, config: Any, arch: Architecture) -> None:
         """Raise if `arch` is not a sub-architecture of the parent `config`."""
-        parent = Architecture.of_config(config)
-        for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size"):
-            if getattr(arch, key) > getattr(parent, key):
+        parent = Architecture.of_config(config, self.unit_keys)
+        if set(arch.keys) != set(parent.keys):
+            raise ArchitectureError(f"{arch.short()}: a {self.model_type} child sets {sorted(parent.keys)}, "
+                                    f"not {sorted(arch.keys)}")
+        for key in ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+                    *self.unit_keys):
+            if arch.get(key) > parent.get(key):
                 raise ArchitectureError(
-                    f"{key}={getattr(arch, key)} is larger than the parent's {getattr(parent, key)}; "
+                    f"{key}={arch.get(key)} is larger than the parent's {parent.get(key)}; "
                     f"pruning can only shrink it"
                 )
+        if self.moe and arch.get(TOP_K) > arch.get(self.moe.count_key):
+            raise ArchitectureError(f"{TOP_K}={arch.get(TOP_K)} exceeds the {arch.get(self.moe.count_key)} experts "
+                                    f"kept ({self.moe.count_key}); a token cannot take more experts than there are")
+        if self.attention.q_norm_is_hidden and arch.hidden_size != arch.num_attention_heads * arch.head_dim:
+            raise ArchitectureError(f"{self.model_type} sizes its q norm by hidden_size, so hidden_size must equal "
+                                    f"num_attention_heads x head_dim ({arch.num_attention_heads} x {arch.head_dim}); "
+                                    f"cut both in proportion")
         if arch.head_dim != parent.head_dim:
             raise ArchitectureError(f"head_dim={arch.head_dim} must equal the parent's {parent.head_dim}")
         if arch.layers and arch.layers[-1] >= parent.num_hidden_layers:
@@ -106,6 +135,8 @@ class Family:
             if isinstance(value, list) and len(value) == parent_layers and key not in _NOT_PER_LAYER:
                 data[key] = [value[i] for i in arch.layers]
         data.update({k: v for k, v in arch.to_dict().items() if k != "layers"})
+        if self.moe:
+            data.update(self.moe.child_layout(config, arch.layers))
         data.pop("transformers_version", None)
         try:
             return type(config).from_dict(data)
@@ -115,7 +146,7 @@ class Family:
 
 
 # Lists in a config that can happen to be as long as the layers without being per layer.
-_NOT_PER_LAYER = {"architectures", "bos_token_id", "eos_token_id", "pad_token_id"}
+_NOT_PER_LAYER = {"architectures", "bos_token_id", "eos_token_id", "pad_token_id", "mlp_only_layers"}
 
 _OUTSIDE_LAYERS: dict[str, tuple[str | None, ...]] = {
     "model.embed_tokens.weight": (None, "hidden"),
@@ -141,13 +172,31 @@ FAMILIES: dict[str, Family] = {
         Family("olmo2", attention=Attention(qk_norm="all"), layer_norms=POST_NORMS),
         Family("olmo3", attention=Attention(qk_norm="all"), layer_norms=POST_NORMS),
         Family("granite"),
+        # Mixtures of experts.
+        Family("qwen3_moe", attention=Attention(qk_norm="head"), moe=MoE("num_local_experts")),
+        Family("qwen2_moe", attention=Attention(bias_key="qkv_bias", o_bias=False),
+               moe=MoE("num_experts", shared_key="shared_expert_intermediate_size")),
+        Family("mixtral", attention=Attention(bias_key=None),
+               moe=MoE("num_local_experts", width_key="intermediate_size", stored_experts=("w1", "w3", "w2"),
+                       stored_block="block_sparse_moe")),
+        Family("olmoe", attention=Attention(qk_norm="all", q_norm_is_hidden=True),
+               moe=MoE("num_experts", width_key="intermediate_size")),
+        Family("gpt_oss", attention=Attention(sinks=True),
+               moe=MoE("num_local_experts", width_key="intermediate_size", router="router", layout="interleaved",
+                       stored_experts=None)),
     )
 }
 
 #: Families transformers knows that these units do not describe yet, and what they lack.
 NOT_YET: dict[str, str] = {
-    **{t: "its layers route tokens to experts (a mixture-of-experts block unit)"
-       for t in ("qwen3_moe", "mixtral", "gpt_oss", "olmoe", "granitemoe", "phimoe", "deepseek_v3", "qwen3_5_moe_text")},
+    **{t: "its attention is multi-head latent attention (low-rank compressed keys and values, `kv_lora_rank`), "
+          "which the attention unit cannot slice by heads"
+       for t in ("deepseek_v2", "deepseek_v3", "kimi_k2")},
+    "qwen3_5_moe_text": "its MoE layers fit the mixture-of-experts unit, but three of every four layers are Gated "
+                        "DeltaNet linear attention (a hybrid block unit)",
+    **{t: "its router and experts have not been checked against the mixture-of-experts unit yet (module names, "
+          "router softmax, logit scaling)"
+       for t in ("granitemoe", "phimoe")},
     **{t: "its layers mix Mamba2 / linear-attention blocks with attention (hybrid block units)"
        for t in ("nemotron_h", "qwen3_next", "qwen3_5_text", "jamba", "falcon_h1", "granitemoehybrid")},
     "gemma4_text": "its layers take per-layer input embeddings (hidden_size_per_layer_input) and share KV caches "
@@ -179,11 +228,16 @@ class Parent:
 
     @classmethod
     def of(cls, config: Any) -> Parent:
-        return cls(config, family_of(config), Architecture.of_config(config))
+        family = family_of(config)
+        return cls(config, family, Architecture.of_config(config, family.unit_keys))
 
     def num_parameters(self, arch: Architecture | None = None) -> int:
         """The exact parameter count of the child `arch` (of the parent itself when None)."""
         return self.family.num_parameters(self.config, arch or self.architecture)
+
+    def active_parameters(self, arch: Architecture | None = None) -> int:
+        """The parameters one token uses (equal to `num_parameters` in a dense family)."""
+        return self.family.num_parameters(self.config, arch or self.architecture, active=True)
 
     def embedding_parameters(self, arch: Architecture | None = None) -> int:
         """Those of the embedding and a separate LM head (what a "non_embedding" budget leaves out)."""

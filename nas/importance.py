@@ -31,6 +31,10 @@ AGGREGATIONS = ("mean", "l2", "var")
 LAYER_METHODS = ("bi", "drop", "block")
 NEURON_SOURCES = ("pre", "post")
 HEAD_SOURCES = ("output", "attn")
+#: How an expert is scored from the tokens routed to it: "output" sums the L2 norm of its output (ModelOpt's),
+#: "weighted" the same norm times the routing weight the token gives it (what it adds to the residual stream),
+#: "frequency" counts its tokens.
+EXPERT_SCORES = ("output", "weighted", "frequency")
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,11 @@ class Importances:
             (k = 1 is the loss of dropping each layer alone).
         base_loss: LM loss of the intact parent on the same samples.
         meta: fingerprints, settings and sample count.
+        experts: in a mixture of experts, each `EXPERT_SCORES` measure -> [num_layers, experts] (dense layers'
+            rows are zero); empty in a dense model.
+        expert_neurons: [num_layers, experts, expert width]: each expert's neurons on its routed tokens only
+            (the root of their summed squares), or None.
+        shared_neurons: [num_layers, shared width]: the shared expert's neurons as a dense MLP's, or None.
     """
 
     hidden: Tensor
@@ -91,10 +100,15 @@ class Importances:
     block_loss: dict[int, Tensor] = field(default_factory=dict)
     base_loss: float = float("nan")
     meta: dict[str, Any] = field(default_factory=dict)
+    experts: dict[str, Tensor] = field(default_factory=dict)
+    expert_neurons: Tensor | None = None
+    shared_neurons: Tensor | None = None
 
     def save(self, path: str | Path) -> None:
         tensors = {"hidden": self.hidden, "heads": self.heads, "neurons": self.neurons, "layer_bi": self.layer_bi}
         tensors |= {f"block_loss.{k}": v for k, v in self.block_loss.items()}
+        tensors |= {f"experts.{k}": v for k, v in self.experts.items()}
+        tensors |= {k: v for k in ("expert_neurons", "shared_neurons") if (v := getattr(self, k)) is not None}
         meta = {"nas": json.dumps({**self.meta, "base_loss": self.base_loss})}
         with atomic_path(path) as tmp:
             save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
@@ -105,14 +119,20 @@ class Importances:
             meta = json.loads(f.metadata()["nas"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
         blocks = {int(k.split(".")[1]): v for k, v in tensors.items() if k.startswith("block_loss.")}
+        experts = {k.split(".")[1]: v for k, v in tensors.items() if k.startswith("experts.")}
         base_loss = meta.pop("base_loss")
-        return cls(tensors["hidden"], tensors["heads"], tensors["neurons"], tensors["layer_bi"], blocks, base_loss, meta)
+        return cls(tensors["hidden"], tensors["heads"], tensors["neurons"], tensors["layer_bi"], blocks, base_loss, meta,
+                   experts, tensors.get("expert_neurons"), tensors.get("shared_neurons"))
 
     def shuffled(self, seed: int) -> Importances:
-        """Random scores of the same shapes: the baseline that importance must beat."""
+        """Random scores of the same shapes: the baseline that importance must beat (every expert measure draws
+        the same random order)."""
         g = torch.Generator().manual_seed(seed)
-        rand = lambda t: torch.rand(t.shape, generator=g)  # noqa: E731
-        return replace(self, hidden=rand(self.hidden), heads=rand(self.heads), neurons=rand(self.neurons))
+        rand = lambda t: None if t is None else torch.rand(t.shape, generator=g)  # noqa: E731
+        experts = rand(next(iter(self.experts.values()), None))
+        return replace(self, hidden=rand(self.hidden), heads=rand(self.heads), neurons=rand(self.neurons),
+                       experts={k: experts for k in self.experts}, expert_neurons=rand(self.expert_neurons),
+                       shared_neurons=rand(self.shared_neurons))
 
 
 class _Running:
@@ -163,6 +183,10 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
         "norms": [_Running(settings.batch_agg) for _ in range(len(family.layer_norms) * len(layers) + 1)],
         "bi_sum": torch.zeros(len(layers), dtype=torch.float64),
         "bi_tokens": 0,
+        # Mixture of experts, per sparse layer: each measure's sums over routed tokens, and the experts' neurons'
+        # summed squares; the shared expert's neurons as a dense MLP's.
+        "experts": {},
+        "shared": [_Running(settings.batch_agg) for _ in layers],
     }
     seq = settings.seq_agg
 
@@ -187,6 +211,25 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
     def neurons_record(i: int):
         return lambda x: acc["neurons"][i].add(_over_sequence(x, seq))
 
+    def experts_record(i: int):
+        def record(e: int, weights: Tensor, pre: Tensor, post: Tensor, out: Tensor) -> None:
+            sums = acc["experts"].get(i)
+            if sums is None:
+                n, width = moe_shape(i)
+                sums = acc["experts"][i] = {**{k: torch.zeros(n, dtype=torch.float64) for k in EXPERT_SCORES},
+                                            "neurons": torch.zeros(n, width, dtype=torch.float64)}
+            norms = out.float().norm(dim=-1)
+            sums["output"][e] += float(norms.sum())
+            sums["weighted"][e] += float((norms * weights.float()).sum())
+            sums["frequency"][e] += norms.numel()
+            x = pre if settings.neuron_source == "pre" else post
+            sums["neurons"][e] += x.float().pow(2).sum(0).double().cpu()
+        return record
+
+    def moe_shape(i: int) -> tuple[int, int]:
+        experts = layers[i].mlp.experts
+        return experts.num_experts, experts.down_proj.shape[-1 if family.moe.layout == "stacked" else 1]
+
     def norm_hook(j: int):
         def hook(_mod, _args, out):
             acc["norms"][j].add(_over_sequence(out, seq))
@@ -206,7 +249,14 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
     per_layer = len(family.layer_norms)
     for i, layer in enumerate(layers):
         handles += family.attention.hooks(layer, heads_hook(i))
-        handles += family.mlp.hooks(layer, settings.neuron_source == "pre", neurons_record(i))
+        pre = settings.neuron_source == "pre"
+        if family.is_sparse(model.config, i):
+            handles += family.moe.hooks(layer, experts_record(i))
+            if family.moe.shared_key:  # it runs on the flattened tokens: [B * S, width]
+                handles += family.mlp.hooks(layer.mlp.shared_expert, pre, lambda x, i=i: acc["shared"][i].add(
+                    _over_sequence(x.view(acc["batch"], -1, x.shape[-1]), seq)))
+        else:
+            handles += family.mlp.hooks(layer.mlp, pre, neurons_record(i))
         handles += [getattr(layer, name).register_forward_hook(norm_hook(per_layer * i + n))
                     for n, name in enumerate(family.layer_norms)]
         handles.append(layer.register_forward_hook(bi_hook(i), with_kwargs=True))
@@ -281,6 +331,7 @@ def compute_importance(model: nn.Module, tokens: Tensor, settings: ImportanceSet
     try:
         with _hooks(model, family, settings) as acc:
             for batch in _batches(tokens, settings.batch_size):
+                acc["batch"] = batch.shape[0]
                 model(input_ids=batch.to(device), use_cache=False, logits_to_keep=1)  # the hooks need no logits
         base_loss, blocks = float("nan"), {}
         if settings.drop_samples > 0:
@@ -293,12 +344,39 @@ def compute_importance(model: nn.Module, tokens: Tensor, settings: ImportanceSet
     return Importances(
         hidden=_magnitude(norms, settings.batch_agg).sum(0).cpu(),
         heads=torch.stack([r.result() for r in acc["heads"]]).cpu(),
-        neurons=_magnitude(torch.stack([r.result() for r in acc["neurons"]]), settings.batch_agg).cpu(),
+        neurons=_magnitude(_per_layer(acc["neurons"], model.config.intermediate_size), settings.batch_agg).cpu(),
         layer_bi=(acc["bi_sum"] / max(acc["bi_tokens"], 1)).float(),
         block_loss=blocks,
         base_loss=base_loss,
         meta={"samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "settings": _settings_dict(settings)},
+        **(_expert_scores(acc, model, family, settings) if family.moe else {}),
     )
+
+
+def _per_layer(running: list[_Running], width: int) -> Tensor:
+    """[num_layers, width] from per-layer accumulators; zeros for the layers whose unit the hook never saw (a
+    dense MLP's neurons in a sparse layer)."""
+    return torch.stack([r.result() if r.n else torch.zeros(width) for r in running])
+
+
+def _expert_scores(acc: dict[str, Any], model: nn.Module, family: Family, settings: ImportanceSettings) -> dict:
+    """The experts' scores, their neurons' and the shared expert's, with zero rows for dense layers (and for an
+    expert no calibration token reached)."""
+    layers = _decoder(model).layers
+    sparse = [i for i in range(len(layers)) if family.is_sparse(model.config, i)]
+    experts = getattr(model.config, family.moe.count_key)
+    width = getattr(model.config, family.moe.width_key)
+    empty = {**{k: torch.zeros(experts, dtype=torch.float64) for k in EXPERT_SCORES},
+             "neurons": torch.zeros(experts, width, dtype=torch.float64)}
+    sums = [acc["experts"].get(i, empty) if i in sparse else empty for i in range(len(layers))]
+    out: dict[str, Any] = {
+        "experts": {k: torch.stack([s[k] for s in sums]).float() for k in EXPERT_SCORES},
+        "expert_neurons": torch.stack([s["neurons"] for s in sums]).sqrt().float(),
+    }
+    if family.moe.shared_key:
+        shared = _per_layer(acc["shared"], getattr(model.config, family.moe.shared_key))
+        out["shared_neurons"] = _magnitude(shared, settings.batch_agg).cpu()
+    return out
 
 
 def _magnitude(scores: Tensor, batch_agg: str) -> Tensor:

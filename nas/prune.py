@@ -38,10 +38,13 @@ class PruneOptions:
         residual_heads: add each pruned query head's output projection onto the most important kept head
             of its KV group (the paper's residual-head idea; exact only when both heads attend alike). On by
             default: after KD it lowered held-out loss by 0.49 nats (seed noise 0.02; benchmarks/FIDELITY.md).
+
+        expert_score: which `nas.importance.EXPERT_SCORES` measure ranks the experts of a mixture of experts.
     """
 
     rescale_norms: bool = True
     residual_heads: bool = True
+    expert_score: str = "weighted"
 
 
 def _top(scores: Tensor, k: int) -> Tensor:
@@ -118,9 +121,12 @@ def child_tensors(source: Callable[[str], Tensor], parent_config, expected: dict
 
     for j, i in enumerate(arch.layers):
         q_heads, kv_heads = head_selection(importances.heads[i], arch, parent_arch.num_key_value_heads)
-        index = {"hidden": hidden, **family.attention.indices(q_heads, kv_heads, arch.head_dim, parent_arch),
-                 **family.mlp.indices(_top(importances.neurons[i], arch.intermediate_size),
-                                      parent_arch.intermediate_size)}
+        index = {"hidden": hidden, **family.attention.indices(q_heads, kv_heads, arch.head_dim, parent_arch)}
+        if family.is_sparse(parent_config, i):
+            index.update(_expert_indices(family.moe, importances, i, arch, parent_arch, options.expert_score))
+        else:
+            index.update(family.mlp.indices(_top(importances.neurons[i], arch.intermediate_size),
+                                            parent_arch.intermediate_size))
         prefix, parent_prefix = f"model.layers.{j}.", f"model.layers.{i}."
         layer = {name: take(name, parent_prefix + name[len(prefix):], index) for name in expected
                  if name.startswith(prefix)}
@@ -134,11 +140,30 @@ def child_tensors(source: Callable[[str], Tensor], parent_config, expected: dict
             yield name, take(name, name, {"hidden": hidden})
 
 
+def _expert_indices(moe, importances: Importances, i: int, arch: Architecture, parent_arch: Architecture,
+                    score: str) -> dict[str, Tensor]:
+    """Layer i's kept experts (the best by `score`) and, in each, its own best neurons, as many in every expert."""
+    experts = _top(importances.experts[score][i], arch.get(moe.count_key))
+    width = arch.get(moe.width_key)
+    neurons = torch.stack([_top(importances.expert_neurons[i, e], width) for e in experts.tolist()])
+    shared = _top(importances.shared_neurons[i], arch.get(moe.shared_key)) if moe.shared_key else None
+    return moe.indices(experts, neurons, parent_arch.get(moe.width_key), shared)
+
+
 def _slice(tensor: Tensor, axes: tuple[str | None, ...], index: dict[str, Tensor]) -> Tensor:
+    """`tensor` with each dimension cut to its axis's kept indices. A 2-D index set holds one row of indices per
+    entry of dimension 0 (each kept expert's own neurons), which is cut first."""
     out = tensor
     for dim, axis in enumerate(axes):
-        if axis is not None:
-            out = out.index_select(dim, index[axis].to(out.device))
+        if axis is None:
+            continue
+        kept = index[axis].to(out.device)
+        if kept.dim() == 1:
+            out = out.index_select(dim, kept)
+        else:
+            shape = [kept.shape[0]] + [1] * (out.dim() - 1)
+            shape[dim] = kept.shape[1]
+            out = out.take_along_dim(kept.view(shape), dim)
     return out.clone() if out is tensor else out  # index_select already made a copy
 
 
@@ -224,7 +249,9 @@ def prune_checkpoint(parent_dir: str | Path, importances: Importances, arch: Arc
 
     parent_config = AutoConfig.from_pretrained(parent_dir)
     reader = SafetensorsReader(parent_dir)
-    child_config = Parent.of(parent_config).child_config(arch)
+    parent = Parent.of(parent_config)
+    moe = parent.family.moe
+    child_config = parent.child_config(arch)
     with torch.device("meta"):
         expected = AutoModelForCausalLM.from_config(child_config).state_dict()
     tied = getattr(child_config, "tie_word_embeddings", False)
@@ -232,13 +259,17 @@ def prune_checkpoint(parent_dir: str | Path, importances: Importances, arch: Arc
         expected.pop("lm_head.weight", None)
 
     def source(name: str) -> Tensor:
+        if moe and (tensor := moe.read_stored(name, reader, parent.architecture.get(moe.count_key))) is not None:
+            return tensor  # one layer's experts, stacked from the checkpoint's per-expert tensors
         # A tied parent stores its LM head only as the embedding.
         return reader("model.embed_tokens.weight" if name == "lm_head.weight" and name not in reader else name)
 
+    tensors = child_tensors(source, parent_config, expected, importances, arch, options)
+    if moe:  # written under the checkpoint's own names, as save_pretrained writes them
+        tensors = (entry for name, tensor in tensors for entry in moe.stored(name, tensor))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    files = list(_shards(child_tensors(source, parent_config, expected, importances, arch, options),
-                         max_shard_bytes, out))
+    files = list(_shards(tensors, max_shard_bytes, out))
     if len(files) == 1:
         (out / files[0]).rename(out / "model.safetensors")
     else:

@@ -1,7 +1,8 @@
 """Block units: the parts a decoder layer is made of, each written once.
 
 A unit knows, for the modules it names inside a decoder layer (`self_attn.`, `mlp.`, a norm):
-- its prunable widths, as the HF config keys of `Architecture` (`num_attention_heads`, `intermediate_size`, ...);
+- its prunable widths, as the HF config keys of `Architecture` (`num_attention_heads`, `intermediate_size`, ...;
+  a unit's own, such as the experts kept, are `Architecture.unit_axes`);
 - `num_parameters(config, arch)`: its exact parameter count in a child;
 - `slice_axes`: for each of its parameters (by name inside the layer), which kept-index set each dimension is
   sliced by ("hidden": residual channels; "q"/"kv": rows of kept query/KV heads; "mlp": neurons; None: whole),
@@ -15,6 +16,7 @@ of its embeddings and logits.
 
 from nas.blocks.attention import Attention
 from nas.blocks.mlp import MLP
+from nas.blocks.moe import MoE
 from nas.blocks.norm import Norm
 
-__all__ = ["MLP", "Attention", "Norm"]
+__all__ = ["MLP", "Attention", "MoE", "Norm"]

@@ -1,5 +1,5 @@
 """Attention unit: grouped-query attention with `q_proj`, `k_proj`, `v_proj` (or Phi-3's fused `qkv_proj`) and
-`o_proj`, optional biases and optional q/k norms. Its prunable widths are `num_attention_heads` and
+`o_proj`, optional biases, optional q/k norms and optional per-head attention sinks (gpt-oss). Its prunable widths are `num_attention_heads` and
 `num_key_value_heads` (whole heads; `head_dim` stays the parent's)."""
 
 from __future__ import annotations
@@ -20,24 +20,32 @@ class Attention:
             over all heads at once (OLMo 2: sizes H * head_dim and KV * head_dim, sliced with the heads).
         bias_key: the config key that turns on q/k/v/o biases, or None when the family has none.
         qkv_bias_always: q/k/v always carry a bias (Qwen2), whatever the config says.
+        o_bias: `o_proj` carries a bias when q/k/v do by `bias_key` (False: Qwen2-MoE's `qkv_bias` is q/k/v only).
+        sinks: one learned attention-sink logit per query head (`self_attn.sinks`, gpt-oss).
+        q_norm_is_hidden: the "all" q norm is sized `hidden_size` rather than heads x head_dim (OLMoE), so a child
+            must keep hidden_size = num_attention_heads x head_dim.
     """
 
     fused_qkv: bool = False
     qk_norm: str | None = None
     bias_key: str | None = "attention_bias"
     qkv_bias_always: bool = False
+    o_bias: bool = True
+    sinks: bool = False
+    q_norm_is_hidden: bool = False
 
     def biases(self, config: Any) -> tuple[bool, bool]:
         """(q/k/v bias, o bias) for a config of this family."""
         on = bool(self.bias_key and getattr(config, self.bias_key, False))
-        return on or self.qkv_bias_always, on
+        return on or self.qkv_bias_always, on and self.o_bias
 
     def num_parameters(self, config: Any, arch: Any) -> int:
         qkv_bias, o_bias = self.biases(config)
         h, d = arch.hidden_size, arch.head_dim
         q, kv = arch.num_attention_heads * d, arch.num_key_value_heads * d
         norms = {None: 0, "head": 2 * d, "all": q + kv}[self.qk_norm]
-        return h * (q + 2 * kv) + q * h + qkv_bias * (q + 2 * kv) + o_bias * h + norms
+        sinks = arch.num_attention_heads if self.sinks else 0
+        return h * (q + 2 * kv) + q * h + qkv_bias * (q + 2 * kv) + o_bias * h + norms + sinks
 
     @property
     def slice_axes(self) -> dict[str, tuple[str | None, ...]]:
@@ -49,13 +57,14 @@ class Attention:
         out.update({"self_attn.o_proj.weight": ("hidden", "q"), "self_attn.o_proj.bias": ("hidden",)})
         per_head = self.qk_norm == "head"
         out.update({"self_attn.q_norm.weight": (None,) if per_head else ("q",),
-                    "self_attn.k_norm.weight": (None,) if per_head else ("kv",)})
+                    "self_attn.k_norm.weight": (None,) if per_head else ("kv",),
+                    "self_attn.sinks": ("heads",)})
         return out
 
     def indices(self, q_heads: Tensor, kv_heads: Tensor, head_dim: int, parent: Any) -> dict[str, Tensor]:
-        """Rows of the kept query and KV heads, and, fused, of `qkv_proj`."""
+        """Rows of the kept query and KV heads, and, fused, of `qkv_proj`; "heads": the kept query heads."""
         q, kv = _rows(q_heads, head_dim), _rows(kv_heads, head_dim)
-        out = {"q": q, "kv": kv}
+        out = {"q": q, "kv": kv, "heads": q_heads}
         if self.fused_qkv:
             q_width, kv_width = parent.num_attention_heads * head_dim, parent.num_key_value_heads * head_dim
             out["qkv"] = torch.cat([q, q_width + kv, q_width + kv_width + kv])

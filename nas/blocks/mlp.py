@@ -29,11 +29,16 @@ class MLP:
 
     @property
     def slice_axes(self) -> dict[str, tuple[str | None, ...]]:
+        return self.axes("mlp", "mlp")
+
+    def axes(self, prefix: str, axis: str) -> dict[str, tuple[str | None, ...]]:
+        """The slice rules of an MLP module at `prefix` whose neurons are the index set `axis` (a shared expert
+        is one at "mlp.shared_expert")."""
         first = {"gate_up_proj": "gate_up"} if self.fused else \
-            {"gate_proj": "mlp", "up_proj": "mlp"} if self.gated else {"up_proj": "mlp"}
-        out = {f"mlp.{name}.weight": (axis, "hidden") for name, axis in first.items()}
-        out.update({f"mlp.{name}.bias": (axis,) for name, axis in first.items()})
-        out.update({"mlp.down_proj.weight": ("hidden", "mlp"), "mlp.down_proj.bias": ("hidden",)})
+            {"gate_proj": axis, "up_proj": axis} if self.gated else {"up_proj": axis}
+        out = {f"{prefix}.{name}.weight": (rows, "hidden") for name, rows in first.items()}
+        out.update({f"{prefix}.{name}.bias": (rows,) for name, rows in first.items()})
+        out.update({f"{prefix}.down_proj.weight": ("hidden", axis), f"{prefix}.down_proj.bias": ("hidden",)})
         return out
 
     def indices(self, neurons: Tensor, parent_width: int) -> dict[str, Tensor]:
@@ -43,10 +48,9 @@ class MLP:
             out["gate_up"] = torch.cat([neurons, parent_width + neurons])
         return out
 
-    def hooks(self, layer: nn.Module, pre: bool, record: Callable[[Tensor], None]) -> list:
-        """Score neurons by the paper's pre-activation `X W1^T` (the gate, or the up projection when there is no
-        gate) when `pre`, else by the down projection's input."""
-        mlp = layer.mlp
+    def hooks(self, mlp: nn.Module, pre: bool, record: Callable[[Tensor], None]) -> list:
+        """Score the neurons of the MLP module `mlp` by the paper's pre-activation `X W1^T` (the gate, or the up
+        projection when there is no gate) when `pre`, else by the down projection's input."""
         if not pre:
             return [mlp.down_proj.register_forward_pre_hook(lambda _m, args: record(args[0]))]
         if self.fused:  # the gate is the first half of the fused output
