@@ -15,6 +15,9 @@
                         after equal-token KD, on held-out WikiText-2 (about 6 minutes)
     nas-bench qk-norm   OLMo 2's q/k norm over all heads: a small OLMo 2 trained from scratch on the plays
                         (cached), half its query heads cut, the child as pruned against its q norm rescaled
+    nas-bench moe       a small Qwen3-MoE trained from scratch on the plays (cached): half the experts cut by
+                        each expert score and at random, half the expert width by routed-token neuron scores
+                        and at random; held-out loss zero-shot and after equal-token KD
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 from nas.architecture import Architecture
 from nas.data import load_tokens
 from nas.files import atomic_dir, write_json
-from nas.importance import ImportanceSettings, Importances, compute_importance, lm_loss, select_layers
+from nas.importance import EXPERT_SCORES, ImportanceSettings, Importances, compute_importance, lm_loss, select_layers
 from nas.parents import load_parent
 from nas.prune import PruneOptions, prune
 
@@ -201,35 +204,29 @@ def bench_gemma3(kd_tokens: int = 2048) -> dict[str, Any]:
             "after_kd": {"tokens": kd_tokens, "child": width.short(), **after_kd}}
 
 
-def bench_qk_norm(train_tokens: int = 2_000_000, kd_tokens: int = 65_536) -> dict[str, Any]:
-    """OLMo 2/3 normalise queries (and keys) over all heads at once, so a child with fewer heads divides by the RMS
-    of its kept heads instead of all of them. No pretrained OLMo fits this machine, so a small OLMo 2 is trained
-    from scratch on the shipped plays (cached under benchmarks/results/); then half its query heads are cut by
-    importance, and the child as pruned is compared with one whose q/k norm weights are multiplied by the
-    calibration mean of rms(kept heads) / rms(all heads), the correction that restores the parent's statistic on
-    average: zero-shot and after the same KD, on held-out plays."""
+def trained_from_scratch(folder: Path, config, train_tokens: int):
+    """(model, training sequences, 64 held-out sequences) of a small model of `config` trained from scratch on the
+    shipped plays with plain next-token CE (and the router's load-balancing loss when the config asks for it),
+    with a 2,048-entry byte-level BPE learnt from the same text; cached in `folder` (no small pretrained checkpoint
+    of these families fits here)."""
     import tempfile
 
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, Olmo2Config, PreTrainedTokenizerFast
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from nas.data import iter_texts, split
     from nas.distill import DistillConfig, Distiller
-    from nas.prune import head_selection
 
     torch.manual_seed(0)
-    folder = RESULTS / f"olmo2-from-scratch-{train_tokens}"
     if not (folder / "model.safetensors").exists():
         bpe = Tokenizer(models.BPE())
         bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         bpe.decoder = decoders.ByteLevel()
         bpe.train_from_iterator(iter_texts("shakespeare"), trainers.BpeTrainer(
-            vocab_size=2048, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+            vocab_size=config.vocab_size, special_tokens=["<eos>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>")
         train, _ = split(load_tokens("shakespeare", tokenizer, 128), 0.05)
-        config = Olmo2Config(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                             num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
-                             pad_token_id=0, bos_token_id=0, eos_token_id=0)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         cfg = DistillConfig(tokens=train_tokens, batch_size=16, lr=3e-3, warmup_steps=50, kd="none", ce_weight=1.0,
                             checkpoint_every=0, weight_decay=0.01)
@@ -241,7 +238,75 @@ def bench_qk_norm(train_tokens: int = 2_000_000, kd_tokens: int = 65_536) -> dic
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(folder)
     train, held = split(load_tokens("shakespeare", tokenizer, 128), 0.05)
-    held = held[:64]
+    return model, train, held[:64]
+
+
+def bench_moe(train_tokens: int = 1_000_000, kd_tokens: int = 32_768) -> dict[str, Any]:
+    """Expert pruning on a small Qwen3-MoE (4 layers, 8 experts, top-2) trained from scratch on the plays (cached):
+    half the experts cut by each expert measure of `nas.importance.EXPERT_SCORES` and at random (3 draws), held-out
+    loss zero-shot and after the same KD; then the expert width halved by the routed-token neuron scores against
+    random neurons."""
+    import tempfile
+
+    from transformers import Qwen3MoeConfig
+
+    from nas.distill import DistillConfig, Distiller
+    from nas.families import Parent
+
+    config = Qwen3MoeConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, moe_intermediate_size=128,
+                            num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, num_hidden_layers=4,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
+                            output_router_logits=True, router_aux_loss_coef=0.01,
+                            pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model, train, held = trained_from_scratch(RESULTS / f"qwen3-moe-from-scratch-{train_tokens}", config,
+                                              train_tokens)
+    cal = train[:32]
+    imp = compute_importance(model, cal, ImportanceSettings(drop_samples=0))
+    parent = Parent.of(model.config)
+    half = parent.architecture.replace(num_local_experts=4)
+    narrow = parent.architecture.replace(moe_intermediate_size=64)
+    share = imp.experts["frequency"] / imp.experts["frequency"].sum(1, keepdim=True)
+
+    def evaluated(child) -> dict[str, float]:
+        zero_shot = lm_loss(child, held)
+        cfg = DistillConfig(tokens=kd_tokens, batch_size=8, lr=1e-3, warmup_steps=5, checkpoint_every=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            Distiller(child, model, train[64:], held[:4], Path(tmp), cfg).run(progress=False, save_model=False)
+        return {"zero_shot": zero_shot, "after_kd": lm_loss(child, held)}
+
+    out: dict[str, Any] = {"parent": {"trained_tokens": train_tokens, "heldout_loss": lm_loss(model, held),
+                                      "params": parent.num_parameters(), "active_params": parent.active_parameters()},
+                           "routing_share_per_layer_min_max": [[float(r.min()), float(r.max())] for r in share],
+                           "kd_tokens": kd_tokens, "experts_halved": {"child": half.short(),
+                                                                       "active_params": parent.active_parameters(half)}}
+    for score in EXPERT_SCORES:
+        out["experts_halved"][f"by {score}"] = evaluated(prune(model, imp, half, PruneOptions(expert_score=score)))
+    draws = [evaluated(prune(model, imp.shuffled(seed), half)) for seed in range(3)]
+    out["experts_halved"]["random (mean of 3)"] = {k: sum(d[k] for d in draws) / 3 for k in draws[0]}
+    out["expert_width_halved"] = {"child": narrow.short(), "by routed-token neurons": evaluated(prune(model, imp, narrow))}
+    shuffled = dataclasses.replace(imp, expert_neurons=imp.shuffled(0).expert_neurons)
+    out["expert_width_halved"]["random neurons"] = evaluated(prune(model, shuffled, narrow))
+    return out
+
+
+def bench_qk_norm(train_tokens: int = 2_000_000, kd_tokens: int = 65_536) -> dict[str, Any]:
+    """OLMo 2/3 normalise queries (and keys) over all heads at once, so a child with fewer heads divides by the RMS
+    of its kept heads instead of all of them. No pretrained OLMo fits this machine, so a small OLMo 2 is trained
+    from scratch on the shipped plays (cached under benchmarks/results/); then half its query heads are cut by
+    importance, and the child as pruned is compared with one whose q/k norm weights are multiplied by the
+    calibration mean of rms(kept heads) / rms(all heads), the correction that restores the parent's statistic on
+    average: zero-shot and after the same KD, on held-out plays."""
+    import tempfile
+
+    from transformers import Olmo2Config
+
+    from nas.distill import DistillConfig, Distiller
+    from nas.prune import head_selection
+
+    config = Olmo2Config(vocab_size=2048, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                         num_attention_heads=8, num_key_value_heads=4, head_dim=16, max_position_embeddings=256,
+                         pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model, train, held = trained_from_scratch(RESULTS / f"olmo2-from-scratch-{train_tokens}", config, train_tokens)
     cal = train[:32]
     imp = compute_importance(model, cal, ImportanceSettings(drop_samples=0))
     full = Architecture.of_config(model.config)
@@ -649,7 +714,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nas-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=("core", "distill", "search", "tokens", "plan", "fidelity", "validation",
-                                          "gemma3", "qk-norm"))
+                                          "gemma3", "qk-norm", "moe"))
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<which>.json)")
     parser.add_argument("--short-tokens", type=int, default=4096, help="validation: the short retrain's tokens")
     args = parser.parse_args(argv)
@@ -666,7 +731,8 @@ def main(argv: list[str] | None = None) -> int:
         figures = bench_validation(RESULTS / "validation-runs.json", short=args.short_tokens)
     else:
         figures = {"core": bench_core, "distill": bench_distill, "search": bench_search,
-                   "tokens": bench_tokens, "plan": bench_plan, "gemma3": bench_gemma3, "qk-norm": bench_qk_norm}[args.which]()
+                   "tokens": bench_tokens, "plan": bench_plan, "gemma3": bench_gemma3, "qk-norm": bench_qk_norm,
+                   "moe": bench_moe}[args.which]()
     figures["machine"] = _machine()
     write_json(path, figures)
     print(_table(args.which, figures))

@@ -60,10 +60,10 @@ def cmd_importance(args) -> None:
 
 
 def cmd_arch(args) -> None:
-    from nas.architecture import Architecture
+    from nas.families import Parent
     from nas.parents import parent_config
 
-    text = json.dumps(Architecture.of_config(parent_config(args.parent)).to_dict(), indent=2) + "\n"
+    text = json.dumps(Parent.of(parent_config(args.parent)).architecture.to_dict(), indent=2) + "\n"
     if args.out:
         from nas.files import atomic_path
 
@@ -278,8 +278,12 @@ def cmd_candidates(args) -> None:
     rows = enumerate_candidates(space, config)
     if not rows:
         raise NasError(f"{args.space}: {infeasible_hint(space, config)}")
-    frame = pd.DataFrame(rows).drop(columns=["counted"] if space.budget.kind == "total" else [])
-    frame["params"] = frame["params"].map("{:,}".format)
+    # "counted" is the budget's kind of count; shown when it is none of the counts already shown.
+    shown = space.budget.kind == "total" or (space.budget.kind == "active" and "active_params" in rows[0])
+    frame = pd.DataFrame(rows).drop(columns=["counted"] if shown else [])
+    for column in ("params", "active_params", "counted"):
+        if column in frame:
+            frame[column] = frame[column].map("{:,}".format)
     frame["share_of_parent"] = frame["share_of_parent"].map("{:.1%}".format)
     print(f"{len(rows)} feasible candidates for {space.name}:")
     print(frame.to_string(index=False))

@@ -218,11 +218,15 @@ class Distiller:
             logprobs, index = self.topk.rows(idx, self.device)
             targets = dataclasses.replace(targets, teacher_hidden=None, teacher_head=None, topk_logprobs=logprobs,
                                           topk_index=index)
+        router_aux: list[Tensor] = []
         with autocast, capture_states(self.student, list(range(len(self.layer_map))) if self.intermediate else []) as ss:
-            hidden = losses.final_hidden(self.student, tokens)
+            hidden = losses.final_hidden(self.student, tokens, router_aux)
             student_states = list(ss)
             parts = losses.logit_losses(hidden, self.student.get_output_embeddings().weight, mask, targets,
                                         cfg.loss_chunk_tokens)
+        if router_aux:  # the parent's config asks for its router's load-balancing loss: kept, weighted as it says
+            parts["router_aux"] = router_aux[0]
+            parts["loss"] = parts["loss"] + self.student.config.router_aux_loss_coef * router_aux[0]
         if self.intermediate:
             parts["is"] = losses.cosine_loss(student_states, teacher_states, mask, self.projection)
             # Dynamic weight (§3): scale the intermediate loss to the logit loss's magnitude (over all workers,

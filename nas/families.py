@@ -138,6 +138,7 @@ class Family:
         if self.moe:
             data.update(self.moe.child_layout(config, arch.layers))
         data.pop("transformers_version", None)
+        data.pop("quantization_config", None)  # a quantised parent (gpt-oss's MXFP4 experts) is dequantised on load
         try:
             return type(config).from_dict(data)
         except Exception as e:  # the stock config's own validators (huggingface_hub strict dataclasses)

@@ -247,13 +247,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return tuple(g.to(d) if g is not None else None for g, d in zip(out, ctx.dtypes)) + (None, None, None)
 
 
-def final_hidden(model: nn.Module, tokens: Tensor) -> Tensor:
+def final_hidden(model: nn.Module, tokens: Tensor, router_aux: list[Tensor] | None = None) -> Tensor:
     """The decoder's output after its final norm [B, S, D], from a forward through the whole model (so that a
-    sharded model gathers its root unit: embeddings and LM head) that computes logits for one position only."""
+    sharded model gathers its root unit: embeddings and LM head) that computes logits for one position only.
+    With `router_aux`, a mixture of experts whose config sets `output_router_logits` appends its router's
+    load-balancing loss (unweighted) to it."""
     kept: list[Tensor] = []
     handle = model.model.register_forward_hook(lambda _m, _a, out: kept.append(out.last_hidden_state))
     try:
-        model(input_ids=tokens, use_cache=False, logits_to_keep=1)
+        out = model(input_ids=tokens, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
+    if router_aux is not None and getattr(out, "aux_loss", None) is not None:
+        router_aux.append(out.aux_loss)
     return kept[0]

@@ -107,6 +107,19 @@ def parent_config(spec: str) -> Any:
     return config
 
 
+def _dequantised(config: Any):
+    """The loading option that dequantises a quantised parent: pruning slices and KD trains plain weights. gpt-oss
+    publishes its experts in MXFP4; other quantisations are refused."""
+    quant = config.quantization_config
+    method = quant.get("quant_method") if isinstance(quant, dict) else getattr(quant, "quant_method", None)
+    if str(method).lower().removeprefix("quantizationmethod.") != "mxfp4":
+        raise UnsupportedModelError(f"the parent is quantised ({method}); give its unquantised weights (only "
+                                    f"gpt-oss's MXFP4 experts are dequantised on load)")
+    from transformers import Mxfp4Config
+
+    return Mxfp4Config(dequantize=True)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -123,15 +136,17 @@ def load_parent(spec: str, device: torch.device | None = None, dtype: torch.dtyp
     With `device_map` ("auto", or module name -> GPU index, "cpu" or "disk") accelerate spreads the parent over
     this process's GPUs and offloads what does not fit to the CPU and then to `offload_folder`: a parent larger
     than one GPU can be scored and run, a layer at a time where it is offloaded."""
-    parent_config(spec)
+    config = parent_config(spec)
     location = resolve_parent(spec)
     device = device or default_device()
     dtype = dtype or default_dtype(device)
+    quantised = {"quantization_config": _dequantised(config)} if getattr(config, "quantization_config", None) else {}
     if device_map is not None:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map=device_map,
-                                                     offload_folder=None if offload_folder is None else str(offload_folder))
+                                                     offload_folder=None if offload_folder is None else str(offload_folder),
+                                                     **quantised)
     else:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype).to(device)
+        model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, **quantised).to(device)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(location)
     return model, tokenizer

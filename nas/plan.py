@@ -1,7 +1,8 @@
 """What a search needs, from its space file alone: memory per worker, workers, tokens, FLOPs and wall time of each
 stage, and whether it fits a cluster (`nas plan`; `nas search` runs the same check before it starts).
 
-Nothing here loads weights. Parameter counts come from the configs; activation memory is measured, not guessed:
+Nothing here loads weights. Parameter counts come from the configs (memory counts every expert of a mixture of
+experts, FLOPs and time only the active parameters a token uses); activation memory is measured, not guessed:
 one decoder layer of the child is built on the meta device and run on a micro-batch of the planned shape, and
 the tensors autograd saves for backward are summed (the same count a real run's saved-tensor hooks give, tested).
 The rest follows from how `nas.distill` and `nas.sharding` hold a run (per worker, N workers):
@@ -23,6 +24,7 @@ The rest follows from how `nas.distill` and `nas.sharding` hold a run (per worke
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import os
@@ -275,9 +277,9 @@ def _fsdp_unsharded(child: Any, parent: Any, act_size: int, teacher_bytes: int) 
 
 
 def _layer_params(config: Any) -> int:
-    """Parameters of one decoder layer of `config`."""
+    """Parameters of the largest decoder layer of `config` (a mixture of experts can keep dense layers)."""
     parent = Parent.of(config)
-    return parent.family.layer_parameters(config, parent.architecture)
+    return max(parent.family.layer_parameters(config, parent.architecture, i) for i in range(config.num_hidden_layers))
 
 
 def _block_sizes(space: SearchSpace, config: Any) -> set[int]:
@@ -287,9 +289,11 @@ def _block_sizes(space: SearchSpace, config: Any) -> set[int]:
 
 
 def forward_flops_per_token(config: Any, seq_len: int) -> float:
-    """2 x the parameters a token multiplies (all but the embedding lookup), plus causal attention's
-    2 x seq_len x heads x head_dim per layer (QK^T and AV over half the sequence on average, 2 FLOPs a MAC)."""
-    n = _params(config) - config.vocab_size * config.hidden_size * (0 if getattr(config, "tie_word_embeddings", False) else 1)
+    """2 x the parameters a token multiplies (all but the embedding lookup; in a mixture of experts only the experts
+    it is routed to), plus causal attention's 2 x seq_len x heads x head_dim per layer (QK^T and AV over half the
+    sequence on average, 2 FLOPs a MAC)."""
+    n = Parent.of(config).active_parameters() - \
+        config.vocab_size * config.hidden_size * (0 if getattr(config, "tie_word_embeddings", False) else 1)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * n + 2 * seq_len * config.num_attention_heads * head_dim * config.num_hidden_layers
 
@@ -318,8 +322,39 @@ def saved_bytes_per_layer(config: Any, batch: int, seq_len: int, dtype: torch.dt
     x = torch.empty(batch, seq_len, config.hidden_size, dtype=dtype, device="meta", requires_grad=True)
     positions = torch.arange(seq_len, device="meta")[None].expand(batch, seq_len)
     rotary = rotary_embeddings(decoder, x, positions)
-    return saved_bytes(model, lambda: decoder.layers[0](x, attention_mask=None, position_embeddings=rotary,
-                                                        position_ids=positions))
+    with _grouped_mm_on_meta():
+        return saved_bytes(model, lambda: decoder.layers[0](x, attention_mask=None, position_embeddings=rotary,
+                                                            position_ids=positions))
+
+
+@contextlib.contextmanager
+def _grouped_mm_on_meta():
+    """A mixture of experts runs its experts as grouped matrix products over the (token, expert) pairs sorted by
+    expert (transformers' default `grouped_mm` experts), whose meta kernel accepts bf16 only. While tracing, one
+    expert's product of the same shapes stands in and saves what grouped_mm saves (its input, the weights, which
+    are parameters and not counted, and the group offsets). Routing is data-dependent, but the pairs' count
+    (tokens x top-k) is not."""
+    from transformers.integrations import moe
+
+    real = moe._grouped_mm
+    moe._grouped_mm = lambda input, weight, offs: _GroupedMatmulShapes.apply(input.to(weight.dtype), weight, offs)
+    try:
+        yield
+    finally:
+        moe._grouped_mm = real
+
+
+class _GroupedMatmulShapes(torch.autograd.Function):
+    """[S, in] x [E, in, out] -> [S, out], saving what `torch.nn.functional.grouped_mm` saves (trace only)."""
+
+    @staticmethod
+    def forward(ctx, input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(input, weight, offs)
+        return input @ weight[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise NotImplementedError("traced for its saved tensors only")
 
 
 def rotary_embeddings(decoder: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor):

@@ -258,8 +258,13 @@ def prune_checkpoint(parent_dir: str | Path, importances: Importances, arch: Arc
     if tied:  # stored once, as the embedding (as save_pretrained does)
         expected.pop("lm_head.weight", None)
 
+    stored_dtype = getattr(parent_config, "dtype", None) or torch.bfloat16  # of a quantised parent's dequantised experts
+    if isinstance(stored_dtype, str):
+        stored_dtype = getattr(torch, stored_dtype)
+
     def source(name: str) -> Tensor:
-        if moe and (tensor := moe.read_stored(name, reader, parent.architecture.get(moe.count_key))) is not None:
+        if moe and (tensor := moe.read_stored(name, reader, parent.architecture.get(moe.count_key),
+                                              stored_dtype)) is not None:
             return tensor  # one layer's experts, stacked from the checkpoint's per-expert tensors
         # A tied parent stores its LM head only as the embedding.
         return reader("model.embed_tokens.weight" if name == "lm_head.weight" and name not in reader else name)

@@ -2,8 +2,9 @@
 candidates with Optuna choosing them, promotion of the best to full distillation, a study summary.
 
 Ray and Optuna sit behind this module only. An Optuna trial's parameters are the architecture axes
-(`nas.space.AXES`), so the dashboard's slice, contour and importance plots read them; its user attributes
-hold the candidate's label, exact parameter count, share of the parent and stage. A trial is a plain function
+(`nas.space.AXES`, and a mixture of experts' expert axes), so the dashboard's slice, contour and importance plots
+read them; its user attributes hold the candidate's label, exact parameter count (and active count), share of the
+parent and stage. A trial is a plain function
 of those axes and the shared inputs, so it can be replayed from its parameters alone (`replay_trial`).
 
 Files live in the run folder (`nas.storage.RunStorage`: a local path or a URI every node reaches):
@@ -54,7 +55,7 @@ from nas.importance import ImportanceSettings, Importances, cached_importance, l
 from nas.parents import load_parent, parent_config, resolve_parent
 from nas.plan import Cluster, Stage, check_fits, checkpoint_tokens, plan
 from nas.prune import prune
-from nas.space import AXES, RetrainSpec, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, \
+from nas.space import AXES, RetrainSpec, SearchSpace, row_axes, architecture_of, candidate_problem, enumerate_candidates, \
     infeasible_hint
 from nas.storage import RunStorage, is_uri
 from nas.teacher_cache import ShardPlan, TopKShards, publish, topk_plan, write_part
@@ -344,7 +345,8 @@ def _retrain(shared: Shared, label: str, rel: str, spec, on_eval: Callable[[dict
     stage = FULL if promoted else SHORT
     with storage.workdir(rel) as out:
         arch = _architecture(shared, label, Importances.load(storage.fetch("importance.safetensors")))
-        write_json(out / "architecture.json", {**arch.to_dict(), "params": shared.rows[label]["params"]})
+        counts = {k: shared.rows[label][k] for k in ("params", "active_params") if k in shared.rows[label]}
+        write_json(out / "architecture.json", {**arch.to_dict(), **counts})
         remote = storage.local is None
         if remote:
             _restore_checkpoint(storage, rel, out)
@@ -430,7 +432,7 @@ def run_trial(config: dict[str, Any], shared: Shared, report: Callable[[dict], N
 
 def replay_trial(shared: Shared, label: str) -> None:
     """Run one trial in this process, outside Ray and Optuna (debugging, benchmarks)."""
-    run_trial(dict(zip(AXES, (shared.rows[label][k] for k in AXES))), shared, report=lambda m: None)
+    run_trial(row_axes(shared.rows[label]), shared, report=lambda m: None)
 
 
 def promote(shared: Shared, label: str) -> dict:
@@ -504,7 +506,8 @@ def _label(trial) -> str | None:
 
 
 def _choices(rows: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
-    return {name: sorted({int(r[name]) for r in rows.values()}) for name in AXES}
+    names = row_axes(next(iter(rows.values()))) if rows else AXES
+    return {name: sorted({int(r[name]) for r in rows.values()}) for name in names}
 
 
 # -- who runs a trial: this driver, another live one, or a dead one ---------------------------------------------
@@ -717,7 +720,7 @@ class ArchitectureSearch(Searcher):
         self.reported: dict[str, set[int]] = {}
         self.rng = np.random.default_rng(space.search.seed)
         for label in enqueue:
-            study.enqueue_trial({k: rows[label][k] for k in AXES})
+            study.enqueue_trial(row_axes(rows[label]))
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the metric, mode and space are this searcher's own
@@ -738,15 +741,16 @@ class ArchitectureSearch(Searcher):
             for attempt in itertools.count():
                 if attempt == REJECTIONS:  # TPE keeps proposing taken or infeasible ones: take a free one at random
                     pick = free[self.rng.integers(len(free))]
-                    self.study.enqueue_trial({k: self.rows[pick][k] for k in AXES})
+                    self.study.enqueue_trial(row_axes(self.rows[pick]))
                 trial = self.study.ask(self.distributions)
                 self.storage.record_heartbeat(trial._trial_id)
                 trial.set_user_attr("driver", DRIVER)
                 params, label = trial.params, label_of(trial.params)
                 problem = candidate_problem(self.space, self.config, params) or taken.get(label)
                 if problem is None:
-                    for key in ("label", "params", "share_of_parent"):
-                        trial.set_user_attr(key, self.rows[label][key])
+                    for key in ("label", "params", "active_params", "share_of_parent"):
+                        if key in self.rows[label]:
+                            trial.set_user_attr(key, self.rows[label][key])
                     trial.set_user_attr("stage", SHORT)
                     self.live[trial_id] = trial
                     return params
@@ -858,10 +862,11 @@ def _record_promoted(study, shared: Shared, result: dict) -> None:
     evals = [json.loads(line) for line in curve.splitlines() if '"val_loss"' in line]
     choices = _choices(shared.rows)
     study.add_trial(optuna.trial.create_trial(
-        params={k: int(row[k]) for k in AXES},
-        distributions={k: optuna.distributions.CategoricalDistribution(choices[k]) for k in AXES},
+        params=row_axes(row),
+        distributions={k: optuna.distributions.CategoricalDistribution(choices[k]) for k in row_axes(row)},
         value=result["val_loss"], intermediate_values={int(e["tokens"]): e["val_loss"] for e in evals},
-        user_attrs={"label": label, "params": row["params"], "share_of_parent": row["share_of_parent"], "stage": FULL}))
+        user_attrs={"label": label, **{k: row[k] for k in ("params", "active_params", "share_of_parent") if k in row},
+                    "stage": FULL}))
 
 
 # -- summary and export -----------------------------------------------------------------------------
@@ -880,12 +885,14 @@ def summarize(space: SearchSpace, root: str | Path = "trials"):
         label = _label(t)
         result = (storage.read_json(f"{label}/result.json") or {}) if label else {}
         rows.append({"trial": t.number, "state": t.state.name, "label": label,
-                     **{k: t.params.get(k) for k in AXES}, "params": t.user_attrs.get("params"),
+                     **t.params, "params": t.user_attrs.get("params"), "active_params": t.user_attrs.get("active_params"),
                      "share_of_parent": t.user_attrs.get("share_of_parent"), METRIC: t.value,
                      "val_kd": result.get("val_kd"), "tokens": result.get("tokens"),
                      "wall_s": result.get("wall_s") or (t.duration.total_seconds() if t.duration else None),
                      "promoted_val_loss": promoted.get(label), "note": t.user_attrs.get("pruned_reason")})
     frame = pd.DataFrame(rows)
+    if "active_params" in frame and frame["active_params"].isna().all():
+        frame = frame.drop(columns="active_params")  # a dense parent: every parameter is active
     parent = storage.read_json("parent.json") or {}
     # By label and stage: a promoted candidate has its short retrain's curve and its full distillation's.
     curves = {(_label(t), _stage(t)): sorted(t.intermediate_values.items()) for t in study.get_trials(deepcopy=False)
@@ -912,7 +919,7 @@ def _save_contour(study) -> None:
 
     short = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
              if _stage(t) == SHORT]
-    varied = [k for k in AXES if len({t.params[k] for t in short}) > 1]
+    varied = [k for k in short[0].params if len({t.params[k] for t in short}) > 1] if short else []
     if len(short) < 2 or len(varied) < 2:
         return
     finished = optuna.create_study(direction="minimize")  # in memory: the short retrains alone, no promotions

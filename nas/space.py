@@ -13,19 +13,25 @@ from typing import Any
 
 import yaml
 
-from nas.architecture import Architecture
+from nas.architecture import LABEL_PARTS, Architecture
 from nas.errors import ArchitectureError, ConfigError
 from nas.families import Parent, family_of
 from nas.importance import AGGREGATIONS, HEAD_SOURCES, LAYER_METHODS, NEURON_SOURCES
 
 AXES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
+#: A mixture of experts' axes (`nas.blocks.MoE`), named as its config names them; `num_experts` and
+#: `num_local_experts` are two families' names of one axis, the experts kept per layer.
+EXPERT_AXES = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
+               "shared_expert_intermediate_size")
+BUDGET_KINDS = ("total", "non_embedding", "active")
 
 
 @dataclass(frozen=True)
 class Budget:
     """Target size. `params` (absolute) or `fraction` (of the parent's count); candidates within ±tolerance.
 
-    `kind` is "total" or "non_embedding" (the latter ignores embedding and LM-head matrices).
+    `kind` is "total", "non_embedding" (ignores embedding and LM-head matrices) or "active" (the parameters one
+    token uses: in a mixture of experts, all but the experts it is not routed to).
     `max_weight_gb` additionally caps the weights' memory at `bytes_per_param` (2 for bf16).
     """
 
@@ -40,7 +46,9 @@ class Budget:
 @dataclass(frozen=True)
 class Axes:
     """Values to search. `mlp_expansion` (multiples of hidden_size) may replace `intermediate_size`.
-    An axis left empty keeps the parent's value."""
+    An axis left empty keeps the parent's value. A mixture of experts adds `EXPERT_AXES`: the experts kept per
+    layer (`num_experts` or `num_local_experts`, either name), experts per token, the expert width
+    (`moe_intermediate_size`; Mixtral, OLMoE and gpt-oss call it `intermediate_size`) and the shared expert's."""
 
     num_hidden_layers: list[int] = field(default_factory=list)
     num_attention_heads: list[int] = field(default_factory=list)
@@ -48,6 +56,11 @@ class Axes:
     intermediate_size: list[int] = field(default_factory=list)
     mlp_expansion: list[float] = field(default_factory=list)
     hidden_size: list[int] = field(default_factory=list)
+    num_experts: list[int] = field(default_factory=list)
+    num_local_experts: list[int] = field(default_factory=list)
+    num_experts_per_tok: list[int] = field(default_factory=list)
+    moe_intermediate_size: list[int] = field(default_factory=list)
+    shared_expert_intermediate_size: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -192,14 +205,17 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
     need(b.params is None or b.params > 0, f"budget.params={b.params}: must be > 0")
     need(b.fraction is None or 0 < b.fraction < 1, f"budget.fraction={b.fraction}: must be in (0, 1)")
     need(0 <= b.tolerance < 1, f"budget.tolerance={b.tolerance}: must be in [0, 1)")
-    need(b.kind in ("total", "non_embedding"), f"budget.kind={b.kind!r}: must be 'total' or 'non_embedding'")
+    need(b.kind in BUDGET_KINDS, f"budget.kind={b.kind!r}: must be one of {', '.join(map(repr, BUDGET_KINDS))}")
     a = space.axes
-    for name in (*AXES, "mlp_expansion"):
+    for name in (*AXES, *EXPERT_AXES, "mlp_expansion"):
         values = getattr(a, name)
         need(isinstance(values, list) and all(isinstance(v, (int, float)) and v > 0 for v in values),
              f"axes.{name}={values!r}: must be a list of positive numbers")
     need(not (a.intermediate_size and a.mlp_expansion), "axes: give intermediate_size or mlp_expansion, not both")
-    need(all(float(v).is_integer() for name in AXES for v in getattr(a, name) if isinstance(v, (int, float))),
+    need(not (a.num_experts and a.num_local_experts), "axes: num_experts and num_local_experts name one axis (the "
+                                                      "experts kept per layer); give one")
+    need(all(float(v).is_integer() for name in (*AXES, *EXPERT_AXES) for v in getattr(a, name)
+             if isinstance(v, (int, float))),
          "axes: layer, head and width values must be integers")
     imp = space.importance
     need(imp.samples >= 1, f"importance.samples={imp.samples}: must be >= 1")
@@ -292,17 +308,49 @@ def _range(space: SearchSpace, parent: Parent) -> tuple[float, float]:
 
 
 def _counted(space: SearchSpace, parent: Parent, arch: Architecture) -> int:
+    if space.budget.kind == "active":
+        return parent.active_parameters(arch)
     total = parent.num_parameters(arch)
     return total - parent.embedding_parameters(arch) if space.budget.kind == "non_embedding" else total
+
+
+def axis_names(parent: Parent) -> tuple[str, ...]:
+    """The axes a candidate of this parent sets: the dense ones, then its family's units' (config keys)."""
+    return (*AXES, *parent.family.unit_keys)
+
+
+def row_axes(row: dict[str, Any]) -> dict[str, int]:
+    """A candidate row's axis values, in label order."""
+    return {k: int(row[k]) for k in LABEL_PARTS if k in row}
+
+
+def _axis_values(space: SearchSpace, parent: Parent) -> dict[str, list[int]]:
+    """Each axis's values from the file (the parent's value where it gives none), under the parent's key names;
+    an expert axis given for a parent without experts is refused."""
+    ax = space.axes
+    given = {name: getattr(ax, name) for name in AXES}
+    for name in EXPERT_AXES:
+        values = getattr(ax, name)
+        if not values:
+            continue
+        moe = parent.family.moe
+        key = moe.count_key if moe and name in ("num_experts", "num_local_experts") else name
+        if key not in parent.family.unit_keys:
+            has = f"its expert axes: {', '.join(parent.family.unit_keys)}" if moe else "it has no experts"
+            raise ConfigError(f"axes.{name}: not an axis of a {parent.family.model_type} parent ({has})")
+        given[key] = values
+    return {name: [int(v) for v in given.get(name) or []] or [parent.architecture.get(name)]
+            for name in axis_names(parent)}
 
 
 def _grid(space: SearchSpace, parent: Parent) -> list[Architecture]:
     """Every valid child in the axes' product (an axis left empty keeps the parent's value)."""
     ax = space.axes
-    values = {name: [int(v) for v in getattr(ax, name)] or [getattr(parent.architecture, name)] for name in AXES}
+    values = _axis_values(space, parent)
+    names = axis_names(parent)
     out = []
-    for *axes, expansion in itertools.product(*(values[name] for name in AXES), ax.mlp_expansion or [None]):
-        axes = dict(zip(AXES, axes))
+    for *axes, expansion in itertools.product(*(values[name] for name in names), ax.mlp_expansion or [None]):
+        axes = dict(zip(names, axes))
         if expansion is not None:
             axes["intermediate_size"] = int(round(axes["hidden_size"] * expansion))
         try:
@@ -326,8 +374,9 @@ def enumerate_candidates(space: SearchSpace, config: Any) -> list[dict[str, Any]
         memory_ok = space.budget.max_weight_gb is None or \
             params * space.budget.bytes_per_param <= space.budget.max_weight_gb * 2**30
         if low <= counted <= high and memory_ok:
-            rows.append({"label": arch.short(), **{k: getattr(arch, k) for k in AXES},
-                         "params": params, "counted": counted, "share_of_parent": params / parent_params})
+            active = {"active_params": parent.active_parameters(arch)} if parent.family.moe else {}
+            rows.append({"label": arch.short(), **{k: arch.get(k) for k in axis_names(parent)},
+                         "params": params, **active, "counted": counted, "share_of_parent": params / parent_params})
     return sorted(rows, key=lambda r: (-r["params"], r["label"]))
 
 
@@ -335,7 +384,7 @@ def candidate_problem(space: SearchSpace, config: Any, axes: dict[str, int]) -> 
     """Why an axes combination is not a candidate of `space` (None when it is one)."""
     parent = Parent.of(config)
     try:
-        arch = parent.child({k: axes[k] for k in AXES})
+        arch = parent.child({k: axes[k] for k in axis_names(parent)})
         parent.child_config(arch)
     except ArchitectureError as e:
         return f"not a valid child: {e}"
@@ -367,22 +416,26 @@ def infeasible_hint(space: SearchSpace, config: Any) -> str:
                 f"add intermediate values to the axes or raise budget.tolerance")
     # The axis whose range moves the count most is the one worth widening first.
     sensitivity = {}
-    for name in AXES:
-        if len({getattr(a, name) for a in grid}) > 1:
+    for name in axis_names(parent):
+        if len({a.get(name) for a in grid}) > 1:
             by_value: dict[int, list[int]] = {}
             for a, c in zip(grid, counts):
-                by_value.setdefault(getattr(a, name), []).append(c)
+                by_value.setdefault(a.get(name), []).append(c)
             means = [sum(v) / len(v) for v in by_value.values()]
             sensitivity[name] = max(means) - min(means)
     axis = max(sensitivity, key=sensitivity.get) if sensitivity else "hidden_size"
     if axis == "intermediate_size" and space.axes.mlp_expansion:
         axis = "mlp_expansion"  # name the axis as the file spells it
+    moe = parent.family.moe
+    if moe and axis == moe.count_key:
+        axis = next((n for n in ("num_experts", "num_local_experts") if getattr(space.axes, n)), axis)
     return (f"no candidate within budget [{low:,.0f}, {high:,.0f}] ({space.budget.kind} parameters): the {side} "
             f"has {bound:,}; add {fix} to axes.{axis}")
 
 
 def architecture_of(row: dict[str, Any], config: Any, layers: tuple[int, ...]) -> Architecture:
-    return Parent.of(config).child({k: row[k] for k in AXES}, layers)
+    parent = Parent.of(config)
+    return parent.child({k: row[k] for k in axis_names(parent)}, layers)
 
 
 def space_config(space: SearchSpace) -> Any:

@@ -57,7 +57,28 @@ FAMILY_CONFIGS = {
     "granite": _stock("granite", embedding_multiplier=3.0, residual_multiplier=0.5, attention_multiplier=0.2,
                       logits_scaling=4.0),
 }
-ALL_CONFIGS = {**TINY_CONFIGS, **FAMILY_CONFIGS}
+
+
+def _moe(model_type: str, **extra):
+    from transformers import AutoConfig
+
+    return lambda: AutoConfig.for_model(model_type, **{**_COMMON, **_IDS, **extra})
+
+
+_EXPERTS = dict(num_experts_per_tok=2, router_aux_loss_coef=0.01)
+#: Mixtures of experts (tests/test_moe.py): 8 experts, top-2, each family's quirks on. Qwen3-MoE keeps one dense
+#: layer (`mlp_only_layers`) and renormalises its top-k; Qwen2-MoE alternates dense and sparse layers
+#: (`decoder_sparse_step`) and adds a shared expert; OLMoE's q norm is sized by hidden_size (head_dim 8 x 6 heads).
+MOE_CONFIGS = {
+    "qwen3_moe": _moe("qwen3_moe", **_EXPERTS, num_experts=8, moe_intermediate_size=24, mlp_only_layers=[1],
+                      norm_topk_prob=True),
+    "qwen2_moe": _moe("qwen2_moe", **_EXPERTS, num_experts=8, moe_intermediate_size=24, decoder_sparse_step=2,
+                      shared_expert_intermediate_size=40, qkv_bias=True, layer_types=["full_attention"] * 4),
+    "mixtral": _moe("mixtral", **_EXPERTS, num_local_experts=8, intermediate_size=24),
+    "olmoe": _moe("olmoe", **_EXPERTS, num_experts=8, intermediate_size=24, head_dim=8, attention_bias=True),
+    "gpt_oss": _moe("gpt_oss", **_EXPERTS, num_local_experts=8, intermediate_size=24, **_SLIDING),
+}
+ALL_CONFIGS = {**TINY_CONFIGS, **FAMILY_CONFIGS, **MOE_CONFIGS}
 
 
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:

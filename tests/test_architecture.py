@@ -80,8 +80,9 @@ def test_child_wider_than_parent_is_rejected():
 def test_unknown_family_lists_supported_ones():
     from transformers import GPT2Config
 
-    with pytest.raises(UnsupportedModelError, match="supported families: gemma2, gemma3_text, granite, llama, mistral, "
-                                                    "nemotron, olmo2, olmo3, phi3, qwen2, qwen3, smollm3$"):
+    with pytest.raises(UnsupportedModelError, match="supported families: gemma2, gemma3_text, gpt_oss, granite, llama, "
+                                                    "mistral, mixtral, nemotron, olmo2, olmo3, olmoe, phi3, qwen2, "
+                                                    "qwen2_moe, qwen3, qwen3_moe, smollm3$"):
         family_of(GPT2Config())
 
 

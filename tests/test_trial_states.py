@@ -43,7 +43,7 @@ def test_resume_fails_dead_drivers_trials_and_leaves_live_ones(space, tmp_path):
     ended.wait()
     live_here = _ask(study, space, labels[0], DRIVER)  # this process: alive
     storage.record_heartbeat(live_here._trial_id)
-    dead_here = _ask(study, space, labels[1], dead)
+    _ask(study, space, labels[1], dead)
     elsewhere = _ask(study, space, labels[2], "another-host:1:1")  # alive as far as its heartbeat says
     storage.record_heartbeat(elsewhere._trial_id)
     study.tell(_ask(study, space, labels[3], DRIVER), 1.0)

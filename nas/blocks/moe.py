@@ -165,12 +165,19 @@ class MoE:
         head, _, inner = name.partition(".mlp.")
         return f"{head}.{self.stored_block}.", inner
 
-    def read_stored(self, name: str, read: Callable[[str], Tensor], num_experts: int) -> Tensor | None:
-        """The in-memory tensor `name` of a sparse layer read from a checkpoint (`read(disk name)`), stacking
-        the experts' tensors when the checkpoint stores them one by one; None for a name outside this unit."""
+    def read_stored(self, name: str, read, num_experts: int, dtype: torch.dtype) -> Tensor | None:
+        """The in-memory tensor `name` of a sparse layer read from a checkpoint (`read(disk name)`, and `disk name
+        in read`), stacking the experts' tensors when the checkpoint stores them one by one, and dequantising
+        MXFP4 ones (gpt-oss publishes its experts as `_blocks` and `_scales`) to `dtype` as transformers does on
+        load; None for a name outside this unit."""
         if ".mlp." not in name:
             return None
         prefix, inner = self._stored(name)
+        if f"{prefix}{inner}_blocks" in read:
+            from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+            return convert_moe_packed_tensors(read(f"{prefix}{inner}_blocks"), read(f"{prefix}{inner}_scales"),
+                                              dtype=dtype)
         if self.stored_experts is None or inner not in ("experts.gate_up_proj", "experts.down_proj"):
             return read(prefix + inner)
         gate, up, down = (f"{prefix}experts.{{}}.{n}.weight" for n in self.stored_experts)
