@@ -247,17 +247,34 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return tuple(g.to(d) if g is not None else None for g, d in zip(out, ctx.dtypes)) + (None, None, None)
 
 
-def final_hidden(model: nn.Module, tokens: Tensor, router_aux: list[Tensor] | None = None) -> Tensor:
+def final_hidden(model: nn.Module, tokens: Tensor, router_logits: list | None = None) -> Tensor:
     """The decoder's output after its final norm [B, S, D], from a forward through the whole model (so that a
     sharded model gathers its root unit: embeddings and LM head) that computes logits for one position only.
-    With `router_aux`, a mixture of experts whose config sets `output_router_logits` appends its router's
-    load-balancing loss (unweighted) to it."""
+    With `router_logits`, a mixture of experts whose config sets `output_router_logits` appends its routers'
+    logits (one [tokens, experts] tensor per sparse layer) to it."""
     kept: list[Tensor] = []
     handle = model.model.register_forward_hook(lambda _m, _a, out: kept.append(out.last_hidden_state))
     try:
         out = model(input_ids=tokens, use_cache=False, logits_to_keep=1)
     finally:
         handle.remove()
-    if router_aux is not None and getattr(out, "aux_loss", None) is not None:
-        router_aux.append(out.aux_loss)
+    if router_logits is not None and getattr(out, "router_logits", None):
+        router_logits.extend(out.router_logits)
     return kept[0]
+
+
+def router_balance_loss(router_logits: list[Tensor], top_k: int, num_experts: int) -> Tensor:
+    """The routers' load-balancing loss as HF's MoE models compute it (Switch Transformer's: num_experts x the sum
+    over experts of the share of top-k slots routed to each, times its mean router probability, over every sparse
+    layer's tokens), written so that N data-parallel workers reproduce one process: the routed shares (not
+    differentiated) are counted over all workers' tokens, and each worker's probability term is its tokens' sum
+    over the global count, times N, so that the workers' mean (what FSDP averages, and what is logged) is the
+    whole batch's loss and gradient."""
+    from nas import sharding
+
+    probs = torch.cat([logits.float() for logits in router_logits]).softmax(-1)  # [layers x tokens, experts]
+    slots = nn.functional.one_hot(probs.topk(top_k, dim=-1).indices, num_experts).sum((0, 1)).float()
+    tokens = torch.tensor(float(probs.shape[0]), device=probs.device)
+    slots, tokens = sharding.sum_across_workers(slots), sharding.sum_across_workers(tokens)
+    world = sharding.rank_and_world()[1]
+    return num_experts * (slots / tokens * probs.sum(0)).sum() / tokens * world

@@ -65,6 +65,16 @@ def mean_across_workers(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, (t / dist.get_world_size()).tolist()))
 
 
+def sum_across_workers(t: torch.Tensor) -> torch.Tensor:
+    """The sum of a (detached) tensor over workers; itself on one worker. It stays on its device: the model's,
+    which is the backend's (CUDA for nccl, the CPU for gloo)."""
+    if not is_sharded():
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t)
+    return t
+
+
 def max_across_workers(value: int) -> int:
     if not is_sharded():
         return value
