@@ -267,9 +267,9 @@ def bench_moe(train_tokens: int = 1_000_000, kd_tokens: int = 32_768) -> dict[st
     narrow = parent.architecture.replace(moe_intermediate_size=64)
     share = imp.experts["frequency"] / imp.experts["frequency"].sum(1, keepdim=True)
 
-    def evaluated(child) -> dict[str, float]:
+    def evaluated(child, seed: int = 0) -> dict[str, float]:
         zero_shot = lm_loss(child, held)
-        cfg = DistillConfig(tokens=kd_tokens, batch_size=8, lr=1e-3, warmup_steps=5, checkpoint_every=0)
+        cfg = DistillConfig(tokens=kd_tokens, batch_size=8, lr=1e-3, warmup_steps=5, checkpoint_every=0, seed=seed)
         with tempfile.TemporaryDirectory() as tmp:
             Distiller(child, model, train[64:], held[:4], Path(tmp), cfg).run(progress=False, save_model=False)
         return {"zero_shot": zero_shot, "after_kd": lm_loss(child, held)}
@@ -281,12 +281,39 @@ def bench_moe(train_tokens: int = 1_000_000, kd_tokens: int = 32_768) -> dict[st
                                                                        "active_params": parent.active_parameters(half)}}
     for score in EXPERT_SCORES:
         out["experts_halved"][f"by {score}"] = evaluated(prune(model, imp, half, PruneOptions(expert_score=score)))
+    for score in ("output", "weighted"):  # the KD seed's noise: another draw of the training batches
+        out["experts_halved"][f"by {score}, KD seed 1"] = evaluated(
+            prune(model, imp, half, PruneOptions(expert_score=score)), seed=1)
+    out["experts_halved"]["by weighted, pruned experts folded"] = evaluated(
+        _folded_experts(prune(model, imp, half), model, imp, 4))
     draws = [evaluated(prune(model, imp.shuffled(seed), half)) for seed in range(3)]
     out["experts_halved"]["random (mean of 3)"] = {k: sum(d[k] for d in draws) / 3 for k in draws[0]}
     out["expert_width_halved"] = {"child": narrow.short(), "by routed-token neurons": evaluated(prune(model, imp, narrow))}
     shuffled = dataclasses.replace(imp, expert_neurons=imp.shuffled(0).expert_neurons)
     out["expert_width_halved"]["random neurons"] = evaluated(prune(model, shuffled, narrow))
     return out
+
+
+def _folded_experts(child, parent, imp: Importances, kept: int):
+    """The folding alternative (not in `prune`: it lost after KD): each pruned expert of the parent is merged into
+    the kept expert whose router row is nearest (cosine), as a routing-frequency-weighted average of their weights,
+    the way the dense residual heads fold a pruned head into a kept one. Only for children of the parent's expert
+    width (the merged experts' neurons line up one to one)."""
+    with torch.no_grad():
+        for i, (layer, own) in enumerate(zip(parent.model.layers, child.model.layers)):
+            scores, freq = imp.experts["weighted"][i], imp.experts["frequency"][i]
+            keep = scores.float().topk(kept).indices.sort().values.tolist()
+            router = torch.nn.functional.normalize(layer.mlp.gate.weight, dim=-1)
+            merged = {k: [(float(freq[k]), k)] for k in keep}
+            for p in (e for e in range(len(scores)) if e not in keep):
+                nearest = max(keep, key=lambda k: float(router[p] @ router[k]))
+                merged[nearest].append((float(freq[p]), p))
+            for j, k in enumerate(keep):
+                total = sum(f for f, _ in merged[k]) or 1.0
+                for name in ("gate_up_proj", "down_proj"):
+                    source = getattr(layer.mlp.experts, name)
+                    getattr(own.mlp.experts, name)[j] = sum(f * source[e] for f, e in merged[k]) / total
+    return child
 
 
 def bench_qk_norm(train_tokens: int = 2_000_000, kd_tokens: int = 65_536) -> dict[str, Any]:

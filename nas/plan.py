@@ -228,6 +228,10 @@ def _check(stage: Stage, space: SearchSpace, cluster: Cluster, build) -> None:
             stage.fix = f"set resources.parent_gpus >= {math.ceil(weights / room)} (importance: {problem})" \
                 if room > 0 else f"importance: {problem} before any weights; lower seq_len"
         return
+    if stage.build == stage.peak:  # no worker count or checkpointing helps: sharding starts after the build
+        stage.fix = f"{stage.name}: each worker builds the whole teacher and child before sharding them " \
+                    f"({stage.build / GIB:.1f} GiB): it needs GPUs with more memory ({problem})"
+        return
     section = "short_retrain" if stage.name == "short_retrain" else "full_retrain"
     field_name = "resources.workers_per_trial" if section == "short_retrain" else "full_retrain.workers"
     spec = getattr(space, section)
