@@ -298,7 +298,8 @@ def cmd_search(args) -> None:
     echo = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     frame = run_search(space, args.root, args.address, echo=echo)
     done = frame[frame["state"] == "COMPLETE"].sort_values("val_loss")
-    print(done[["label", "params", "val_loss", "promoted_val_loss", "wall_s"]].to_string(index=False))
+    counts = ["params", "active_params"] if "active_params" in done else ["params"]
+    print(done[["label", *counts, "val_loss", "promoted_val_loss", "wall_s"]].to_string(index=False))
     storage = RunStorage(args.root, space.study)
     with storage.workdir("") as out:
         best = export_best(space.study, storage_url(space, args.root), out / "best.json", root=args.root)

@@ -999,7 +999,8 @@ def winner(study) -> tuple[str, dict[str, Any]]:
         raise NasError(f"study {study.study_name!r} has no completed trial yet")
     full = [t for t in complete if _stage(t) == FULL]
     best = min(full or complete, key=lambda t: t.value)
-    return _label(best), {"val_loss": best.value, "stage": _stage(best), "params": best.user_attrs.get("params")}
+    counts = {k: best.user_attrs[k] for k in ("params", "active_params") if k in best.user_attrs}
+    return _label(best), {"val_loss": best.value, "stage": _stage(best), "params": None, **counts}
 
 
 def export_best(study_name: str, storage: str, out: str | Path, checkpoint: str | Path | None = None,

@@ -367,3 +367,46 @@ def test_two_fsdp_workers_reproduce_one_on_a_mixture_of_experts(tmp_path, tiny_t
     m1, m2 = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "model") for run in ("one", "two"))
     for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         torch.testing.assert_close(p2, p1, rtol=1e-3, atol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_a_search_over_expert_axes_records_them_and_exports_the_winner(tmp_path, tiny_tokenizer, ray_session):
+    """`nas search` on a tiny Qwen3-MoE with an active budget: the expert axes are Optuna parameters under the
+    family's keys, each trial records its total and active counts (those of its architecture.json), the summary
+    shows both, and the exported winner is a checkpoint with its expert count."""
+    import optuna
+
+    from conftest import WIKITEXT
+    from nas.search import export_best, run_search, storage_url
+
+    parent = tiny_model("qwen3_moe")
+    parent.save_pretrained(tmp_path / "parent")
+    tiny_tokenizer.save_pretrained(tmp_path / "parent")
+    (tmp_path / "data.txt").write_text((WIKITEXT / "valid.txt").read_text()[:120_000])
+    space = parse_space({
+        "name": "moe", "parent": str(tmp_path / "parent"), "data": str(tmp_path / "data.txt"), "seq_len": 32,
+        "budget": {"fraction": 0.9, "tolerance": 0.12, "kind": "active"},
+        "axes": {"num_experts": [4, 8], "moe_intermediate_size": [12, 24]},
+        "importance": {"samples": 8},
+        "short_retrain": {"tokens": 4 * 32 * 2, "batch_size": 4, "lr": 1e-3, "reports": 1},
+        "full_retrain": {"tokens": 4 * 32 * 2, "batch_size": 4, "lr": 1e-3, "reports": 1},
+        "promote": 1, "search": {"sampler": "grid"}, "resources": {"cpus_per_trial": 1, "max_concurrent": 2}})
+    rows = enumerate_candidates(space, parent.config)
+    assert {r["num_local_experts"] for r in rows} == {4, 8}
+    frame = run_search(space, tmp_path / "runs", echo=lambda line: None)
+    study = optuna.load_study(study_name="moe", storage=storage_url(space, tmp_path / "runs"))
+    short = [t for t in study.get_trials() if t.user_attrs.get("stage") == "short_retrain"]
+    assert len(short) == len(rows) and all(t.state == optuna.trial.TrialState.COMPLETE for t in short)
+    p = Parent.of(parent.config)
+    for t in short:
+        assert {"num_local_experts", "num_experts_per_tok", "moe_intermediate_size"} <= set(t.params)
+        arch = Architecture.from_dict(json.loads((tmp_path / "runs" / "moe" / t.user_attrs["label"] /
+                                                  "architecture.json").read_text()))
+        assert arch.get("num_local_experts") == t.params["num_local_experts"]
+        assert (t.user_attrs["params"], t.user_attrs["active_params"]) == (p.num_parameters(arch),
+                                                                          p.active_parameters(arch))
+    assert {"params", "active_params", "num_local_experts"} <= set(frame.columns)
+    best = export_best("moe", storage_url(space, tmp_path / "runs"), tmp_path / "best.json",
+                       tmp_path / "winner", root=tmp_path / "runs")
+    winner = AutoModelForCausalLM.from_pretrained(tmp_path / "winner")
+    assert winner.config.num_experts == best["num_local_experts"] and "active_params" in best
