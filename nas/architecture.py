@@ -108,11 +108,13 @@ class Architecture:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Architecture:
-        """Its JSON form: the dense keys and "layers", plus any unit keys (all other integer entries)."""
+        """Its JSON form: the dense keys and "layers", plus any unit keys (every other integer entry but the counts
+        `COUNTS`; an exported best.json's losses, stage and label are not axes)."""
         missing = [k for k in (*CONFIG_KEYS, "layers") if k not in data]
         if missing:
             raise ArchitectureError(f"architecture JSON lacks {missing}; expected keys {[*CONFIG_KEYS, 'layers']}")
-        units = tuple((k, v) for k, v in data.items() if k not in (*CONFIG_KEYS, "layers", *COUNTS))
+        units = tuple((k, v) for k, v in data.items() if k not in (*CONFIG_KEYS, "layers", *COUNTS)
+                      and isinstance(v, int) and not isinstance(v, bool))
         return cls(**{k: data[k] for k in CONFIG_KEYS}, layers=tuple(data["layers"]), unit_axes=units)
 
     def to_json(self) -> str:

@@ -53,6 +53,10 @@ class Family:
         """Whether the parent layer `layer` routes tokens to experts."""
         return self.moe is not None and self.moe.is_sparse(config, layer)
 
+    def mixes_layers(self, config: Any) -> bool:
+        """Whether the parent has both dense and sparse layers: a child's size then depends on which it keeps."""
+        return len({self.is_sparse(config, i) for i in range(config.num_hidden_layers)}) > 1
+
     def slice_axes(self, name: str) -> tuple[str | None, ...]:
         """Which kept-index set each dimension of the parameter `name` (as in the state dict) is sliced by."""
         parts = name.split(".")

@@ -30,6 +30,7 @@ import torch
 from nas.architecture import Architecture
 from nas.data import load_tokens
 from nas.distill import DistillConfig, Distiller
+from nas.families import Parent
 from nas.files import write_json
 from nas.importance import ImportanceSettings, cached_importance, lm_loss, select_layers
 from nas.parents import load_parent
@@ -137,7 +138,7 @@ class Fidelity:
         self.calibration = tokens[: plan.calibration]
         self.train = tokens[plan.calibration: plan.calibration + plan.longest // plan.seq_len]
         self.heldout = load_tokens(plan.heldout_data, tokenizer, plan.seq_len, min_sequences=plan.heldout)[: plan.heldout]
-        self.full = Architecture.of_config(self.parent.config)
+        self.full = Parent.of(self.parent.config).architecture
         self.importances = self.scores(ImportanceSettings(drop_samples=plan.drop_samples,
                                                           block_sizes=self._depth_cuts()), "default")
         self.topk = cached_topk(self.parent, self.train, plan.topk, self.cache, "teacher_topk")
@@ -168,10 +169,8 @@ class Fidelity:
         if mode == "random":
             from transformers import AutoModelForCausalLM
 
-            from nas.families import family_of
-
             torch.manual_seed(seed)
-            config = family_of(self.parent.config).child_config(self.parent.config, arch)
+            config = Parent.of(self.parent.config).child_config(arch)
             student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         else:
             student = prune(self.parent, importances or self.importances, arch, options).float()

@@ -156,7 +156,8 @@ def retrain_stage(name: str, space: SearchSpace, parent: Any, child: Any, worker
     teacher_bytes = 2 if gpu else 4
     micro = spec.batch_size // workers  # each worker's share of a micro-batch
     t = micro * space.seq_len
-    per_layer = saved_bytes_per_layer(child, micro, space.seq_len, compute)
+    # The largest layer kind's (sliding or full attention, dense or mixture-of-experts), for every layer.
+    per_layer = max(saved_bytes_per_layer(child, micro, space.seq_len, compute, i) for i in layer_kinds(child))
     act_size = torch.finfo(compute).bits // 8
     outside = t * child.hidden_size * act_size * 3  # embedding output, final norm's input and output
     chunk = min(t, 1024)  # DistillConfig.loss_chunk_tokens
@@ -305,16 +306,35 @@ def forward_flops_per_token(config: Any, seq_len: int) -> float:
 _TRACE_ATTENTION = "nas_plan_fused"  # (a name with "flash" in it makes transformers look for a kernel)
 
 
-def saved_bytes_per_layer(config: Any, batch: int, seq_len: int, dtype: torch.dtype) -> int:
-    """Bytes autograd saves for backward in one decoder layer of `config` on a [batch, seq_len] micro-batch,
+def one_layer_config(config: Any, layer: int = 0) -> Any:
+    """A config of one decoder layer built as `config`'s layer `layer`: its layer type and, in a mixture of
+    experts, dense or sparse."""
+    data = {**config.to_dict(), "num_hidden_layers": 1}
+    if getattr(config, "layer_types", None):
+        data["layer_types"] = [config.layer_types[layer]]
+    family = Parent.of(config).family
+    if family.moe:
+        data.update(family.moe.child_layout(config, (layer,)))
+    return config.__class__.from_dict(data)
+
+
+def layer_kinds(config: Any) -> list[int]:
+    """The first layer of each kind of decoder layer in `config` (its layer type, dense or sparse)."""
+    family, seen = Parent.of(config).family, {}
+    for i in range(config.num_hidden_layers):
+        kind = ((getattr(config, "layer_types", None) or [None] * (i + 1))[i], family.is_sparse(config, i))
+        seen.setdefault(kind, i)
+    return list(seen.values())
+
+
+def saved_bytes_per_layer(config: Any, batch: int, seq_len: int, dtype: torch.dtype, layer: int = 0) -> int:
+    """Bytes autograd saves for backward in the decoder layer `layer` of `config` on a [batch, seq_len] micro-batch,
     counted on the meta device (no memory, no compute). Attention is traced as the fused flash kernel both the
     CPU and CUDA paths take (it keeps q, k, v, the output and the log-sum-exp; no seq_len^2 scores)."""
     from transformers import AutoModelForCausalLM
 
     _register_trace_attention()
-    one = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1,
-                                      **({"layer_types": config.layer_types[:1]} if getattr(config, "layer_types", None)
-                                         else {})})
+    one = one_layer_config(config, layer)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(one, dtype=dtype)
         # Where SDPA cannot run the family's attention (Gemma 2's logit softcap), transformers picks eager attention,

@@ -339,6 +339,12 @@ def _axis_values(space: SearchSpace, parent: Parent) -> dict[str, list[int]]:
             has = f"its expert axes: {', '.join(parent.family.unit_keys)}" if moe else "it has no experts"
             raise ConfigError(f"axes.{name}: not an axis of a {parent.family.model_type} parent ({has})")
         given[key] = values
+    depth = parent.architecture.num_hidden_layers
+    if any(int(v) != depth for v in ax.num_hidden_layers) and parent.family.mixes_layers(parent.config):
+        raise ConfigError(f"axes.num_hidden_layers: this {parent.family.model_type} parent mixes dense and "
+                          f"mixture-of-experts layers, so a shallower child's size depends on which layers importance "
+                          f"keeps, which the budget cannot know beforehand; search its widths at {depth} layers, or "
+                          f"prune a chosen depth with `nas prune` (its `layers` fix the kinds)")
     return {name: [int(v) for v in given.get(name) or []] or [parent.architecture.get(name)]
             for name in axis_names(parent)}
 

@@ -17,7 +17,7 @@ from nas.cli import main
 from nas.errors import ConfigError, UnsupportedModelError
 from nas.families import Parent, family_of
 from nas.importance import EXPERT_SCORES, ImportanceSettings, compute_importance
-from nas.plan import saved_bytes_per_layer
+from nas.plan import layer_kinds, saved_bytes_per_layer
 from nas.prune import prune, prune_checkpoint
 from nas.space import enumerate_candidates, parse_space
 
@@ -231,8 +231,14 @@ def test_an_mxfp4_gpt_oss_checkpoint_is_dequantised_on_load_and_when_streamed(tm
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_planned_activations_equal_a_real_layers_saved_bytes(name):
+    """Each kind of layer (a dense one and a sparse one where the family mixes them; sliding and full attention)
+    traced on the meta device saves what the real layer saves."""
     config = MOE_CONFIGS[name]()
-    assert saved_bytes_per_layer(config, 3, 24, torch.float32) == _real_saved_bytes(config, 3, 24)
+    kinds = layer_kinds(config)
+    assert any(family_of(config).is_sparse(config, i) for i in kinds)
+    assert len(kinds) == {"qwen3_moe": 2, "qwen2_moe": 2, "gpt_oss": 2}.get(name, 1)
+    for i in kinds:
+        assert saved_bytes_per_layer(config, 3, 24, torch.float32, i) == _real_saved_bytes(config, 3, 24, i), i
 
 
 def test_the_router_load_balancing_loss_is_kept_as_the_config_asks_and_logged(tmp_path):
@@ -410,3 +416,13 @@ def test_a_search_over_expert_axes_records_them_and_exports_the_winner(tmp_path,
                        tmp_path / "winner", root=tmp_path / "runs")
     winner = AutoModelForCausalLM.from_pretrained(tmp_path / "winner")
     assert winner.config.num_experts == best["num_local_experts"] and "active_params" in best
+
+
+def test_depth_axes_are_refused_on_a_parent_mixing_dense_and_sparse_layers():
+    """Qwen3-MoE's `mlp_only_layers` makes one layer dense: which layers a shallower child keeps (chosen later, by
+    importance) would change its count, so the budget could not be judged when candidates are enumerated."""
+    space = parse_space({"name": "s", "parent": "x", "budget": {"fraction": 0.8, "tolerance": 0.3},
+                         "axes": {"num_hidden_layers": [3, 4]}})
+    with pytest.raises(ConfigError, match="mixes dense and mixture-of-experts layers"):
+        enumerate_candidates(space, MOE_CONFIGS["qwen3_moe"]())
+    assert enumerate_candidates(space, MOE_CONFIGS["mixtral"]())  # every layer sparse: depth is an axis

@@ -24,18 +24,17 @@ from nas.distill import DistillConfig, Distiller, uses_intermediate
 from nas.families import family_of
 from nas.importance import ImportanceSettings, compute_importance
 from nas.parents import parent_config
-from nas.plan import Cluster, plan, retrain_stage, rotary_embeddings, saved_bytes, saved_bytes_per_layer
+from nas.plan import Cluster, one_layer_config, plan, retrain_stage, rotary_embeddings, saved_bytes, \
+    saved_bytes_per_layer
 from nas.prune import prune
 from nas.space import RetrainSpec, architecture_of, enumerate_candidates, load_space, parse_space, space_config
 
 PAPER_SPACES = ("llama-3.1-8b-to-4b", "nemotron-15b-to-4b", "nemotron-15b-to-8b")
 
 
-def _real_saved_bytes(config, batch: int, seq_len: int) -> int:
-    """Saved-for-backward bytes of one decoder layer run for real on the CPU (stock attention)."""
-    one = config.__class__.from_dict({**config.to_dict(), "num_hidden_layers": 1,
-                                      **({"layer_types": config.layer_types[:1]} if getattr(config, "layer_types", None)
-                                         else {})})
+def _real_saved_bytes(config, batch: int, seq_len: int, layer: int = 0) -> int:
+    """Saved-for-backward bytes of the decoder layer `layer` run for real on the CPU (stock attention)."""
+    one = one_layer_config(config, layer)
     model = AutoModelForCausalLM.from_config(one, dtype=torch.float32).train()
     x = torch.randn(batch, seq_len, config.hidden_size, requires_grad=True)
     positions = torch.arange(seq_len)[None].expand(batch, seq_len)

@@ -66,19 +66,17 @@ class MoE:
         keys = (self.count_key, TOP_K, self.width_key, self.shared_key)
         return tuple(k for k in keys if k is not None and k != "intermediate_size")
 
-    @staticmethod
-    def is_sparse(config: Any, layer: int) -> bool:
+    def is_sparse(self, config: Any, layer: int) -> bool:
         """Whether the parent's `layer` routes (Qwen-MoE can keep dense MLPs in `mlp_only_layers` and every layer
-        whose index + 1 is not a multiple of `decoder_sparse_step`)."""
-        return layer not in (getattr(config, "mlp_only_layers", None) or []) and \
-            (layer + 1) % (getattr(config, "decoder_sparse_step", None) or 1) == 0
+        whose index + 1 is not a multiple of `decoder_sparse_step`, and is dense throughout without experts)."""
+        return getattr(config, self.count_key) > 0 and layer not in (getattr(config, "mlp_only_layers", None) or []) \
+            and (layer + 1) % (getattr(config, "decoder_sparse_step", None) or 1) == 0
 
-    @staticmethod
-    def child_layout(config: Any, layers: tuple[int, ...]) -> dict[str, Any]:
+    def child_layout(self, config: Any, layers: tuple[int, ...]) -> dict[str, Any]:
         """The config entries that make the child's layer j dense or sparse as its parent layer `layers[j]` was."""
         if not hasattr(config, "mlp_only_layers"):
             return {}
-        dense = [j for j, i in enumerate(layers) if not MoE.is_sparse(config, i)]
+        dense = [j for j, i in enumerate(layers) if not self.is_sparse(config, i)]
         return {"mlp_only_layers": dense, "decoder_sparse_step": 1}
 
     def expert_parameters(self, arch: Any) -> int:
