@@ -271,21 +271,36 @@ def cmd_plan(args) -> None:
 def cmd_candidates(args) -> None:
     import pandas as pd
 
-    from nas.space import enumerate_candidates, infeasible_hint, load_space, space_config
+    from nas.families import Parent
+    from nas.space import architecture_of, enumerate_candidates, infeasible_hint, load_space, memory_bytes, row_axes, \
+        space_config
 
     space = load_space(args.space)
     config = space_config(space)
     rows = enumerate_candidates(space, config)
     if not rows:
         raise NasError(f"{args.space}: {infeasible_hint(space, config)}")
+    if args.json:  # every count for every candidate, memory at the budget's context and batch
+        parent = Parent.of(config)
+        print(json.dumps([{"label": r["label"], **row_axes(r), "params": r["params"],
+                           "active_params": r.get("active_params", r["params"]),
+                           "memory_bytes": memory_bytes(space, parent, architecture_of(
+                               r, config, tuple(range(r["num_hidden_layers"])))),
+                           "context": space.budget.context, "batch": space.budget.batch} for r in rows], indent=1))
+        return
     # "counted" is the budget's kind of count; shown when it is none of the counts already shown.
     shown = space.budget.kind == "total" or (space.budget.kind == "active" and "active_params" in rows[0])
     frame = pd.DataFrame(rows).drop(columns=["counted"] if shown else [])
     for column in ("params", "active_params", "counted"):
         if column in frame:
             frame[column] = frame[column].map("{:,}".format)
+    if "memory_bytes" in frame:
+        frame = frame.rename(columns={"memory_bytes": "memory_gb"})
+        frame["memory_gb"] = frame["memory_gb"].map(lambda b: f"{b / 2**30:.2f}")
     frame["share_of_parent"] = frame["share_of_parent"].map("{:.1%}".format)
-    print(f"{len(rows)} feasible candidates for {space.name}:")
+    at = f" (memory: weights and KV cache at context {space.budget.context} x batch {space.budget.batch})" \
+        if "memory_gb" in frame else ""
+    print(f"{len(rows)} feasible candidates for {space.name}{at}:")
     print(frame.to_string(index=False))
 
 
@@ -403,6 +418,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("candidates", help="list the feasible candidates of a search space")
     p.add_argument("space", help="search-space YAML")
+    p.add_argument("--json", action="store_true", help="one JSON object per candidate: axes, params, active_params, "
+                                                       "memory_bytes (at budget.context x budget.batch)")
     p.set_defaults(func=cmd_candidates)
 
     p = sub.add_parser("plan", help="memory, workers, FLOPs and time of each stage of a space, and whether it fits")

@@ -244,6 +244,24 @@ class Parent:
         """The parameters one token uses (equal to `num_parameters` in a dense family)."""
         return self.family.num_parameters(self.config, arch or self.architecture, active=True)
 
+    def cache_bytes(self, arch: Architecture, context: int, batch: int, nbytes: int = 2) -> int:
+        """Bytes of the KV cache the child `arch` holds for `batch` sequences of `context` tokens at `nbytes` an
+        element, as HF's static cache allocates it: keys and values of every attention layer, `context` tokens in a
+        full-attention layer and min(window, context) in a sliding-window one (the layer types are HF's own reading
+        of the child's config)."""
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        layer_types, settings = get_layer_types_and_kwargs(self.child_config(arch))
+        tokens = 0
+        for kind, setting in zip(layer_types, settings):
+            if kind == "full_attention":
+                tokens += context
+            elif "sliding_window" in setting:  # sliding and chunked attention
+                tokens += min(setting["sliding_window"], context)
+            elif kind != "dummy":  # a layer that keeps no cache (KV shared, or no attention)
+                raise UnsupportedModelError(f"{self.family.model_type}: no cache size for {kind} layers yet")
+        return 2 * tokens * batch * arch.num_key_value_heads * arch.head_dim * nbytes
+
     def embedding_parameters(self, arch: Architecture | None = None) -> int:
         """Those of the embedding and a separate LM head (what a "non_embedding" budget leaves out)."""
         tied = getattr(self.config, "tie_word_embeddings", False)

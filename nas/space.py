@@ -32,7 +32,10 @@ class Budget:
 
     `kind` is "total", "non_embedding" (ignores embedding and LM-head matrices) or "active" (the parameters one
     token uses: in a mixture of experts, all but the experts it is not routed to).
-    `max_weight_gb` additionally caps the weights' memory at `bytes_per_param` (2 for bf16).
+    `max_weight_gb` caps the weights' memory at `bytes_per_param` (2 for bf16); `memory_gb` caps what serving the
+    child holds: its weights plus the KV cache of `batch` sequences of `context` tokens at `cache_bytes` an element
+    (`nas.families.Parent.cache_bytes`). A parameter band (`params` or `fraction`) is optional when a memory cap is
+    given; every budget given is enforced.
     """
 
     params: float | None = None
@@ -41,6 +44,10 @@ class Budget:
     kind: str = "total"
     max_weight_gb: float | None = None
     bytes_per_param: int = 2
+    memory_gb: float | None = None
+    context: int = 4096
+    batch: int = 1
+    cache_bytes: int = 2
 
 
 @dataclass(frozen=True)
@@ -201,7 +208,11 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
             errors.append(message)
 
     b = space.budget
-    need((b.params is None) != (b.fraction is None), "budget: give exactly one of params or fraction")
+    need(b.params is None or b.fraction is None, "budget: give params or fraction, not both")
+    need(b.params is not None or b.fraction is not None or b.memory_gb is not None or b.max_weight_gb is not None,
+         "budget: give params or fraction (a parameter band), or a memory cap (memory_gb, max_weight_gb)")
+    need(b.memory_gb is None or b.memory_gb > 0, f"budget.memory_gb={b.memory_gb}: must be > 0")
+    need(b.context >= 1 and b.batch >= 1, f"budget.context={b.context}, budget.batch={b.batch}: must be >= 1")
     need(b.params is None or b.params > 0, f"budget.params={b.params}: must be > 0")
     need(b.fraction is None or 0 < b.fraction < 1, f"budget.fraction={b.fraction}: must be in (0, 1)")
     need(0 <= b.tolerance < 1, f"budget.tolerance={b.tolerance}: must be in [0, 1)")
@@ -303,6 +314,8 @@ def counted_params(space: SearchSpace, config: Any, arch: Architecture) -> int:
 
 def _range(space: SearchSpace, parent: Parent) -> tuple[float, float]:
     b = space.budget
+    if b.params is None and b.fraction is None:
+        return 0.0, float("inf")  # a memory cap alone
     target = b.params if b.params is not None else b.fraction * _counted(space, parent, parent.architecture)
     return target * (1 - b.tolerance), target * (1 + b.tolerance)
 
@@ -377,13 +390,34 @@ def enumerate_candidates(space: SearchSpace, config: Any) -> list[dict[str, Any]
     for arch in _grid(space, parent):
         params = parent.num_parameters(arch)
         counted = _counted(space, parent, arch)
-        memory_ok = space.budget.max_weight_gb is None or \
-            params * space.budget.bytes_per_param <= space.budget.max_weight_gb * 2**30
-        if low <= counted <= high and memory_ok:
+        if low <= counted <= high and _memory_problem(space, parent, arch) is None:
             active = {"active_params": parent.active_parameters(arch)} if parent.family.moe else {}
+            memory = {"memory_bytes": memory_bytes(space, parent, arch)} if space.budget.memory_gb else {}
             rows.append({"label": arch.short(), **{k: arch.get(k) for k in axis_names(parent)},
-                         "params": params, **active, "counted": counted, "share_of_parent": params / parent_params})
+                         "params": params, **active, **memory, "counted": counted,
+                         "share_of_parent": params / parent_params})
     return sorted(rows, key=lambda r: (-r["params"], r["label"]))
+
+
+def memory_bytes(space: SearchSpace, parent: Parent, arch: Architecture) -> int:
+    """What serving the child holds at the budget's context and batch: its weights (every expert of a mixture of
+    experts) and its KV cache."""
+    b = space.budget
+    return parent.num_parameters(arch) * b.bytes_per_param + parent.cache_bytes(arch, b.context, b.batch, b.cache_bytes)
+
+
+def _memory_problem(space: SearchSpace, parent: Parent, arch: Architecture) -> str | None:
+    b = space.budget
+    if b.max_weight_gb is not None:
+        gb = parent.num_parameters(arch) * b.bytes_per_param / 2**30
+        if gb > b.max_weight_gb:
+            return f"{gb:.2f} GB of weights, above budget.max_weight_gb={b.max_weight_gb}"
+    if b.memory_gb is not None:
+        gb = memory_bytes(space, parent, arch) / 2**30
+        if gb > b.memory_gb:
+            return f"{gb:.2f} GB of weights and KV cache at context {b.context} x batch {b.batch}, above " \
+                   f"budget.memory_gb={b.memory_gb}"
+    return None
 
 
 def candidate_problem(space: SearchSpace, config: Any, axes: dict[str, int]) -> str | None:
@@ -398,11 +432,7 @@ def candidate_problem(space: SearchSpace, config: Any, axes: dict[str, int]) -> 
     counted = _counted(space, parent, arch)
     if not low <= counted <= high:
         return f"{counted:,} {space.budget.kind} parameters, outside the budget [{low:,.0f}, {high:,.0f}]"
-    if space.budget.max_weight_gb is not None:
-        gb = parent.num_parameters(arch) * space.budget.bytes_per_param / 2**30
-        if gb > space.budget.max_weight_gb:
-            return f"{gb:.2f} GB of weights, above budget.max_weight_gb={space.budget.max_weight_gb}"
-    return None
+    return _memory_problem(space, parent, arch)
 
 
 def infeasible_hint(space: SearchSpace, config: Any) -> str:
