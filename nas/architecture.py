@@ -19,8 +19,10 @@ CONFIG_KEYS = (
     "intermediate_size",
 )
 
-#: Figures that `architecture.json` records beside the axes.
-COUNTS = ("params", "active_params")
+#: What a candidate records beside its axes, where it applies (`architecture.json`, a trial's user attributes, the
+#: summary, best.json): its counts, its serving memory at the budget's context and batch, and its measured speed
+#: (`nas.latency`).
+FIGURES = ("params", "active_params", "memory_bytes", "latency_ms", "prefill_ms", "throughput", "device_name")
 
 
 @dataclass(frozen=True)
@@ -109,11 +111,11 @@ class Architecture:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Architecture:
         """Its JSON form: the dense keys and "layers", plus any unit keys (every other integer entry but the counts
-        `COUNTS`; an exported best.json's losses, stage and label are not axes)."""
+        `FIGURES`; an exported best.json's losses, stage and label are not axes)."""
         missing = [k for k in (*CONFIG_KEYS, "layers") if k not in data]
         if missing:
             raise ArchitectureError(f"architecture JSON lacks {missing}; expected keys {[*CONFIG_KEYS, 'layers']}")
-        units = tuple((k, v) for k, v in data.items() if k not in (*CONFIG_KEYS, "layers", *COUNTS)
+        units = tuple((k, v) for k, v in data.items() if k not in (*CONFIG_KEYS, "layers", *FIGURES)
                       and isinstance(v, int) and not isinstance(v, bool))
         return cls(**{k: data[k] for k in CONFIG_KEYS}, layers=tuple(data["layers"]), unit_axes=units)
 

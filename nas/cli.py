@@ -280,14 +280,33 @@ def cmd_candidates(args) -> None:
     rows = enumerate_candidates(space, config)
     if not rows:
         raise NasError(f"{args.space}: {infeasible_hint(space, config)}")
-    if args.json:  # every count for every candidate, memory at the budget's context and batch
+    outside: list[dict] = []
+    if space.budget.speed_caps:  # measured here, on this machine's budget.device (cached in $NAS_CACHE/measured)
+        import torch
+
+        from nas.files import cache_dir
+        from nas.latency import measure_candidates
+        from nas.storage import RunStorage
+
+        if space.budget.device == "cuda" and not torch.cuda.is_available():
+            raise NasError(f"{args.space}: budget.device=cuda: this machine has no GPU to measure on; run `nas "
+                           f"candidates` on a node with the target GPU (`nas search` measures there as a Ray task)")
+        rows, outside = measure_candidates(space, config, rows, RunStorage(cache_dir(), "measured"),
+                                           echo=lambda line: print(line, file=sys.stderr, flush=True))
+    if args.json:  # every figure of every candidate: memory at the budget's context and batch, speed if measured
         parent = Parent.of(config)
         print(json.dumps([{"label": r["label"], **row_axes(r), "params": r["params"],
                            "active_params": r.get("active_params", r["params"]),
                            "memory_bytes": memory_bytes(space, parent, architecture_of(
                                r, config, tuple(range(r["num_hidden_layers"])))),
-                           "context": space.budget.context, "batch": space.budget.batch} for r in rows], indent=1))
+                           "context": space.budget.context, "batch": space.budget.batch,
+                           **{k: r[k] for k in ("latency_ms", "prefill_ms", "throughput", "device_name", "infeasible")
+                              if k in r}} for r in rows + outside], indent=1))
         return
+    for row in outside:
+        print(f"infeasible: {row['label']}: {row['infeasible']}")
+    if not rows:
+        raise NasError(f"{args.space}: no candidate is within the speed budget")
     # "counted" is the budget's kind of count; shown when it is none of the counts already shown.
     shown = space.budget.kind == "total" or (space.budget.kind == "active" and "active_params" in rows[0])
     frame = pd.DataFrame(rows).drop(columns=["counted"] if shown else [])
@@ -297,9 +316,17 @@ def cmd_candidates(args) -> None:
     if "memory_bytes" in frame:
         frame = frame.rename(columns={"memory_bytes": "memory_gb"})
         frame["memory_gb"] = frame["memory_gb"].map(lambda b: f"{b / 2**30:.2f}")
+    for column, spec in (("latency_ms", "{:.3g}"), ("prefill_ms", "{:.3g}"), ("throughput", "{:.4g}")):
+        if column in frame:
+            frame[column] = frame[column].map(spec.format)
     frame["share_of_parent"] = frame["share_of_parent"].map("{:.1%}".format)
-    at = f" (memory: weights and KV cache at context {space.budget.context} x batch {space.budget.batch})" \
-        if "memory_gb" in frame else ""
+    b = space.budget
+    at = f" (memory: weights and KV cache at context {b.context} x batch {b.batch})" if "memory_gb" in frame else ""
+    if "device_name" in frame:
+        from nas.latency import settings_of
+
+        at += f" (speed: measured on {', '.join(sorted(set(frame.pop('device_name'))))} in {settings_of(b).dtype}, " \
+              f"batch {b.batch} after a prefill of {b.context} tokens)"
     print(f"{len(rows)} feasible candidates for {space.name}{at}:")
     print(frame.to_string(index=False))
 
@@ -313,8 +340,8 @@ def cmd_search(args) -> None:
     echo = (lambda line: None) if args.quiet else (lambda line: print(line, flush=True))
     frame = run_search(space, args.root, args.address, echo=echo)
     done = frame[frame["state"] == "COMPLETE"].sort_values("val_loss")
-    counts = ["params", "active_params"] if "active_params" in done else ["params"]
-    print(done[["label", *counts, "val_loss", "promoted_val_loss", "wall_s"]].to_string(index=False))
+    figures = [k for k in ("params", "active_params", "memory_bytes", "latency_ms", "throughput") if k in done]
+    print(done[["label", *figures, "val_loss", "promoted_val_loss", "wall_s"]].to_string(index=False))
     storage = RunStorage(args.root, space.study)
     with storage.workdir("") as out:
         best = export_best(space.study, storage_url(space, args.root), out / "best.json", root=args.root)

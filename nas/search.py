@@ -46,17 +46,18 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from nas import sharding
-from nas.architecture import short_label as label_of
+from nas.architecture import FIGURES, short_label as label_of
 from nas.data import load_tokens, shuffled_rows, validation_size
 from nas.distill import DistillConfig
 from nas.errors import ConfigError, NasError
 from nas.files import atomic_dir, write_json
 from nas.importance import ImportanceSettings, Importances, cached_importance, lm_loss, select_layers
+from nas.latency import measure_candidates
 from nas.parents import load_parent, parent_config, resolve_parent
 from nas.plan import Cluster, Stage, check_fits, checkpoint_tokens, plan
 from nas.prune import prune
-from nas.space import AXES, RetrainSpec, SearchSpace, row_axes, architecture_of, candidate_problem, enumerate_candidates, \
-    infeasible_hint
+from nas.space import AXES, MEASURED, RetrainSpec, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, \
+    infeasible_hint, row_axes
 from nas.storage import RunStorage, is_uri
 from nas.teacher_cache import ShardPlan, TopKShards, publish, topk_plan, write_part
 from nas.tokens import TokenSet
@@ -113,7 +114,8 @@ def candidates(space: SearchSpace) -> tuple[Any, list[dict[str, Any]]]:
     return config, rows
 
 
-def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage] | None = None) -> Shared:
+def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage] | None = None,
+            echo: Callable[[str], None] = lambda line: None) -> Shared:
     """Step 1: candidates, data, importance and the teacher cache (computed once, kept in the run folder).
     `stages`: the plan checked against the cluster (default: planned for one 8-GPU node), which sizes the
     checkpoint intervals the space leaves unset.
@@ -125,6 +127,15 @@ def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage]
     config, rows = candidates(space)
     stages = {s.name: s for s in stages or plan(space, config)}
     storage = RunStorage(root, space.study)
+    if space.budget.speed_caps or set(MEASURED) & set(space.search.objectives):
+        # Measured before anything is trained; those outside the budget are recorded, and never trained.
+        rows, outside = measure_candidates(space, config, rows, storage, echo)
+        storage.write_json("infeasible.json", outside)
+        for row in outside:
+            echo(f"[infeasible] {row['label']}: {row['infeasible']}")
+        if not rows:
+            raise ConfigError(f"{space.name}: no candidate is within the speed budget ({outside[0]['label']}: "
+                              f"{outside[0]['infeasible']}; all {len(outside)} in {storage.uri}/infeasible.json)")
     tokenizer = AutoTokenizer.from_pretrained(resolve_parent(space.parent))
     imp = space.importance
     tokens = load_tokens(space.data, tokenizer, space.seq_len, space.text_field, min_sequences=imp.samples + 2)
@@ -345,7 +356,7 @@ def _retrain(shared: Shared, label: str, rel: str, spec, on_eval: Callable[[dict
     stage = FULL if promoted else SHORT
     with storage.workdir(rel) as out:
         arch = _architecture(shared, label, Importances.load(storage.fetch("importance.safetensors")))
-        counts = {k: shared.rows[label][k] for k in ("params", "active_params") if k in shared.rows[label]}
+        counts = {k: shared.rows[label][k] for k in FIGURES if k in shared.rows[label]}
         write_json(out / "architecture.json", {**arch.to_dict(), **counts})
         remote = storage.local is None
         if remote:
@@ -489,12 +500,34 @@ def open_study(space: SearchSpace, root: str | Path = "trials", url: str | None 
     import optuna
 
     storage = storage or study_storage(url or storage_url(space, root))
-    study = optuna.create_study(study_name=space.study, storage=storage, direction="minimize", load_if_exists=True,
-                                sampler=optuna.samplers.TPESampler(seed=space.search.seed))
+    seed = space.search.seed
+    sampler = optuna.samplers.NSGAIISampler(seed=seed) if space.search.sampler == "nsga2" else \
+        optuna.samplers.TPESampler(seed=seed)
+    try:
+        study = optuna.create_study(study_name=space.study, storage=storage, directions=space.search.directions,
+                                    load_if_exists=True, sampler=sampler)
+    except ValueError as e:  # the study exists with other directions
+        raise ConfigError(f"search.objectives={space.search.objectives}: study {space.study} was made with other "
+                          f"objectives ({e}); give the space another study_name") from None
+    if [d.name.lower() for d in study.directions] != space.search.directions:
+        raise ConfigError(f"search.objectives={space.search.objectives}: study {space.study} was made with "
+                          f"{len(study.directions)} objective(s); give the space another study_name")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        study.set_metric_names([METRIC])  # the dashboard's name for the objective
+        study.set_metric_names(list(space.search.objectives))  # the dashboard's names for the objectives
     return study
+
+
+def _loss(trial) -> float | None:
+    """A finished trial's validation loss (its first objective)."""
+    return trial.values[0] if trial.values else None
+
+
+def _objectives(space: SearchSpace, row: dict[str, Any], loss: float) -> float | list[float]:
+    """What a trial tells Optuna: its loss, and with several objectives its figures for the others."""
+    if len(space.search.objectives) == 1:
+        return loss
+    return [loss, *(float(row[k]) for k in space.search.objectives[1:])]
 
 
 def _stage(trial) -> str:
@@ -640,7 +673,7 @@ def run_search(space: SearchSpace, root: str | Path = "trials", address: str | N
     stages = check_fits(space, config, this_machine(space)) if private else None
     reached = init_ray(address, Path(RunStorage(root, space.study).uri))
     stages = stages or check_fits(space, config, ray_cluster(space))
-    shared = prepare(space, root, stages)
+    shared = prepare(space, root, stages, echo)
     storage = study_storage(url)
     study = open_study(space, storage=storage)
     study.set_user_attr("parent", space.parent)
@@ -748,7 +781,7 @@ class ArchitectureSearch(Searcher):
                 params, label = trial.params, label_of(trial.params)
                 problem = candidate_problem(self.space, self.config, params) or taken.get(label)
                 if problem is None:
-                    for key in ("label", "params", "active_params", "share_of_parent"):
+                    for key in ("label", *FIGURES, "share_of_parent"):
                         if key in self.rows[label]:
                             trial.set_user_attr(key, self.rows[label][key])
                     trial.set_user_attr("stage", SHORT)
@@ -761,9 +794,10 @@ class ArchitectureSearch(Searcher):
         self._report(trial_id, self.live[trial_id], result)
 
     def _report(self, trial_id: str, trial, result: dict) -> None:
-        # A retried trial reports again the evaluations its checkpoint had passed: each is recorded once.
+        # A retried trial reports again the evaluations its checkpoint had passed: each is recorded once. (Optuna
+        # keeps no intermediate values in a multi-objective study: its curves are in the trials' metrics.jsonl.)
         tokens, reported = int(result["tokens"]), self.reported.setdefault(trial_id, set())
-        if tokens not in reported:
+        if tokens not in reported and len(self.space.search.objectives) == 1:
             reported.add(tokens)
             trial.report(result[METRIC], tokens)
 
@@ -783,7 +817,8 @@ class ArchitectureSearch(Searcher):
             trial.set_user_attr("pruned_reason", f"stopped by ASHA after {result['tokens']:,} of {self.final:,} tokens")
             self.study.tell(trial, state=optuna.trial.TrialState.PRUNED, skip_if_finished=True)
         else:
-            self.study.tell(trial, result[METRIC], skip_if_finished=True)
+            row = self.rows[trial.user_attrs["label"]]
+            self.study.tell(trial, _objectives(self.space, row, result[METRIC]), skip_if_finished=True)
 
 
 def _tune(space: SearchSpace, shared: Shared, study, storage, enqueue: list[str], n_trials: int, trial_fn: Callable,
@@ -825,7 +860,8 @@ def _promote_best(space: SearchSpace, shared: Shared, study, echo: Callable[[str
 
     complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                 if _stage(t) == SHORT]
-    best = sorted(complete, key=lambda t: t.value)[: space.promote]
+    best = _front_picks(space, complete) if space.search.promotion == "front" else \
+        sorted(complete, key=_loss)[: space.promote]
     recorded = {_label(t) for t in study.get_trials(deepcopy=False) if _stage(t) == FULL}
     todo = [_label(t) for t in best if _label(t) not in recorded]
     if not todo:
@@ -851,6 +887,19 @@ def _promote_best(space: SearchSpace, shared: Shared, study, echo: Callable[[str
         done(len(todo) - len(pending), ray.get(ready[0]))
 
 
+def _front_picks(space: SearchSpace, trials: list) -> list:
+    """`promote` trials spread along the Pareto front of loss against the second objective (all of it when it
+    has no more points), from the lowest loss on."""
+    sign = 1 if space.search.directions[1] == "minimize" else -1
+    points = [(sign * t.values[1], t.values[0], t) for t in trials]
+    front = [t for x, loss, t in points if not any(x2 <= x and l2 <= loss and (x2, l2) != (x, loss)
+                                                   for x2, l2, _ in points)]
+    front.sort(key=_loss)
+    if len(front) <= space.promote:
+        return front
+    return [front[round(i * (len(front) - 1) / max(1, space.promote - 1))] for i in range(space.promote)]
+
+
 def _record_promoted(study, shared: Shared, result: dict) -> None:
     """Record a full distillation as a trial of its own (Optuna freezes finished trials), stage 'full_distillation',
     with the candidate's axes as parameters and its validation curve by tokens."""
@@ -864,8 +913,9 @@ def _record_promoted(study, shared: Shared, result: dict) -> None:
     study.add_trial(optuna.trial.create_trial(
         params=row_axes(row),
         distributions={k: optuna.distributions.CategoricalDistribution(choices[k]) for k in row_axes(row)},
-        value=result["val_loss"], intermediate_values={int(e["tokens"]): e["val_loss"] for e in evals},
-        user_attrs={"label": label, **{k: row[k] for k in ("params", "active_params", "share_of_parent") if k in row},
+        **({"value": result["val_loss"], "intermediate_values": {int(e["tokens"]): e["val_loss"] for e in evals}}
+           if len(shared.space.search.objectives) == 1 else {"values": _objectives(shared.space, row, result["val_loss"])}),
+        user_attrs={"label": label, **{k: row[k] for k in (*FIGURES, "share_of_parent") if k in row},
                     "stage": FULL}))
 
 
@@ -877,7 +927,7 @@ def summarize(space: SearchSpace, root: str | Path = "trials"):
 
     study = open_study(space, root)
     storage = RunStorage(root, space.study)
-    promoted = {_label(t): t.value for t in study.get_trials(deepcopy=False) if _stage(t) == FULL}
+    promoted = {_label(t): _loss(t) for t in study.get_trials(deepcopy=False) if _stage(t) == FULL}
     rows = []
     for t in study.get_trials(deepcopy=False):
         if _stage(t) == FULL:
@@ -885,25 +935,32 @@ def summarize(space: SearchSpace, root: str | Path = "trials"):
         label = _label(t)
         result = (storage.read_json(f"{label}/result.json") or {}) if label else {}
         rows.append({"trial": t.number, "state": t.state.name, "label": label,
-                     **t.params, "params": t.user_attrs.get("params"), "active_params": t.user_attrs.get("active_params"),
-                     "share_of_parent": t.user_attrs.get("share_of_parent"), METRIC: t.value,
+                     **t.params, **{k: t.user_attrs.get(k) for k in FIGURES},
+                     "share_of_parent": t.user_attrs.get("share_of_parent"), METRIC: _loss(t),
                      "val_kd": result.get("val_kd"), "tokens": result.get("tokens"),
                      "wall_s": result.get("wall_s") or (t.duration.total_seconds() if t.duration else None),
                      "promoted_val_loss": promoted.get(label), "note": t.user_attrs.get("pruned_reason")})
+    # Candidates outside the speed budget: measured, never trained.
+    rows += [{"state": "INFEASIBLE", "label": r["label"], **row_axes(r), **{k: r.get(k) for k in FIGURES},
+              "share_of_parent": r.get("share_of_parent"), "note": r["infeasible"]}
+             for r in storage.read_json("infeasible.json") or []]
     frame = pd.DataFrame(rows)
-    if "active_params" in frame and frame["active_params"].isna().all():
-        frame = frame.drop(columns="active_params")  # a dense parent: every parameter is active
+    # Figures that do not apply to this search (a dense parent's active count, speed without a speed budget).
+    frame = frame.drop(columns=[k for k in FIGURES if k != "params" and frame[k].isna().all()])
     parent = storage.read_json("parent.json") or {}
-    # By label and stage: a promoted candidate has its short retrain's curve and its full distillation's.
-    curves = {(_label(t), _stage(t)): sorted(t.intermediate_values.items()) for t in study.get_trials(deepcopy=False)
-              if t.intermediate_values}
+    # By label and stage: a promoted candidate has its short retrain's curve and its full distillation's (read
+    # from the trials' metrics.jsonl where the study keeps no intermediate values: a multi-objective one).
+    curves = {(_label(t), _stage(t)): sorted(t.intermediate_values.items()) or _curve(storage, t)
+              for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED") and _label(t)}
+    curves = {k: v for k, v in curves.items() if v}
     with tempfile.TemporaryDirectory() as tmp:  # written whole, then each replaces the run folder's in one step
         out = Path(tmp)
         frame.to_parquet(out / "summary.parquet", index=False)
         frame.to_csv(out / "summary.csv", index=False)
-        _plot_pareto(frame, parent, out / "pareto.png")
+        _plot_pareto(frame, parent, out, space.search.objectives[1] if len(space.search.objectives) > 1 else "params",
+                     space.search.directions[-1])
         _plot_curves(curves, parent, out / "curves.png")
-        for name in ("summary.parquet", "summary.csv", "pareto.png", "curves.png"):
+        for name in ("summary.parquet", "summary.csv", "pareto.png", "pareto.json", "curves.png"):
             storage.upload(out / name, name)
     _save_contour(study)
     return frame
@@ -922,50 +979,76 @@ def _save_contour(study) -> None:
     varied = [k for k in short[0].params if len({t.params[k] for t in short}) > 1] if short else []
     if len(short) < 2 or len(varied) < 2:
         return
-    finished = optuna.create_study(direction="minimize")  # in memory: the short retrains alone, no promotions
+    # In memory: the short retrains alone, no promotions.
+    finished = optuna.create_study(directions=[d.name.lower() for d in study.directions])
     finished.add_trials(short)
-    figure = optuna.visualization.plot_contour(finished, params=varied, target_name=METRIC)
+    figure = optuna.visualization.plot_contour(finished, params=varied, target=_loss, target_name=METRIC)
     save_plotly_graph_object(study, figure, graph_object_id="contour")
 
 
-def _pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """The (params, loss) points no other point beats on both, by increasing params."""
+def _pareto_front(points: list[tuple[float, float]], direction: str = "minimize") -> list[tuple[float, float]]:
+    """The (x, loss) points no other point beats on both (x minimised, or maximised), in the order of x."""
+    sign = 1 if direction == "minimize" else -1
     front, best = [], float("inf")
-    for p, loss in sorted(points):
+    for x, loss in sorted(points, key=lambda p: (sign * p[0], p[1])):
         if loss < best:
-            front.append((p, loss))
+            front.append((x, loss))
             best = loss
     return front
 
 
-def _plot_pareto(frame, parent: dict[str, Any], path: Path) -> None:
+#: The x axis of pareto.png by the search's second objective (size when it has none): label, scale.
+_AXES = {"params": ("parameters (M)", 1e-6), "active_params": ("active parameters (M)", 1e-6),
+         "memory_bytes": ("memory: weights and KV cache (GiB)", 2**-30),
+         "latency_ms": ("decode latency (ms a token, measured)", 1.0),
+         "prefill_ms": ("prefill latency (ms, measured)", 1.0), "throughput": ("throughput (tokens/s, measured)", 1.0)}
+
+
+def _plot_pareto(frame, parent: dict[str, Any], out: Path, x: str = "params", direction: str = "minimize") -> None:
+    """pareto.png: validation loss against `x` (the second objective, else size) with the front, and pareto.json:
+    the same points and front."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     done = frame[frame["state"] == "COMPLETE"]
+    name, scale = _AXES[x]
+    if "device_name" in done and done["device_name"].notna().any():
+        name = name.replace("measured", f"measured on {', '.join(sorted(set(done['device_name'].dropna())))}")
     fig, ax = plt.subplots(figsize=(8, 5))
+    points = list(zip(done[x] * scale, done[METRIC])) if len(done) else []
+    front = _pareto_front(points, direction)
     if len(done):
-        ax.scatter(done["params"] / 1e6, done[METRIC], label="short retrain", color="tab:blue")
+        ax.scatter(done[x] * scale, done[METRIC], label="short retrain", color="tab:blue")
         for _, r in done.iterrows():
-            ax.annotate(r["label"], (r["params"] / 1e6, r[METRIC]), fontsize=7, xytext=(4, 3),
-                        textcoords="offset points")
-        front = _pareto_front(list(zip(done["params"] / 1e6, done[METRIC])))
+            ax.annotate(r["label"], (r[x] * scale, r[METRIC]), fontsize=7, xytext=(4, 3), textcoords="offset points")
         ax.step(*zip(*front), where="post", color="tab:blue", alpha=0.5, label="Pareto front")
         promoted = done[done["promoted_val_loss"].notna()]
         if len(promoted):
-            ax.scatter(promoted["params"] / 1e6, promoted["promoted_val_loss"], marker="*", s=220, color="red",
+            ax.scatter(promoted[x] * scale, promoted["promoted_val_loss"], marker="*", s=220, color="red",
                        label="promoted: full distillation")
     if parent.get("val_loss") is not None:
         ax.axhline(parent["val_loss"], color="gray", linestyle="--", label=f"parent ({parent['params'] / 1e6:.1f}M)")
-    ax.set_xlabel("parameters (M)")
+    ax.set_xlabel(name)
     ax.set_ylabel("validation loss")
-    ax.set_title("candidates: size vs validation loss")
+    ax.set_title(f"candidates: {name.split(' (')[0]} vs validation loss")
+    write_json(out / "pareto.json", {"x": x, "x_label": name, "y": METRIC, "direction": direction,
+                                     "points": [{"label": r["label"], "x": float(r[x]), METRIC: float(r[METRIC])}
+                                                for _, r in done.iterrows()],
+                                     "front": [[float(a) / scale, float(b)] for a, b in front]})
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(out / "pareto.png", dpi=100)
     plt.close(fig)
+
+
+def _curve(storage: RunStorage, trial) -> list[tuple[int, float]]:
+    """A trial's validation curve (tokens, loss) from its metrics.jsonl."""
+    rel = f"promoted/{_label(trial)}" if _stage(trial) == FULL else _label(trial)
+    lines = (storage.read_text(f"{rel}/metrics.jsonl") or "").splitlines()
+    evals = [json.loads(line) for line in lines if '"val_loss"' in line]
+    return [(int(e["tokens"]), float(e["val_loss"])) for e in evals]
 
 
 def _plot_curves(curves: dict[tuple[str, str], list[tuple[int, float]]], parent: dict[str, Any], path: Path) -> None:
@@ -998,9 +1081,9 @@ def winner(study) -> tuple[str, dict[str, Any]]:
     if not complete:
         raise NasError(f"study {study.study_name!r} has no completed trial yet")
     full = [t for t in complete if _stage(t) == FULL]
-    best = min(full or complete, key=lambda t: t.value)
-    counts = {k: best.user_attrs[k] for k in ("params", "active_params") if k in best.user_attrs}
-    return _label(best), {"val_loss": best.value, "stage": _stage(best), "params": None, **counts}
+    best = min(full or complete, key=_loss)
+    counts = {k: best.user_attrs[k] for k in FIGURES if k in best.user_attrs}
+    return _label(best), {"val_loss": _loss(best), "stage": _stage(best), "params": None, **counts}
 
 
 def export_best(study_name: str, storage: str, out: str | Path, checkpoint: str | Path | None = None,

@@ -24,6 +24,10 @@ AXES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "inte
 EXPERT_AXES = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
                "shared_expert_intermediate_size")
 BUDGET_KINDS = ("total", "non_embedding", "active")
+#: What a search can optimise beside the validation loss (a candidate's figure), and in which direction.
+OBJECTIVES = {"latency_ms": "minimize", "prefill_ms": "minimize", "throughput": "maximize",
+              "memory_bytes": "minimize", "params": "minimize", "active_params": "minimize"}
+MEASURED = ("latency_ms", "prefill_ms", "throughput")  # what needs the candidates timed (`nas.latency`)
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,15 @@ class Budget:
     token uses: in a mixture of experts, all but the experts it is not routed to).
     `max_weight_gb` caps the weights' memory at `bytes_per_param` (2 for bf16); `memory_gb` caps what serving the
     child holds: its weights plus the KV cache of `batch` sequences of `context` tokens at `cache_bytes` an element
-    (`nas.families.Parent.cache_bytes`). A parameter band (`params` or `fraction`) is optional when a memory cap is
-    given; every budget given is enforced.
+    (`nas.families.Parent.cache_bytes`).
+
+    `latency_ms` (per decoded token at `batch` after a prefill of `context`), `prefill_ms` (caps) and `throughput`
+    (decoded tokens a second over the batch, a floor) are measured on `device` ("cpu" or "cuda"; a GPU type is the
+    Ray resource label `device_resource`, e.g. "accelerator_type:L4") in `serve_dtype` (default bf16 on CUDA,
+    fp32 on the CPU), `repeats` runs after `warmup` ones timing `decode_tokens` tokens (`nas.latency`).
+
+    A parameter band (`params` or `fraction`) is optional when a memory or speed cap is given; every budget given
+    is enforced.
     """
 
     params: float | None = None
@@ -48,6 +59,19 @@ class Budget:
     context: int = 4096
     batch: int = 1
     cache_bytes: int = 2
+    latency_ms: float | None = None
+    prefill_ms: float | None = None
+    throughput: float | None = None
+    device: str = "cpu"
+    device_resource: str | None = None
+    serve_dtype: str | None = None
+    decode_tokens: int = 16
+    warmup: int = 1
+    repeats: int = 5
+
+    @property
+    def speed_caps(self) -> dict[str, float]:
+        return {k: getattr(self, k) for k in ("latency_ms", "prefill_ms", "throughput") if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)
@@ -109,13 +133,25 @@ class RetrainSpec:
 @dataclass(frozen=True)
 class SearchSpec:
     """How trials are chosen and run. `sampler`: "grid" (every feasible candidate, the paper's choice),
-    "tpe" (Optuna TPE for `max_trials`), or "auto" (grid up to `max_trials` candidates, else TPE)."""
+    "tpe" (Optuna TPE for `max_trials`), "nsga2" (Optuna NSGA-II, for several objectives) or "auto" (grid up to
+    `max_trials` candidates, else TPE).
+
+    `objectives`: `val_loss` first, then any of `OBJECTIVES` (e.g. `[val_loss, latency_ms]`): with more than one
+    the study is multi-objective (one Optuna direction each, named in the dashboard) and its result is a Pareto
+    front. `promotion` picks what is fully distilled: "loss" (the `promote` lowest losses) or "front" (`promote`
+    points spread along the front of loss against the second objective)."""
 
     sampler: str = "auto"
     max_trials: int = 32
     asha: bool = False
     retries: int = 1
     seed: int = 0
+    objectives: list[str] = field(default_factory=lambda: ["val_loss"])
+    promotion: str = "loss"
+
+    @property
+    def directions(self) -> list[str]:
+        return ["minimize", *(OBJECTIVES[k] for k in self.objectives[1:])]
 
 
 @dataclass(frozen=True)
@@ -209,8 +245,16 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
 
     b = space.budget
     need(b.params is None or b.fraction is None, "budget: give params or fraction, not both")
-    need(b.params is not None or b.fraction is not None or b.memory_gb is not None or b.max_weight_gb is not None,
-         "budget: give params or fraction (a parameter band), or a memory cap (memory_gb, max_weight_gb)")
+    need(b.params is not None or b.fraction is not None or b.memory_gb is not None or b.max_weight_gb is not None
+         or bool(b.speed_caps), "budget: give params or fraction (a parameter band), a memory cap (memory_gb, "
+                                "max_weight_gb) or a speed cap (latency_ms, prefill_ms, throughput)")
+    for key, value in b.speed_caps.items():
+        need(value > 0, f"budget.{key}={value}: must be > 0")
+    need(b.device in ("cpu", "cuda"), f"budget.device={b.device!r}: must be 'cpu' or 'cuda'")
+    need(b.serve_dtype is None or b.serve_dtype in ("float32", "bfloat16", "float16"),
+         f"budget.serve_dtype={b.serve_dtype!r}: must be 'float32', 'bfloat16' or 'float16'")
+    need(b.decode_tokens >= 1 and b.repeats >= 1 and b.warmup >= 0,
+         "budget: decode_tokens and repeats must be >= 1, warmup >= 0")
     need(b.memory_gb is None or b.memory_gb > 0, f"budget.memory_gb={b.memory_gb}: must be > 0")
     need(b.context >= 1 and b.batch >= 1, f"budget.context={b.context}, budget.batch={b.batch}: must be >= 1")
     need(b.params is None or b.params > 0, f"budget.params={b.params}: must be > 0")
@@ -256,8 +300,17 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
     need(space.resources.parent_gpus >= 0, f"resources.parent_gpus={space.resources.parent_gpus}: must be >= 0")
     need(space.resources.cache_workers >= 1,
          f"resources.cache_workers={space.resources.cache_workers}: must be >= 1")
-    need(space.search.sampler in ("auto", "grid", "tpe"), f"search.sampler={space.search.sampler!r}: "
-                                                           "must be 'auto', 'grid' or 'tpe'")
+    s = space.search
+    need(s.sampler in ("auto", "grid", "tpe", "nsga2"), f"search.sampler={s.sampler!r}: "
+                                                        "must be 'auto', 'grid', 'tpe' or 'nsga2'")
+    need(isinstance(s.objectives, list) and s.objectives[:1] == ["val_loss"] and len(set(s.objectives)) ==
+         len(s.objectives) and all(k in OBJECTIVES for k in s.objectives[1:]),
+         f"search.objectives={s.objectives!r}: val_loss first, then any of {', '.join(OBJECTIVES)}")
+    need(s.promotion in ("loss", "front"), f"search.promotion={s.promotion!r}: must be 'loss' or 'front'")
+    need(s.promotion == "loss" or len(s.objectives) > 1,
+         "search.promotion=front needs a second objective in search.objectives")
+    need(not (s.asha and len(s.objectives) > 1), "search.asha: ASHA stops trials on their loss alone, which a "
+                                                 "multi-objective search does not rank by; turn one of them off")
     need(space.search.retries >= 0, f"search.retries={space.search.retries}: must be >= 0")
     need(space.promote >= 0, f"promote={space.promote}: must be >= 0")
     need(space.seq_len >= 2, f"seq_len={space.seq_len}: must be >= 2")
@@ -392,7 +445,8 @@ def enumerate_candidates(space: SearchSpace, config: Any) -> list[dict[str, Any]
         counted = _counted(space, parent, arch)
         if low <= counted <= high and _memory_problem(space, parent, arch) is None:
             active = {"active_params": parent.active_parameters(arch)} if parent.family.moe else {}
-            memory = {"memory_bytes": memory_bytes(space, parent, arch)} if space.budget.memory_gb else {}
+            memory = {"memory_bytes": memory_bytes(space, parent, arch)} \
+                if space.budget.memory_gb or "memory_bytes" in space.search.objectives else {}
             rows.append({"label": arch.short(), **{k: arch.get(k) for k in axis_names(parent)},
                          "params": params, **active, **memory, "counted": counted,
                          "share_of_parent": params / parent_params})

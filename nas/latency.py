@@ -1,0 +1,153 @@
+"""Measured speed of a candidate on the device it will serve on (`budget.latency_ms`, `prefill_ms`, `throughput`).
+
+A candidate is measured before anything is trained, on a randomly initialised model of its exact shape (its
+config) in the serving dtype: speed does not depend on the weights' values. The model runs HF `generate` with a
+static cache and SDPA attention, `batch` sequences after a prefill of `context` tokens:
+- prefill_ms: `generate` of one new token (the prompt's forward and the first token);
+- latency_ms: each decoded token after it, from `generate` of 1 + `decode_tokens` tokens minus the prefill,
+  divided by `decode_tokens`;
+- throughput: decoded tokens a second over the batch, batch x 1000 / latency_ms.
+Each is the median of `repeats` timed runs after `warmup` untimed ones, with the spread (min, max) beside it.
+
+Measurements run as Ray tasks on a node with the device (`budget.device`; a GPU type is a Ray resource label,
+`budget.device_resource`), and are cached by (shape, device, settings) in the run folder's `latency/`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+#: The budget's speed caps and the measured figure each one reads.
+SPEED_CAPS = {"latency_ms": "latency_ms", "prefill_ms": "prefill_ms", "throughput": "throughput"}
+
+
+@dataclass(frozen=True)
+class SpeedSettings:
+    """How a candidate is timed (from the space's `budget`)."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    context: int = 4096
+    batch: int = 1
+    decode_tokens: int = 16
+    warmup: int = 1
+    repeats: int = 5
+    device_resource: str | None = None
+
+    def key(self, config: dict[str, Any]) -> str:
+        """The cache key: the child's shape (its config, without bookkeeping entries) and these settings."""
+        shape = {k: v for k, v in config.items() if k not in ("transformers_version", "architectures", "dtype",
+                                                             "torch_dtype", "_name_or_path")}
+        text = json.dumps({"shape": shape, "settings": asdict(self)}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
+
+
+@torch.no_grad()
+def measure(config: dict[str, Any], settings: SpeedSettings) -> dict[str, Any]:
+    """Time a random model of `config` (a child's config as a dict) as the module's docstring says."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    device = torch.device(settings.device)
+    data = dict(config)
+    model_type = data.pop("model_type")
+    child = AutoConfig.for_model(model_type, **data)
+    torch.manual_seed(0)
+    with device:
+        model = AutoModelForCausalLM.from_config(child, dtype=getattr(torch, settings.dtype),
+                                                 attn_implementation="sdpa").eval()
+    prompt = torch.randint(0, child.vocab_size, (settings.batch, settings.context), device=device,
+                           generator=torch.Generator(device).manual_seed(0))
+
+    def run(new_tokens: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                       min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
+                       pad_token_id=0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - start) * 1000
+
+    for _ in range(settings.warmup):
+        run(1 + settings.decode_tokens)
+    prefill, decode = [], []
+    for _ in range(settings.repeats):
+        first, longer = run(1), run(1 + settings.decode_tokens)
+        prefill.append(first)
+        decode.append(max(longer - first, 0.0) / settings.decode_tokens)
+    latency = statistics.median(decode)
+    return {"prefill_ms": statistics.median(prefill), "prefill_ms_spread": [min(prefill), max(prefill)],
+            "latency_ms": latency, "latency_ms_spread": [min(decode), max(decode)],
+            "throughput": settings.batch * 1000 / latency if latency > 0 else float("inf"),
+            "device_name": device_name(device), "settings": asdict(settings)}
+
+
+def over_cap(figures: dict[str, Any], caps: dict[str, float | None]) -> str | None:
+    """Why measured `figures` break a cap (latency and prefill are maxima, throughput a minimum), or None."""
+    for cap, value in caps.items():
+        if value is None:
+            continue
+        got = figures[SPEED_CAPS[cap]]
+        if (got < value) if cap == "throughput" else (got > value):
+            unit = "tokens/s" if cap == "throughput" else "ms"
+            side = "below" if cap == "throughput" else "above"
+            return f"{cap} {got:.3g} {unit} on {figures['device_name']}, {side} budget.{cap}={value:g}"
+    return None
+
+
+def settings_of(budget) -> SpeedSettings:
+    """The timing settings of a space's `budget`."""
+    dtype = budget.serve_dtype or ("bfloat16" if budget.device == "cuda" else "float32")
+    return SpeedSettings(budget.device, dtype, budget.context, budget.batch, budget.decode_tokens, budget.warmup,
+                         budget.repeats, budget.device_resource)
+
+
+def measure_candidates(space, config, rows: list[dict[str, Any]], storage, echo=lambda line: None
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(the rows within the space's speed caps, the rows outside them with their `infeasible` reason), each row
+    with its measured figures. Each candidate is measured once per (shape, device, settings), kept in the run
+    folder `storage` under latency/; as Ray tasks on the budget's device when Ray is up, one at a time so that no
+    two timings share a machine, else in this process."""
+    import ray
+
+    from nas.families import Parent
+    from nas.space import architecture_of
+
+    budget = space.budget
+    settings = settings_of(budget)
+    parent = Parent.of(config)
+    shapes = {r["label"]: parent.child_config(architecture_of(r, config, tuple(range(r["num_hidden_layers"]))))
+              for r in rows}
+    resources = {budget.device_resource: 0.001} if budget.device_resource else {}
+    task = ray.remote(measure).options(num_cpus=1, num_gpus=1 if budget.device == "cuda" else 0,
+                                       resources=resources) if ray.is_initialized() else None
+    within, outside = [], []
+    for n, row in enumerate(rows, 1):
+        data = shapes[row["label"]].to_dict()
+        rel = f"latency/{settings.key(data)}.json"
+        figures = storage.read_json(rel)
+        if figures is None:
+            figures = ray.get(task.remote(data, settings)) if task else measure(data, settings)
+            storage.write_json(rel, {"label": row["label"], **figures})
+            echo(f"[measured {n}/{len(rows)}] {row['label']}: {figures['latency_ms']:.3g} ms/token, prefill "
+                 f"{figures['prefill_ms']:.3g} ms on {figures['device_name']}")
+        measured = {**row, **{k: figures[k] for k in ("latency_ms", "prefill_ms", "throughput")},
+                    "device_name": figures["device_name"]}
+        problem = over_cap(figures, budget.speed_caps)
+        (outside if problem else within).append({**measured, "infeasible": problem} if problem else measured)
+    return within, outside

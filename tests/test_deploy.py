@@ -1,0 +1,159 @@
+"""Deployment budgets. Memory (`budget.memory_gb`): a child's weights plus the KV cache of `batch` sequences of
+`context` tokens, counted from its config, against the cache HF's own `generate` builds (a static cache), for
+families with full, sliding-window and mixed attention, dense and mixtures of experts. Speed (`budget.latency_ms`,
+`search.objectives`): candidates measured before training, those over a cap never trained, and a two-objective
+search whose front is loss against measured latency."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import ALL_CONFIGS, tiny_model
+from nas.cli import main
+from nas.families import Parent
+from nas.importance import ImportanceSettings, compute_importance
+from nas.prune import prune
+from nas.space import enumerate_candidates, parse_space
+
+TOKENS = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _cut(config):
+    """Heads, KV heads and hidden narrower, one layer dropped (so that the kept layers' types are the child's)."""
+    parent = Parent.of(config)
+    return parent.architecture.replace(num_attention_heads=3, num_key_value_heads=1, num_hidden_layers=3,
+                                       layers=(0, 2, 3), **({"hidden_size": 24} if config.model_type == "olmoe"
+                                                            else {}))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral", "gemma2", "gemma3_text", "olmo3", "qwen3_moe",
+                                  "gpt_oss"])
+@pytest.mark.parametrize("new_tokens", [2, 12])  # the context below and above the tiny sliding window (8)
+def test_the_counted_kv_cache_is_the_one_generate_builds(name, new_tokens):
+    parent = tiny_model(name)
+    arch = _cut(parent.config)
+    child = prune(parent, compute_importance(parent, TOKENS, ImportanceSettings(drop_samples=0)), arch)
+    out = child.generate(TOKENS, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, cache_implementation="static", return_dict_in_generate=True)
+    cache = out.past_key_values
+    built = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    context = TOKENS.shape[1] + new_tokens - 1  # generate never feeds the last new token back: it is not cached
+    assert Parent.of(parent.config).cache_bytes(arch, context, TOKENS.shape[0], nbytes=4) == built
+    if name in ("gemma2", "gemma3_text", "olmo3", "gpt_oss") and new_tokens == 12:  # past the window: it is used
+        assert built < 2 * 3 * context * 2 * arch.num_key_value_heads * arch.head_dim * 4
+
+
+def test_a_memory_budget_enforces_weights_plus_cache_and_candidates_list_it(tmp_path, capsys):
+    """A memory cap alone is a budget: the candidates are those whose weights and KV cache at the budget's context
+    and batch fit, and `nas candidates` lists each one's memory (the same count `--json` gives in bytes)."""
+    config = ALL_CONFIGS["qwen3"]()
+    parent = Parent.of(config)
+    spec = {"name": "mem", "parent": "x", "parent_config": {"model_type": "qwen3", **{
+        k: v for k, v in config.to_dict().items() if k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                           "num_hidden_layers", "num_attention_heads",
+                                                           "num_key_value_heads", "head_dim")}},
+            "axes": {"num_hidden_layers": [2, 3, 4], "num_key_value_heads": [1, 2], "num_attention_heads": [2]}}
+    sizes = {}
+    for layers in (2, 3, 4):
+        for kv in (1, 2):
+            arch = parent.architecture.replace(num_hidden_layers=layers, layers=tuple(range(layers)),
+                                               num_key_value_heads=kv, num_attention_heads=2)
+            # weights in bf16; keys and values of 8 x 1024 tokens in every layer, kv heads of 12 dimensions
+            sizes[(layers, kv)] = parent.num_parameters(arch) * 2 + 2 * layers * 1024 * 8 * kv * 12 * 2
+    cap = sorted(sizes.values())[3] / 2**30
+    spec["budget"] = {"memory_gb": cap, "context": 1024, "batch": 8}
+    space = parse_space(spec)
+    rows = enumerate_candidates(space, config)
+    assert {(r["num_hidden_layers"], r["num_key_value_heads"]) for r in rows} == \
+        {k for k, v in sizes.items() if v <= cap * 2**30}
+    assert all(r["memory_bytes"] == sizes[(r["num_hidden_layers"], r["num_key_value_heads"])] for r in rows)
+    (tmp_path / "space.json").write_text(json.dumps(spec))
+    assert main(["candidates", str(tmp_path / "space.json")]) == 0
+    text = capsys.readouterr().out
+    assert "memory_gb" in text and "context 1024 x batch 8" in text
+    assert all(f"{r['memory_bytes'] / 2**30:.2f}" in text for r in rows)
+    assert main(["candidates", "--json", str(tmp_path / "space.json")]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(c["label"], c["memory_bytes"], c["active_params"]) for c in listed] == \
+        [(r["label"], r["memory_bytes"], r["params"]) for r in rows]
+    assert all(c["memory_bytes"] == sizes[(c["num_hidden_layers"], c["num_key_value_heads"])] and
+               (c["context"], c["batch"]) == (1024, 8) for c in listed)
+
+
+def test_speed_caps_and_the_measurement_cache(tmp_path):
+    """A cap is a maximum for latency and prefill and a minimum for throughput; a candidate is measured once per
+    (shape, device, settings): a second pass reads the run folder's latency/ and measures nothing."""
+    from nas.latency import measure_candidates, over_cap
+    from nas.storage import RunStorage
+
+    figures = {"latency_ms": 10.0, "prefill_ms": 50.0, "throughput": 100.0, "device_name": "cpu"}
+    assert over_cap(figures, {"latency_ms": 12}) is None
+    assert "above budget.latency_ms=8" in over_cap(figures, {"latency_ms": 8})
+    assert "below budget.throughput=200" in over_cap(figures, {"throughput": 200})
+    config = ALL_CONFIGS["llama"]()
+    space = parse_space({"name": "s", "parent": "x", "axes": {"num_hidden_layers": [2, 4]},
+                         "budget": {"latency_ms": 1e6, "context": 16, "batch": 2, "decode_tokens": 2, "repeats": 2}})
+    rows = enumerate_candidates(space, config)
+    storage, lines = RunStorage(tmp_path, "s"), []
+    within, outside = measure_candidates(space, config, rows, storage, lines.append)
+    assert len(within) == 2 and not outside and len(lines) == 2 and len(storage.listdir("latency")) == 2
+    for row in within:
+        assert row["latency_ms"] > 0 and row["prefill_ms"] > 0
+        assert row["throughput"] == pytest.approx(2 * 1000 / row["latency_ms"])
+    again, lines = measure_candidates(space, config, rows, storage, lines.append)[0], []
+    assert [r["latency_ms"] for r in again] == [r["latency_ms"] for r in within] and not lines
+
+
+@pytest.mark.slow
+def test_a_search_over_loss_and_measured_latency(tmp_path, tiny_tokenizer, ray_session):
+    """`search.objectives: [val_loss, latency_ms]` with a latency cap: the slowest candidate (its figure measured
+    first into the run folder, and the cap set below it) is recorded infeasible and never trained; the study has two
+    directions, each trial's second value is its measured latency, the promoted ones lie on the front, and
+    pareto.json and best.json carry the measured figures."""
+    import optuna
+
+    from conftest import tiny_space
+    from nas.latency import measure_candidates
+    from nas.search import export_best, run_search, storage_url
+    from nas.storage import RunStorage
+
+    spec = tiny_space(tmp_path / "run", tiny_tokenizer, name="speed")
+    spec["budget"] = {"fraction": 0.6, "tolerance": 0.25, "latency_ms": 1e6, "context": 16, "batch": 2,
+                      "decode_tokens": 2, "repeats": 2}
+    spec["search"] = {"sampler": "grid", "objectives": ["val_loss", "latency_ms"], "promotion": "front"}
+    spec["promote"] = 2
+    space = parse_space(spec)
+    config = tiny_model("llama").config
+    rows = enumerate_candidates(space, config)
+    storage = RunStorage(tmp_path / "runs", "speed")
+    measured = sorted(measure_candidates(space, config, rows, storage)[0], key=lambda r: r["latency_ms"])
+    cap = (measured[-1]["latency_ms"] + measured[-2]["latency_ms"]) / 2
+    spec["budget"]["latency_ms"] = cap
+    space = parse_space(spec)
+    frame = run_search(space, tmp_path / "runs")
+    slowest = measured[-1]["label"]
+    infeasible = storage.read_json("infeasible.json")
+    assert [r["label"] for r in infeasible] == [slowest] and "above budget.latency_ms" in infeasible[0]["infeasible"]
+    assert not (tmp_path / "runs" / "speed" / slowest).exists()
+    assert frame.loc[frame["label"] == slowest, "state"].tolist() == ["INFEASIBLE"]
+    study = optuna.load_study(study_name="speed", storage=storage_url(space, tmp_path / "runs"))
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    assert study.metric_names == ["val_loss", "latency_ms"]
+    latency = {r["label"]: r["latency_ms"] for r in measured}
+    short = [t for t in study.get_trials() if t.user_attrs.get("stage") == "short_retrain"]
+    assert {t.user_attrs["label"] for t in short} == set(latency) - {slowest}
+    for t in short:
+        assert t.values[1] == pytest.approx(latency[t.user_attrs["label"]])
+    front = [t for t in short if not any(o.values[0] <= t.values[0] and o.values[1] <= t.values[1] and o is not t
+                                         for o in short)]
+    promoted = {t.user_attrs["label"] for t in study.get_trials() if t.user_attrs.get("stage") == "full_distillation"}
+    assert promoted and promoted <= {t.user_attrs["label"] for t in front}
+    pareto = json.loads((tmp_path / "runs" / "speed" / "pareto.json").read_text())
+    assert pareto["x"] == "latency_ms" and "measured on" in pareto["x_label"]
+    assert {p["label"]: p["x"] for p in pareto["points"]} == pytest.approx({t.user_attrs["label"]: t.values[1]
+                                                                            for t in short})
+    assert (tmp_path / "runs" / "speed" / "pareto.png").stat().st_size > 1000
+    best = export_best("speed", storage_url(space, tmp_path / "runs"), tmp_path / "best.json", root=tmp_path / "runs")
+    assert best["label"] in promoted and best["latency_ms"] == pytest.approx(latency[best["label"]])
+    assert best["device_name"] == measured[0]["device_name"]
