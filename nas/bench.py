@@ -18,6 +18,8 @@
     nas-bench moe       a small Qwen3-MoE trained from scratch on the plays (cached): half the experts cut by
                         each expert score and at random, half the expert width by routed-token neuron scores
                         and at random; held-out loss zero-shot and after equal-token KD
+    nas-bench speed     the demo's candidates timed on this machine (decode latency, prefill, throughput at
+                        batch 1 and 8 after 512 tokens) and ranked against their parameter counts
 """
 
 from __future__ import annotations
@@ -314,6 +316,48 @@ def _folded_experts(child, parent, imp: Importances, kept: int):
                     source = getattr(layer.mlp.experts, name)
                     getattr(own.mlp.experts, name)[j] = sum(f * source[e] for f, e in merged[k]) / total
     return child
+
+
+def bench_speed(context: int = 512, batches: tuple[int, ...] = (1, 8)) -> dict[str, Any]:
+    """The demo space's candidates (and the parent) timed on this machine as a speed budget times them
+    (`nas.latency.measure`: a random model of each shape, HF generate with a static cache), ranked by decode latency
+    and by parameter count: where the two orders disagree, and what depth and width cuts buy at equal size."""
+    from nas.families import Parent
+    from nas.fidelity import kendall_tau
+    from nas.latency import SpeedSettings, measure
+    from nas.parents import parent_config
+    from nas.space import architecture_of, enumerate_candidates, load_space
+
+    space = load_space(ROOT / "search_spaces" / "smollm2-135m-demo.yaml")
+    config = parent_config(space.parent)
+    parent = Parent.of(config)
+    rows = enumerate_candidates(space, config)
+    shapes = {"parent": (parent.num_parameters(), config.to_dict())}
+    for r in rows:
+        arch = architecture_of(r, config, tuple(range(r["num_hidden_layers"])))
+        shapes[r["label"]] = (r["params"], parent.child_config(arch).to_dict())
+    out: dict[str, Any] = {"context": context, "decode_tokens": 16, "repeats": 5}
+    for batch in batches:
+        settings = SpeedSettings("cpu", "float32", context, batch, decode_tokens=16, warmup=1, repeats=5)
+        timed = {label: {"params": n, **measure(shape, settings)} for label, (n, shape) in shapes.items()}
+        base = timed["parent"]["latency_ms"]
+        figures = {label: {"params": t["params"], "latency_ms": t["latency_ms"], "spread": t["latency_ms_spread"],
+                           "prefill_ms": t["prefill_ms"], "throughput": t["throughput"],
+                           "speedup_vs_parent": base / t["latency_ms"]} for label, t in timed.items()}
+        labels = [r["label"] for r in rows]
+        by_latency = sorted(labels, key=lambda k: figures[k]["latency_ms"])
+        by_params = sorted(labels, key=lambda k: figures[k]["params"])
+        # Pairs the two orders rank differently: the smaller candidate is the slower one.
+        disagree = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]
+                    if (figures[a]["params"] - figures[b]["params"]) * (figures[a]["latency_ms"] -
+                                                                         figures[b]["latency_ms"]) < 0]
+        out[f"batch {batch}"] = {
+            "device": timed["parent"]["device_name"], "candidates": figures,
+            "kendall_tau_latency_vs_params": kendall_tau([figures[k]["latency_ms"] for k in labels],
+                                                         [figures[k]["params"] for k in labels]),
+            "fastest_first": by_latency, "smallest_first": by_params,
+            "pairs_where_the_smaller_is_slower": [f"{a} vs {b}" for a, b in disagree]}
+    return out
 
 
 def bench_qk_norm(train_tokens: int = 2_000_000, kd_tokens: int = 65_536) -> dict[str, Any]:
@@ -741,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="nas-bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("which", choices=("core", "distill", "search", "tokens", "plan", "fidelity", "validation",
-                                          "gemma3", "qk-norm", "moe"))
+                                          "gemma3", "qk-norm", "moe", "speed"))
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/<which>.json)")
     parser.add_argument("--short-tokens", type=int, default=4096, help="validation: the short retrain's tokens")
     args = parser.parse_args(argv)
@@ -759,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         figures = {"core": bench_core, "distill": bench_distill, "search": bench_search,
                    "tokens": bench_tokens, "plan": bench_plan, "gemma3": bench_gemma3, "qk-norm": bench_qk_norm,
-                   "moe": bench_moe}[args.which]()
+                   "moe": bench_moe, "speed": bench_speed}[args.which]()
     figures["machine"] = _machine()
     write_json(path, figures)
     print(_table(args.which, figures))
