@@ -18,8 +18,8 @@
     nas-bench moe       a small Qwen3-MoE trained from scratch on the plays (cached): half the experts cut by
                         each expert score and at random, half the expert width by routed-token neuron scores
                         and at random; held-out loss zero-shot and after equal-token KD
-    nas-bench speed     the demo's candidates timed on this machine (decode latency, prefill, throughput at
-                        batch 1 and 8 after 512 tokens) and ranked against their parameter counts
+    nas-bench speed     the demo's candidates timed on this machine (decode latency, prefill, throughput: batch 1
+                        after 512 tokens, batch 8 after 128) and ranked against their parameter counts
 """
 
 from __future__ import annotations
@@ -318,7 +318,7 @@ def _folded_experts(child, parent, imp: Importances, kept: int):
     return child
 
 
-def bench_speed(context: int = 512, batches: tuple[int, ...] = (1, 8)) -> dict[str, Any]:
+def bench_speed(settings: tuple[tuple[int, int], ...] = ((512, 1), (128, 8))) -> dict[str, Any]:
     """The demo space's candidates (and the parent) timed on this machine as a speed budget times them
     (`nas.latency.measure`: a random model of each shape, HF generate with a static cache), ranked by decode latency
     and by parameter count: where the two orders disagree, and what depth and width cuts buy at equal size."""
@@ -336,10 +336,10 @@ def bench_speed(context: int = 512, batches: tuple[int, ...] = (1, 8)) -> dict[s
     for r in rows:
         arch = architecture_of(r, config, tuple(range(r["num_hidden_layers"])))
         shapes[r["label"]] = (r["params"], parent.child_config(arch).to_dict())
-    out: dict[str, Any] = {"context": context, "decode_tokens": 16, "repeats": 5}
-    for batch in batches:
-        settings = SpeedSettings("cpu", "float32", context, batch, decode_tokens=16, warmup=1, repeats=5)
-        timed = {label: {"params": n, **measure(shape, settings)} for label, (n, shape) in shapes.items()}
+    out: dict[str, Any] = {"decode_tokens": 16, "repeats": 5}
+    for context, batch in settings:
+        timing = SpeedSettings("cpu", "float32", context, batch, decode_tokens=16, warmup=1, repeats=5)
+        timed = {label: {"params": n, **measure(shape, timing)} for label, (n, shape) in shapes.items()}
         base = timed["parent"]["latency_ms"]
         figures = {label: {"params": t["params"], "latency_ms": t["latency_ms"], "spread": t["latency_ms_spread"],
                            "prefill_ms": t["prefill_ms"], "throughput": t["throughput"],
@@ -351,7 +351,7 @@ def bench_speed(context: int = 512, batches: tuple[int, ...] = (1, 8)) -> dict[s
         disagree = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]
                     if (figures[a]["params"] - figures[b]["params"]) * (figures[a]["latency_ms"] -
                                                                          figures[b]["latency_ms"]) < 0]
-        out[f"batch {batch}"] = {
+        out[f"batch {batch} after {context} tokens"] = {
             "device": timed["parent"]["device_name"], "candidates": figures,
             "kendall_tau_latency_vs_params": kendall_tau([figures[k]["latency_ms"] for k in labels],
                                                          [figures[k]["params"] for k in labels]),

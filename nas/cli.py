@@ -271,9 +271,7 @@ def cmd_plan(args) -> None:
 def cmd_candidates(args) -> None:
     import pandas as pd
 
-    from nas.families import Parent
-    from nas.space import architecture_of, enumerate_candidates, infeasible_hint, load_space, memory_bytes, row_axes, \
-        space_config
+    from nas.space import enumerate_candidates, infeasible_hint, load_space, row_axes, space_config
 
     space = load_space(args.space)
     config = space_config(space)
@@ -294,12 +292,9 @@ def cmd_candidates(args) -> None:
         rows, outside = measure_candidates(space, config, rows, RunStorage(cache_dir(), "measured"),
                                            echo=lambda line: print(line, file=sys.stderr, flush=True))
     if args.json:  # every figure of every candidate: memory at the budget's context and batch, speed if measured
-        parent = Parent.of(config)
         print(json.dumps([{"label": r["label"], **row_axes(r), "params": r["params"],
                            "active_params": r.get("active_params", r["params"]),
-                           "memory_bytes": memory_bytes(space, parent, architecture_of(
-                               r, config, tuple(range(r["num_hidden_layers"])))),
-                           "context": space.budget.context, "batch": space.budget.batch,
+                           "memory_bytes": r["memory_bytes"], "context": space.budget.context, "batch": space.budget.batch,
                            **{k: r[k] for k in ("latency_ms", "prefill_ms", "throughput", "device_name", "infeasible")
                               if k in r}} for r in rows + outside], indent=1))
         return
@@ -313,15 +308,14 @@ def cmd_candidates(args) -> None:
     for column in ("params", "active_params", "counted"):
         if column in frame:
             frame[column] = frame[column].map("{:,}".format)
-    if "memory_bytes" in frame:
-        frame = frame.rename(columns={"memory_bytes": "memory_gb"})
-        frame["memory_gb"] = frame["memory_gb"].map(lambda b: f"{b / 2**30:.2f}")
+    frame = frame.rename(columns={"memory_bytes": "memory_gb"})
+    frame["memory_gb"] = frame["memory_gb"].map(lambda b: f"{b / 2**30:.2f}")
     for column, spec in (("latency_ms", "{:.3g}"), ("prefill_ms", "{:.3g}"), ("throughput", "{:.4g}")):
         if column in frame:
             frame[column] = frame[column].map(spec.format)
     frame["share_of_parent"] = frame["share_of_parent"].map("{:.1%}".format)
     b = space.budget
-    at = f" (memory: weights and KV cache at context {b.context} x batch {b.batch})" if "memory_gb" in frame else ""
+    at = f" (memory: weights and KV cache at context {b.context} x batch {b.batch})"
     if "device_name" in frame:
         from nas.latency import settings_of
 

@@ -134,7 +134,9 @@ def measure_candidates(space, config, rows: list[dict[str, Any]], storage, echo=
     shapes = {r["label"]: parent.child_config(architecture_of(r, config, tuple(range(r["num_hidden_layers"]))))
               for r in rows}
     resources = {budget.device_resource: 0.001} if budget.device_resource else {}
-    task = ray.remote(measure).options(num_cpus=1, num_gpus=1 if budget.device == "cuda" else 0,
+    # On a CPU the thread count is part of the figure: a task gets a trial's CPUs (Ray sets its threads to them).
+    cpus = 1 if budget.device == "cuda" else space.resources.cpus_per_trial
+    task = ray.remote(measure).options(num_cpus=cpus, num_gpus=1 if budget.device == "cuda" else 0,
                                        resources=resources) if ray.is_initialized() else None
     within, outside = [], []
     for n, row in enumerate(rows, 1):

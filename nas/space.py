@@ -445,10 +445,9 @@ def enumerate_candidates(space: SearchSpace, config: Any) -> list[dict[str, Any]
         counted = _counted(space, parent, arch)
         if low <= counted <= high and _memory_problem(space, parent, arch) is None:
             active = {"active_params": parent.active_parameters(arch)} if parent.family.moe else {}
-            memory = {"memory_bytes": memory_bytes(space, parent, arch)} \
-                if space.budget.memory_gb or "memory_bytes" in space.search.objectives else {}
             rows.append({"label": arch.short(), **{k: arch.get(k) for k in axis_names(parent)},
-                         "params": params, **active, **memory, "counted": counted,
+                         "params": params, **active, "memory_bytes": memory_bytes(space, parent, arch),
+                         "counted": counted,
                          "share_of_parent": params / parent_params})
     return sorted(rows, key=lambda r: (-r["params"], r["label"]))
 

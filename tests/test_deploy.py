@@ -1,6 +1,6 @@
 """Deployment budgets. Memory (`budget.memory_gb`): a child's weights plus the KV cache of `batch` sequences of
 `context` tokens, counted from its config, against the cache HF's own `generate` builds (a static cache), for
-families with full, sliding-window and mixed attention, dense and mixtures of experts. Speed (`budget.latency_ms`,
+every family (full, sliding-window and mixed attention, dense and mixtures of experts). Speed (`budget.latency_ms`,
 `search.objectives`): candidates measured before training, those over a cap never trained, and a two-objective
 search whose front is loss against measured latency."""
 
@@ -27,8 +27,7 @@ def _cut(config):
                                                             else {}))
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "mistral", "gemma2", "gemma3_text", "olmo3", "qwen3_moe",
-                                  "gpt_oss"])
+@pytest.mark.parametrize("name", sorted(ALL_CONFIGS))
 @pytest.mark.parametrize("new_tokens", [2, 12])  # the context below and above the tiny sliding window (8)
 def test_the_counted_kv_cache_is_the_one_generate_builds(name, new_tokens):
     parent = tiny_model(name)
