@@ -262,6 +262,16 @@ class Parent:
                 raise UnsupportedModelError(f"{self.family.model_type}: no cache size for {kind} layers yet")
         return 2 * tokens * batch * arch.num_key_value_heads * arch.head_dim * nbytes
 
+    def largest_cache_layers(self, count: int, context: int) -> tuple[int, ...]:
+        """The `count` parent layers whose caches hold the most tokens at `context` (full attention before sliding
+        windows), ascending."""
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        layer_types, settings = get_layer_types_and_kwargs(self.config)
+        held = [context if kind == "full_attention" else min(s.get("sliding_window", 0), context)
+                for kind, s in zip(layer_types, settings)]
+        return tuple(sorted(sorted(range(len(held)), key=lambda i: (-held[i], i))[:count]))
+
     def embedding_parameters(self, arch: Architecture | None = None) -> int:
         """Those of the embedding and a separate LM head (what a "non_embedding" budget leaves out)."""
         tied = getattr(self.config, "tie_word_embeddings", False)

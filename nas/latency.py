@@ -2,12 +2,14 @@
 
 A candidate is measured before anything is trained, on a randomly initialised model of its exact shape (its
 config) in the serving dtype: speed does not depend on the weights' values. The model runs HF `generate` with a
-static cache and SDPA attention, `batch` sequences after a prefill of `context` tokens:
-- prefill_ms: `generate` of one new token (the prompt's forward and the first token);
-- latency_ms: each decoded token after it, from `generate` of 1 + `decode_tokens` tokens minus the prefill,
-  divided by `decode_tokens`;
+static cache and SDPA attention, `batch` sequences after a prefill of `context` tokens, and a logits processor
+notes the time at each generated token (after a device synchronisation), within the one `generate` call:
+- prefill_ms: from the call to the first token (the prompt's forward, with the static cache's allocation);
+- latency_ms: the time of each of the next `decode_tokens` tokens (their mean within a run);
 - throughput: decoded tokens a second over the batch, batch x 1000 / latency_ms.
-Each is the median of `repeats` timed runs after `warmup` untimed ones, with the spread (min, max) beside it.
+Each is the median of `repeats` timed runs after `warmup` untimed ones (at least one: on CUDA transformers
+compiles the decoding step on first use), with the spread (min, max) beside it. On a CPU the model runs with
+`threads` threads (a trial's CPUs), which are part of the cached figure's key.
 
 Measurements run as Ray tasks on a node with the device (`budget.device`; a GPU type is a Ray resource label,
 `budget.device_resource`), and are cached by (shape, device, settings) in the run folder's `latency/`.
@@ -25,6 +27,8 @@ from typing import Any
 
 import torch
 
+from nas.errors import ConfigError
+
 #: The budget's speed caps and the measured figure each one reads.
 SPEED_CAPS = {"latency_ms": "latency_ms", "prefill_ms": "prefill_ms", "throughput": "throughput"}
 
@@ -41,6 +45,7 @@ class SpeedSettings:
     warmup: int = 1
     repeats: int = 5
     device_resource: str | None = None
+    threads: int = 1
 
     def key(self, config: dict[str, Any]) -> str:
         """The cache key: the child's shape (its config, without bookkeeping entries) and these settings."""
@@ -62,6 +67,8 @@ def measure(config: dict[str, Any], settings: SpeedSettings) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     device = torch.device(settings.device)
+    if device.type == "cpu":
+        torch.set_num_threads(settings.threads)
     data = dict(config)
     model_type = data.pop("model_type")
     child = AutoConfig.for_model(model_type, **data)
@@ -72,28 +79,33 @@ def measure(config: dict[str, Any], settings: SpeedSettings) -> dict[str, Any]:
     prompt = torch.randint(0, child.vocab_size, (settings.batch, settings.context), device=device,
                            generator=torch.Generator(device).manual_seed(0))
 
-    def run(new_tokens: int) -> float:
+    from transformers import LogitsProcessorList
+
+    def run() -> tuple[float, float]:
+        """(prefill ms, mean ms of a decoded token) of one generate call."""
+        stamps: list[float] = []
+
+        def clock(_input_ids, scores):  # called once a token, when its logits are ready
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            stamps.append(time.perf_counter())
+            return scores
+
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, cache_implementation="static",
-                       pad_token_id=0)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return (time.perf_counter() - start) * 1000
+        model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=1 + settings.decode_tokens,
+                       min_new_tokens=1 + settings.decode_tokens, do_sample=False, cache_implementation="static",
+                       pad_token_id=0, logits_processor=LogitsProcessorList([clock]))
+        return (stamps[0] - start) * 1000, (stamps[-1] - stamps[0]) * 1000 / settings.decode_tokens
 
     for _ in range(settings.warmup):
-        run(1 + settings.decode_tokens)
-    prefill, decode = [], []
-    for _ in range(settings.repeats):
-        first, longer = run(1), run(1 + settings.decode_tokens)
-        prefill.append(first)
-        decode.append(max(longer - first, 0.0) / settings.decode_tokens)
+        run()
+    prefill, decode = map(list, zip(*(run() for _ in range(settings.repeats))))
     latency = statistics.median(decode)
     return {"prefill_ms": statistics.median(prefill), "prefill_ms_spread": [min(prefill), max(prefill)],
             "latency_ms": latency, "latency_ms_spread": [min(decode), max(decode)],
-            "throughput": settings.batch * 1000 / latency if latency > 0 else float("inf"),
+            "throughput": settings.batch * 1000 / latency,
             "device_name": device_name(device), "settings": asdict(settings)}
 
 
@@ -110,11 +122,11 @@ def over_cap(figures: dict[str, Any], caps: dict[str, float | None]) -> str | No
     return None
 
 
-def settings_of(budget) -> SpeedSettings:
-    """The timing settings of a space's `budget`."""
+def settings_of(budget, threads: int = 1) -> SpeedSettings:
+    """The timing settings of a space's `budget`, on `threads` CPU threads."""
     dtype = budget.serve_dtype or ("bfloat16" if budget.device == "cuda" else "float32")
     return SpeedSettings(budget.device, dtype, budget.context, budget.batch, budget.decode_tokens, budget.warmup,
-                         budget.repeats, budget.device_resource)
+                         budget.repeats, budget.device_resource, threads)
 
 
 def measure_candidates(space, config, rows: list[dict[str, Any]], storage, echo=lambda line: None
@@ -129,15 +141,25 @@ def measure_candidates(space, config, rows: list[dict[str, Any]], storage, echo=
     from nas.space import architecture_of
 
     budget = space.budget
-    settings = settings_of(budget)
+    # On a CPU the thread count is part of the figure: a trial's CPUs, here and in a task alike.
+    cpus = 1 if budget.device == "cuda" else space.resources.cpus_per_trial
+    settings = settings_of(budget, cpus)
     parent = Parent.of(config)
     shapes = {r["label"]: parent.child_config(architecture_of(r, config, tuple(range(r["num_hidden_layers"]))))
               for r in rows}
     resources = {budget.device_resource: 0.001} if budget.device_resource else {}
-    # On a CPU the thread count is part of the figure: a task gets a trial's CPUs (Ray sets its threads to them).
-    cpus = 1 if budget.device == "cuda" else space.resources.cpus_per_trial
-    task = ray.remote(measure).options(num_cpus=cpus, num_gpus=1 if budget.device == "cuda" else 0,
-                                       resources=resources) if ray.is_initialized() else None
+    task = None
+    if ray.is_initialized():
+        have = ray.cluster_resources()
+        needs = {"GPU": 1} if budget.device == "cuda" else {"CPU": cpus}
+        missing = [k for k in (*needs, *resources) if have.get(k, 0) < needs.get(k, 0.001)]
+        if missing:  # Ray would keep the task pending for ever
+            raise ConfigError(f"budget.device={budget.device}"
+                              f"{f', budget.device_resource={budget.device_resource}' if resources else ''}: the Ray "
+                              f"cluster has no {', '.join(missing)} to measure on; add such a node or change the budget")
+        # A fresh worker each (max_calls=1): no compiled step or CUDA graph of one candidate stays for the next.
+        task = ray.remote(max_calls=1)(measure).options(num_cpus=cpus, num_gpus=1 if budget.device == "cuda" else 0,
+                                                        resources=resources)
     within, outside = [], []
     for n, row in enumerate(rows, 1):
         data = shapes[row["label"]].to_dict()

@@ -111,6 +111,10 @@ def candidates(space: SearchSpace) -> tuple[Any, list[dict[str, Any]]]:
     rows = enumerate_candidates(space, config)
     if not rows:
         raise ConfigError(f"{space.name}: {infeasible_hint(space, config)}")
+    missing = [k for k in space.search.objectives[1:] if k not in MEASURED and k not in rows[0]]
+    if missing:  # a dense parent has no active count of its own
+        raise ConfigError(f"search.objectives: {', '.join(missing)} does not apply to this parent (every parameter "
+                          f"is active in a dense model); use params")
     return config, rows
 
 
@@ -500,18 +504,16 @@ def open_study(space: SearchSpace, root: str | Path = "trials", url: str | None 
     import optuna
 
     storage = storage or study_storage(url or storage_url(space, root))
-    seed = space.search.seed
-    sampler = optuna.samplers.NSGAIISampler(seed=seed) if space.search.sampler == "nsga2" else \
-        optuna.samplers.TPESampler(seed=seed)
-    try:
-        study = optuna.create_study(study_name=space.study, storage=storage, directions=space.search.directions,
-                                    load_if_exists=True, sampler=sampler)
-    except ValueError as e:  # the study exists with other directions
-        raise ConfigError(f"search.objectives={space.search.objectives}: study {space.study} was made with other "
-                          f"objectives ({e}); give the space another study_name") from None
-    if [d.name.lower() for d in study.directions] != space.search.directions:
-        raise ConfigError(f"search.objectives={space.search.objectives}: study {space.study} was made with "
-                          f"{len(study.directions)} objective(s); give the space another study_name")
+    s = space.search
+    # NSGA-II's first generation is random: a population of a quarter of the trials leaves room for the others.
+    sampler = optuna.samplers.NSGAIISampler(seed=s.seed, population_size=max(4, min(50, s.max_trials // 4))) \
+        if s.sampler == "nsga2" else optuna.samplers.TPESampler(seed=s.seed)
+    study = optuna.create_study(study_name=space.study, storage=storage, directions=s.directions,
+                                load_if_exists=True, sampler=sampler)
+    made = study.metric_names  # None: a new study
+    if [d.name.lower() for d in study.directions] != s.directions or made not in (None, list(s.objectives)):
+        raise ConfigError(f"search.objectives={s.objectives}: study {space.study} was made with objectives "
+                          f"{made or len(study.directions)}; give the space another study_name")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names(list(space.search.objectives))  # the dashboard's names for the objectives
@@ -779,7 +781,8 @@ class ArchitectureSearch(Searcher):
                 self.storage.record_heartbeat(trial._trial_id)
                 trial.set_user_attr("driver", DRIVER)
                 params, label = trial.params, label_of(trial.params)
-                problem = candidate_problem(self.space, self.config, params) or taken.get(label)
+                problem = candidate_problem(self.space, self.config, params) or taken.get(label) or \
+                    (None if label in self.rows else "measured outside the speed budget (infeasible.json)")
                 if problem is None:
                     for key in ("label", *FIGURES, "share_of_parent"):
                         if key in self.rows[label]:
@@ -858,8 +861,9 @@ def _promote_best(space: SearchSpace, shared: Shared, study, echo: Callable[[str
     import optuna
     import ray
 
+    # Candidates of this run only: a re-run under a tighter budget may have trained some it now excludes.
     complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if _stage(t) == SHORT]
+                if _stage(t) == SHORT and _label(t) in shared.rows]
     best = _front_picks(space, complete) if space.search.promotion == "front" else \
         sorted(complete, key=_loss)[: space.promote]
     recorded = {_label(t) for t in study.get_trials(deepcopy=False) if _stage(t) == FULL}
@@ -941,24 +945,26 @@ def summarize(space: SearchSpace, root: str | Path = "trials"):
                      "wall_s": result.get("wall_s") or (t.duration.total_seconds() if t.duration else None),
                      "promoted_val_loss": promoted.get(label), "note": t.user_attrs.get("pruned_reason")})
     # Candidates outside the speed budget: measured, never trained.
+    trained = {r["label"] for r in rows}  # (a re-run under a tighter budget can exclude a trained one: listed once)
     rows += [{"state": "INFEASIBLE", "label": r["label"], **row_axes(r), **{k: r.get(k) for k in FIGURES},
               "share_of_parent": r.get("share_of_parent"), "note": r["infeasible"]}
-             for r in storage.read_json("infeasible.json") or []]
+             for r in storage.read_json("infeasible.json") or [] if r["label"] not in trained]
     frame = pd.DataFrame(rows)
     # Figures that do not apply to this search (a dense parent's active count, speed without a speed budget).
     frame = frame.drop(columns=[k for k in FIGURES if k != "params" and frame[k].isna().all()])
     parent = storage.read_json("parent.json") or {}
     # By label and stage: a promoted candidate has its short retrain's curve and its full distillation's (read
     # from the trials' metrics.jsonl where the study keeps no intermediate values: a multi-objective one).
-    curves = {(_label(t), _stage(t)): sorted(t.intermediate_values.items()) or _curve(storage, t)
-              for t in study.get_trials(deepcopy=False) if t.state.name in ("COMPLETE", "PRUNED") and _label(t)}
+    several = len(space.search.objectives) > 1
+    curves = {(_label(t), _stage(t)): sorted(t.intermediate_values.items()) or (_curve(storage, t) if several else [])
+              for t in study.get_trials(deepcopy=False) if _label(t)}
     curves = {k: v for k, v in curves.items() if v}
     with tempfile.TemporaryDirectory() as tmp:  # written whole, then each replaces the run folder's in one step
         out = Path(tmp)
         frame.to_parquet(out / "summary.parquet", index=False)
         frame.to_csv(out / "summary.csv", index=False)
         _plot_pareto(frame, parent, out, space.search.objectives[1] if len(space.search.objectives) > 1 else "params",
-                     space.search.directions[-1])
+                     space.search.directions[1] if len(space.search.objectives) > 1 else "minimize")
         _plot_curves(curves, parent, out / "curves.png")
         for name in ("summary.parquet", "summary.csv", "pareto.png", "pareto.json", "curves.png"):
             storage.upload(out / name, name)

@@ -253,8 +253,8 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
     need(b.device in ("cpu", "cuda"), f"budget.device={b.device!r}: must be 'cpu' or 'cuda'")
     need(b.serve_dtype is None or b.serve_dtype in ("float32", "bfloat16", "float16"),
          f"budget.serve_dtype={b.serve_dtype!r}: must be 'float32', 'bfloat16' or 'float16'")
-    need(b.decode_tokens >= 1 and b.repeats >= 1 and b.warmup >= 0,
-         "budget: decode_tokens and repeats must be >= 1, warmup >= 0")
+    need(b.decode_tokens >= 1 and b.repeats >= 1 and b.warmup >= 1,
+         "budget: decode_tokens, repeats and warmup must be >= 1 (the first run compiles and allocates)")
     need(b.memory_gb is None or b.memory_gb > 0, f"budget.memory_gb={b.memory_gb}: must be > 0")
     need(b.context >= 1 and b.batch >= 1, f"budget.context={b.context}, budget.batch={b.batch}: must be >= 1")
     need(b.params is None or b.params > 0, f"budget.params={b.params}: must be > 0")
@@ -454,8 +454,12 @@ def enumerate_candidates(space: SearchSpace, config: Any) -> list[dict[str, Any]
 
 def memory_bytes(space: SearchSpace, parent: Parent, arch: Architecture) -> int:
     """What serving the child holds at the budget's context and batch: its weights (every expert of a mixture of
-    experts) and its KV cache."""
+    experts) and its KV cache. The layers a shallower child keeps are chosen later, by importance: where the
+    parent mixes sliding-window and full-attention layers, the cache is counted for the kept layers that would
+    hold the most (a cap must hold whichever are kept)."""
     b = space.budget
+    if arch.num_hidden_layers < parent.architecture.num_hidden_layers:
+        arch = arch.replace(layers=parent.largest_cache_layers(arch.num_hidden_layers, b.context))
     return parent.num_parameters(arch) * b.bytes_per_param + parent.cache_bytes(arch, b.context, b.batch, b.cache_bytes)
 
 

@@ -156,3 +156,18 @@ def test_a_search_over_loss_and_measured_latency(tmp_path, tiny_tokenizer, ray_s
     best = export_best("speed", storage_url(space, tmp_path / "runs"), tmp_path / "best.json", root=tmp_path / "runs")
     assert best["label"] in promoted and best["latency_ms"] == pytest.approx(latency[best["label"]])
     assert best["device_name"] == measured[0]["device_name"]
+
+
+def test_a_study_made_with_other_objectives_is_refused(tmp_path):
+    """Re-running a space against a study of other objectives (even of the same directions) would read one
+    figure as another: refused, naming the fix."""
+    from nas.errors import ConfigError
+    from nas.search import open_study
+
+    base = {"name": "s", "parent": "x", "budget": {"fraction": 0.5}, "axes": {}}
+    (tmp_path / "s").mkdir()  # the run folder, which `nas search` makes
+    open_study(parse_space({**base, "search": {"objectives": ["val_loss", "latency_ms"]}}), tmp_path)
+    for objectives in (["val_loss"], ["val_loss", "memory_bytes"]):
+        with pytest.raises(ConfigError, match="another study_name"):
+            open_study(parse_space({**base, "search": {"objectives": objectives}}), tmp_path)
+    assert open_study(parse_space({**base, "search": {"objectives": ["val_loss", "latency_ms"]}}), tmp_path)
