@@ -338,7 +338,8 @@ def bench_speed(settings: tuple[tuple[int, int], ...] = ((512, 1), (128, 8))) ->
         shapes[r["label"]] = (r["params"], parent.child_config(arch).to_dict())
     out: dict[str, Any] = {"decode_tokens": 16, "repeats": 5}
     for context, batch in settings:
-        timing = SpeedSettings("cpu", "float32", context, batch, decode_tokens=16, warmup=1, repeats=5)
+        timing = SpeedSettings("cpu", "float32", context, batch, decode_tokens=16, warmup=1, repeats=5,
+                               threads=torch.get_num_threads())
         timed = {label: {"params": n, **measure(shape, timing)} for label, (n, shape) in shapes.items()}
         base = timed["parent"]["latency_ms"]
         figures = {label: {"params": t["params"], "latency_ms": t["latency_ms"], "spread": t["latency_ms_spread"],

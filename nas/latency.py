@@ -29,10 +29,6 @@ import torch
 
 from nas.errors import ConfigError
 
-#: The budget's speed caps and the measured figure each one reads.
-SPEED_CAPS = {"latency_ms": "latency_ms", "prefill_ms": "prefill_ms", "throughput": "throughput"}
-
-
 @dataclass(frozen=True)
 class SpeedSettings:
     """How a candidate is timed (from the space's `budget`)."""
@@ -64,7 +60,7 @@ def device_name(device: torch.device) -> str:
 @torch.no_grad()
 def measure(config: dict[str, Any], settings: SpeedSettings) -> dict[str, Any]:
     """Time a random model of `config` (a child's config as a dict) as the module's docstring says."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessorList
 
     device = torch.device(settings.device)
     if device.type == "cpu":
@@ -78,8 +74,6 @@ def measure(config: dict[str, Any], settings: SpeedSettings) -> dict[str, Any]:
                                                  attn_implementation="sdpa").eval()
     prompt = torch.randint(0, child.vocab_size, (settings.batch, settings.context), device=device,
                            generator=torch.Generator(device).manual_seed(0))
-
-    from transformers import LogitsProcessorList
 
     def run() -> tuple[float, float]:
         """(prefill ms, mean ms of a decoded token) of one generate call."""
@@ -114,7 +108,7 @@ def over_cap(figures: dict[str, Any], caps: dict[str, float | None]) -> str | No
     for cap, value in caps.items():
         if value is None:
             continue
-        got = figures[SPEED_CAPS[cap]]
+        got = figures[cap]
         if (got < value) if cap == "throughput" else (got > value):
             unit = "tokens/s" if cap == "throughput" else "ms"
             side = "below" if cap == "throughput" else "above"
