@@ -115,8 +115,12 @@ def test_parameter_count_equals_the_materialised_models(name):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_streamed_pruning_is_bit_identical_to_in_memory(name, tmp_path):
     parent = tiny_model(name)
+    assert_streamed_equals_in_memory(parent, _importances(parent), _cut(parent.config), tmp_path)
+
+
+def assert_streamed_equals_in_memory(parent, importances, arch, tmp_path) -> None:
+    """The parent saved in small shards, pruned file to file: the reloaded child's tensors are `prune`'s."""
     parent.save_pretrained(tmp_path / "parent", max_shard_size="20KB")
-    importances, arch = _importances(parent), _cut(parent.config)
     expected = prune(parent, importances, arch).state_dict()
     prune_checkpoint(tmp_path / "parent", importances, arch, tmp_path / "child", max_shard_bytes=30_000)
     got = AutoModelForCausalLM.from_pretrained(tmp_path / "child").state_dict()

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import MOE_CONFIGS, tiny_model
+from test_families import assert_streamed_equals_in_memory
 from test_plan import _real_saved_bytes
 from nas.architecture import Architecture
 from nas.cli import main
@@ -177,15 +178,9 @@ def test_total_and_active_parameter_counts_equal_the_built_models(name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_streamed_pruning_is_bit_identical_to_in_memory(name, tmp_path):
+    """Per-expert checkpoints (Mixtral's own names) stacked when read and split when written."""
     parent = tiny_model(name)
-    parent.save_pretrained(tmp_path / "parent", max_shard_size="20KB")
-    importances, arch = _importances(parent), _cut(parent.config)
-    expected = prune(parent, importances, arch).state_dict()
-    prune_checkpoint(tmp_path / "parent", importances, arch, tmp_path / "child", max_shard_bytes=30_000)
-    got = AutoModelForCausalLM.from_pretrained(tmp_path / "child").state_dict()
-    assert got.keys() == expected.keys()
-    for key, tensor in expected.items():
-        assert torch.equal(got[key], tensor), key
+    assert_streamed_equals_in_memory(parent, _importances(parent), _cut(parent.config), tmp_path)
 
 
 def test_an_mxfp4_gpt_oss_checkpoint_is_dequantised_on_load_and_when_streamed(tmp_path, tiny_tokenizer):
