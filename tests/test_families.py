@@ -65,10 +65,7 @@ def test_keep_all_equals_the_parent_with_and_without_a_kv_cache(name):
 def test_a_child_cut_on_every_axis_reloads_as_stock_and_generates(name, tmp_path):
     parent = tiny_model(name)
     arch = _cut(parent.config)
-    child = prune(parent, _importances(parent), arch)
-    child.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(reloaded) is type(parent)
+    child, reloaded = pruned_and_reloaded(parent, _importances(parent), arch, tmp_path)
     assert {k: getattr(reloaded.config, k) for k in arch.to_dict() if k != "layers"} == \
         {k: v for k, v in arch.to_dict().items() if k != "layers"}
     torch.testing.assert_close(_logits(reloaded), _logits(child), rtol=0, atol=0)
@@ -116,6 +113,16 @@ def test_parameter_count_equals_the_materialised_models(name):
 def test_streamed_pruning_is_bit_identical_to_in_memory(name, tmp_path):
     parent = tiny_model(name)
     assert_streamed_equals_in_memory(parent, _importances(parent), _cut(parent.config), tmp_path)
+
+
+def pruned_and_reloaded(parent, importances, arch, tmp_path):
+    """(the child `prune` makes, the same saved and reloaded with stock `from_pretrained`), checked to be of the
+    parent's class."""
+    child = prune(parent, importances, arch)
+    child.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is type(parent)
+    return child, reloaded
 
 
 def assert_streamed_equals_in_memory(parent, importances, arch, tmp_path) -> None:

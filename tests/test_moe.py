@@ -11,7 +11,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import MOE_CONFIGS, tiny_model
-from test_families import assert_streamed_equals_in_memory
+from test_families import assert_streamed_equals_in_memory, pruned_and_reloaded
 from test_plan import _real_saved_bytes
 from nas.architecture import Architecture
 from nas.cli import main
@@ -142,10 +142,7 @@ def test_a_dead_expert_and_a_dead_expert_neuron_score_lowest(name):
 def test_a_child_cut_on_every_axis_reloads_as_stock_and_generates(name, tmp_path):
     parent = tiny_model(name)
     arch = _cut(parent.config)
-    child = prune(parent, _importances(parent), arch)
-    child.save_pretrained(tmp_path)
-    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
-    assert type(reloaded) is type(parent)
+    child, reloaded = pruned_and_reloaded(parent, _importances(parent), arch, tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert {k: saved[k] for k in arch.to_dict() if k != "layers"} == {k: v for k, v in arch.to_dict().items()
                                                                       if k != "layers"}
