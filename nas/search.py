@@ -576,20 +576,30 @@ def _dead_driver(driver: str) -> bool:
     return _process_start(int(pid)) != start
 
 
+def _register_driver(study) -> None:
+    """Name this driver in the study before it asks for any trial (one key per driver, so drivers never overwrite
+    each other): a trial is made by `study.ask` before its "driver" attribute can be set, and the list says whose
+    such a trial can be."""
+    study.set_user_attr(f"driver {DRIVER}", datetime.datetime.now().isoformat(timespec="seconds"))
+
+
 def _fail_dead_trials(study) -> None:
     """Record as failed the RUNNING trials whose driver is gone: at once when it was a process of this machine,
-    else once their heartbeat is older than GRACE_S (Optuna's `fail_stale_trials`); one that names no driver and
-    has no heartbeat (a driver killed as it asked for it, or an older nas) once it is GRACE_S old. Live trials of
-    another driver on the same study are left alone."""
+    else once their heartbeat is older than GRACE_S (Optuna's `fail_stale_trials`). One that names no driver (its
+    driver was killed between asking for it and naming itself) is failed at once when every other driver of the
+    study is a dead process of this machine, else once it is GRACE_S old. Live trials of another driver on the
+    same study are left alone."""
     import optuna
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
     now = datetime.datetime.now()
+    others = [key.split(" ", 1)[1] for key in study.user_attrs if key.startswith("driver ")]
+    others_gone = all(_dead_driver(d) for d in others if d != DRIVER)
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
         driver = t.user_attrs.get("driver")
-        orphan = driver is None and (now - t.datetime_start).total_seconds() > GRACE_S
+        orphan = driver is None and (others_gone or (now - t.datetime_start).total_seconds() > GRACE_S)
         if orphan or driver is not None and _dead_driver(driver):
             study.tell(t.number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
 
@@ -679,6 +689,7 @@ def run_search(space: SearchSpace, root: str | Path = "trials", address: str | N
     storage = study_storage(url)
     study = open_study(space, storage=storage)
     study.set_user_attr("parent", space.parent)
+    _register_driver(study)
     sampler, enqueue, n_trials = _plan(space, study, list(shared.rows))
     echo(f"{space.name}: {len(shared.rows)} feasible candidates, {n_trials} trials to run ({sampler}) on {reached}")
     echo(f"run folder {shared.storage.uri}; study {space.study} in {url}")

@@ -24,12 +24,14 @@ def space(tmp_path, tiny_tokenizer):
 
 
 def _ask(study, space, label, driver):
-    """A trial as a driver leaves it once it has started training `label`."""
+    """A trial as a driver leaves it once it has started training `label` (with no driver: as a driver killed
+    before naming itself leaves it)."""
     rows = {r["label"]: r for r in enumerate_candidates(space, space_config(space))}
     study.enqueue_trial({k: rows[label][k] for k in AXES})
     trial = study.ask({k: optuna.distributions.CategoricalDistribution(v) for k, v in _choices(rows).items()})
     for key, value in (("label", label), ("stage", "short_retrain"), ("driver", driver)):
-        trial.set_user_attr(key, value)
+        if value is not None:
+            trial.set_user_attr(key, value)
     return trial
 
 
@@ -63,6 +65,24 @@ def test_resume_fails_dead_drivers_trials_and_leaves_live_ones(space, tmp_path):
     states = {t.user_attrs["label"]: t.state for t in study.get_trials()}
     assert states[labels[2]] == optuna.trial.TrialState.FAIL
     assert states[labels[0]] == optuna.trial.TrialState.RUNNING
+
+
+def test_a_trial_whose_driver_died_before_naming_itself_is_failed_once_no_other_driver_lives(space, tmp_path):
+    labels = [r["label"] for r in enumerate_candidates(space, space_config(space))]
+    study = open_study(space, storage=study_storage(f"sqlite:///{tmp_path / 'study.db'}"))
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead = f"{socket.gethostname()}:{ended.pid}:{_process_start(ended.pid)}"
+    ended.wait()
+    study.set_user_attr(f"driver {dead}", "2026-01-01T00:00:00")  # as the dead driver registered itself
+    unnamed = _ask(study, space, labels[0], driver=None)
+    _plan(space, study, labels)
+    assert study.get_trials()[unnamed.number].state == optuna.trial.TrialState.FAIL
+
+    # While a driver on another host may be between asking and naming itself, a young unnamed trial may be its.
+    study.set_user_attr("driver another-host:1:1", "2026-01-01T00:00:00")
+    young = _ask(study, space, labels[1], driver=None)
+    _plan(space, study, labels)
+    assert study.get_trials()[young.number].state == optuna.trial.TrialState.RUNNING
 
 
 def _refused_before_ray(spec, tmp_path, error):
