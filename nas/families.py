@@ -2,8 +2,10 @@
 where, and the quirks of the embeddings and logits. Importance, pruning and parameter counts read these entries;
 adding a family is one entry in `FAMILIES` plus its tiny config in the tests.
 
-Every family here keeps HF's decoder layout: `model.embed_tokens`, `model.layers[i]` holding `self_attn` and
-`mlp` (a dense MLP, or in a mixture of experts a router over experts), `model.norm`, `lm_head` (tied or not).
+A layer is a list of slots, each a module path inside the layer and the unit there. HF's usual decoder layer holds
+its mixer at `self_attn` and its MLP (a dense one, or a router over experts) at `mlp`; a hybrid's layers differ by
+kind, as its config's layer pattern says (`Family.pattern_key`): a Mamba2 or Gated DeltaNet mixer in some layers,
+attention in others (Nemotron-H keeps one `mixer` a layer, of any kind, and no separate MLP).
 """
 
 from __future__ import annotations
@@ -13,12 +15,15 @@ from typing import Any
 
 from nas.architecture import Architecture
 from nas.blocks.moe import TOP_K
-from nas.blocks import MLP, Attention, MoE, Norm
+from nas.blocks import MLP, Attention, GatedDeltaNet, Mamba2, MoE, Norm
 from nas.errors import ArchitectureError, UnsupportedModelError
 
 PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # Llama: before attention, before the MLP
 SANDWICH_NORMS = (*PRE_NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma 2/3: around both
 POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # OLMo 2/3: on each block's output
+
+#: The mixer of every layer of a family without a layer pattern: attention at `self_attn`.
+ATTENTION_ONLY = (("*", "attention", "self_attn"),)
 
 
 @dataclass(frozen=True)
@@ -30,8 +35,16 @@ class Family:
         attention, mlp, norm: the block units of its decoder layers (`norm` is the kind of every norm).
         moe: the mixture-of-experts unit of its sparse layers (None: every layer's MLP is dense); a family with
             one may still keep dense MLPs in some layers (`MoE.is_sparse`).
+        mamba, deltanet: the recurrent mixer units of a hybrid's linear-attention layers.
+        mixers: (layer kind, unit attribute, module path) for each kind of layer the pattern names; "*" when the
+            family has no pattern.
+        ffn: the module path of the MLP (or experts) every layer holds after its mixer; None when the MLP is a
+            mixer kind of its own (Nemotron-H).
+        pattern_key: the config key listing each layer's kind (None: every layer is alike but for its MLP).
         layer_norms: the norms of a decoder layer, by module name; each is scored for the hidden channels and
             sliced with them.
+        embeddings, final_norm: the model-level modules' paths.
+        stored_root: what a checkpoint on disk calls `model` (Nemotron-H's say `backbone`).
         scaled_embedding: the embedding output is multiplied by sqrt(hidden_size) (Gemma), a factor that changes
             with the child's width.
     """
@@ -43,49 +56,90 @@ class Family:
     layer_norms: tuple[str, ...] = PRE_NORMS
     scaled_embedding: bool = False
     moe: MoE | None = None
+    mamba: Mamba2 | None = None
+    deltanet: GatedDeltaNet | None = None
+    mixers: tuple[tuple[str, str, str], ...] = ATTENTION_ONLY
+    ffn: str | None = "mlp"
+    pattern_key: str | None = None
+    embeddings: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    stored_root: str = "model"
+
+    @property
+    def recurrent(self) -> Mamba2 | GatedDeltaNet | None:
+        """The hybrid's recurrent mixer unit, or None."""
+        return self.mamba or self.deltanet
 
     @property
     def unit_keys(self) -> tuple[str, ...]:
         """The config keys of its axes beyond the dense ones (`Architecture.unit_axes`)."""
-        return self.moe.keys if self.moe else ()
+        return (*(self.moe.keys if self.moe else ()), *(self.recurrent.keys if self.recurrent else ()))
 
     def is_sparse(self, config: Any, layer: int) -> bool:
         """Whether the parent layer `layer` routes tokens to experts."""
         return self.moe is not None and self.moe.is_sparse(config, layer)
 
-    def mixes_layers(self, config: Any) -> bool:
-        """Whether the parent has both dense and sparse layers: a child's size then depends on which it keeps."""
-        return len({self.is_sparse(config, i) for i in range(config.num_hidden_layers)}) > 1
+    def layer_kind(self, config: Any, layer: int) -> str:
+        """The parent layer's kind as its config's pattern names it ("*" without a pattern)."""
+        return getattr(config, self.pattern_key)[layer] if self.pattern_key else "*"
 
-    def slice_axes(self, name: str) -> tuple[str | None, ...]:
-        """Which kept-index set each dimension of the parameter `name` (as in the state dict) is sliced by."""
-        parts = name.split(".")
-        if parts[:2] == ["model", "layers"]:
-            inner = ".".join(parts[3:])
-            if inner in self._layer_axes:
-                return self._layer_axes[inner]
-        elif name in _OUTSIDE_LAYERS:
-            return _OUTSIDE_LAYERS[name]
-        raise AssertionError(f"{self.model_type}: no slicing rule for parameter {name}")
+    def kind_size(self, config: Any, layer: int) -> tuple[str, bool]:
+        """What sets a layer's size: its kind, and whether it routes to experts."""
+        return self.layer_kind(config, layer), self.is_sparse(config, layer)
+
+    def mixes_layers(self, config: Any) -> bool:
+        """Whether the parent's layers differ in size (dense and sparse, or of several kinds): a shallower child's
+        size then depends on which it keeps."""
+        return len({self.kind_size(config, i) for i in range(config.num_hidden_layers)}) > 1
+
+    def refusal(self, config: Any) -> str | None:
+        """Why this parent's layers cannot be described by the family's units, or None."""
+        kinds = {kind for kind, _, _ in self.mixers}
+        if self.pattern_key and (odd := sorted(set(getattr(config, self.pattern_key)) - kinds)):
+            return f"its {self.pattern_key} holds {odd} layers, which no block unit describes yet (the units " \
+                   f"cover {sorted(kinds)})"
+        return None
+
+    def is_attention(self, config: Any, layer: int) -> bool:
+        """Whether the parent layer `layer` holds attention (a KV cache)."""
+        return any(isinstance(unit, Attention) for _, unit in self.slots(config, layer))
+
+    def slots(self, config: Any, layer: int) -> list[tuple[str, Any]]:
+        """(module path inside the layer, unit) of each block of the parent layer `layer`."""
+        mixer = {kind: (unit, path) for kind, unit, path in self.mixers}[
+            "*" if not self.pattern_key else self.layer_kind(config, layer)]
+        out = [(mixer[1], getattr(self, mixer[0]))]
+        if self.ffn:
+            out.append((self.ffn, self.moe if self.is_sparse(config, layer) else self.mlp))
+        return out
+
+    def layer_axes(self, config: Any, layer: int) -> dict[str, tuple[str | None, ...]]:
+        """Which kept-index set each dimension of each parameter of the parent layer `layer` (by name inside the
+        layer) is sliced by."""
+        out = {f"{n}.{kind}": axes for n in self.layer_norms for kind, axes in self.norm.slice_axes.items()}
+        for path, unit in self.slots(config, layer):
+            out.update(unit.axes(path))
+        return out
 
     @property
-    def _layer_axes(self) -> dict[str, tuple[str | None, ...]]:
-        norms = {f"{n}.{kind}": axes for n in self.layer_norms for kind, axes in self.norm.slice_axes.items()}
-        moe = self.moe.slice_axes if self.moe else {}
-        return {**self.attention.slice_axes, **self.mlp.slice_axes, **moe, **norms}
+    def outside_axes(self) -> dict[str, tuple[str | None, ...]]:
+        """The slice rules of the parameters outside the layers."""
+        return {f"{self.embeddings}.weight": (None, "hidden"), "lm_head.weight": (None, "hidden"),
+                f"{self.final_norm}.weight": ("hidden",), f"{self.final_norm}.bias": ("hidden",)}
 
     def is_norm(self, name: str) -> bool:
         """Whether the parameter `name` is the weight of a norm over the hidden channels."""
         parts = name.split(".")
-        return parts[-1] == "weight" and (name == "model.norm.weight" or parts[-2] in self.layer_norms)
+        if parts[:2] == ["model", "layers"]:
+            return parts[-1] == "weight" and ".".join(parts[3:-1]) in self.layer_norms
+        return name == f"{self.final_norm}.weight"
 
     def layer_parameters(self, config: Any, arch: Architecture, layer: int = 0, active: bool = False) -> int:
         """Parameters of the child `arch`'s copy of the parent layer `layer`; `active`: those a token uses (a
         sparse layer's top-k experts, not all)."""
-        mlp = self.moe.num_parameters(config, arch, active) if self.is_sparse(config, layer) else \
-            self.mlp.num_parameters(config, arch)
-        return self.attention.num_parameters(config, arch) + mlp + \
-            len(self.layer_norms) * self.norm.num_parameters(arch.hidden_size)
+        units = sum(unit.num_parameters(config, arch, active) if isinstance(unit, MoE) else
+                    unit.num_parameters(config, arch) for _, unit in self.slots(config, layer))
+        return units + len(self.layer_norms) * self.norm.num_parameters(arch.hidden_size)
 
     def num_parameters(self, config: Any, arch: Architecture, active: bool = False) -> int:
         """Exact parameter count of the child `arch` of a parent with `config` (no weights needed); `active`: the
@@ -127,6 +181,14 @@ class Family:
                 f"num_attention_heads/num_key_value_heads={arch.queries_per_group} exceeds the parent's "
                 f"{parent.queries_per_group} query heads per KV group"
             )
+        if self.recurrent and (problem := self.recurrent.check(config, arch, parent)):
+            raise ArchitectureError(problem)
+        if self.recurrent and arch.layers and not any(self.is_attention(config, i) for i in arch.layers):
+            # With no attention layer HF's hybrid cache has no sequence length, so a cached forward (generation)
+            # fails in transformers; a child keeps one at least.
+            raise ArchitectureError(f"layers={list(arch.layers)} keeps no attention layer of the parent's "
+                                    f"{[i for i in range(parent.num_hidden_layers) if self.is_attention(config, i)]}; "
+                                    f"a hybrid child must keep at least one to run with a cache")
 
     def child_config(self, config: Any, arch: Architecture) -> Any:
         """A stock config of the parent's class describing `arch`, with per-layer lists sliced."""
@@ -141,6 +203,8 @@ class Family:
         data.update({k: v for k, v in arch.to_dict().items() if k != "layers"})
         if self.moe:
             data.update(self.moe.child_layout(config, arch.layers))
+        if self.mamba and self.mamba.inner_key:
+            data[self.mamba.inner_key] = arch.get(self.mamba.heads_key) * arch.get(self.mamba.head_dim_key)
         data.pop("transformers_version", None)
         data.pop("quantization_config", None)  # a quantised parent (gpt-oss's MXFP4 experts) is dequantised on load
         try:
@@ -153,14 +217,9 @@ class Family:
 # Lists in a config that can happen to be as long as the layers without being per layer.
 _NOT_PER_LAYER = {"architectures", "bos_token_id", "eos_token_id", "pad_token_id", "mlp_only_layers"}
 
-_OUTSIDE_LAYERS: dict[str, tuple[str | None, ...]] = {
-    "model.embed_tokens.weight": (None, "hidden"),
-    "lm_head.weight": (None, "hidden"),
-    "model.norm.weight": ("hidden",),
-    "model.norm.bias": ("hidden",),
-}
-
 _GEMMA = dict(norm=Norm("rms_1p"), layer_norms=SANDWICH_NORMS, scaled_embedding=True)
+_GATED_ATTENTION = Attention(qk_norm="head", gated_query=True)
+_DELTANET_MIXERS = (("linear_attention", "deltanet", "linear_attn"), ("full_attention", "attention", "self_attn"))
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
@@ -189,21 +248,41 @@ FAMILIES: dict[str, Family] = {
         Family("gpt_oss", attention=Attention(sinks=True),
                moe=MoE("num_local_experts", width_key="intermediate_size", router="router", layout="interleaved",
                        stored_experts=None)),
+        # Hybrids: recurrent mixers beside attention, each layer's kind set by its config's pattern.
+        Family("nemotron_h", attention=Attention(bias_key=None), mlp=MLP(gated=False), mamba=Mamba2(),
+               mixers=(("linear_attention", "mamba", "mixer"), ("full_attention", "attention", "mixer"),
+                       ("mlp", "mlp", "mixer")),
+               ffn=None, pattern_key="layers_block_type", layer_norms=("norm",), embeddings="model.embeddings",
+               final_norm="model.norm_f", stored_root="backbone"),
+        Family("qwen3_next", attention=_GATED_ATTENTION, norm=Norm("rms_1p"), deltanet=GatedDeltaNet("interleaved"),
+               moe=MoE("num_experts", shared_key="shared_expert_intermediate_size"), mixers=_DELTANET_MIXERS,
+               pattern_key="layer_types"),
+        # Qwen3.5's checkpoints are its vision-language model; its text decoder is this (`TEXT_DECODERS`).
+        Family("qwen3_5_text", attention=_GATED_ATTENTION, norm=Norm("rms_1p"), deltanet=GatedDeltaNet("split"),
+               mixers=_DELTANET_MIXERS, pattern_key="layer_types"),
     )
 }
+
+#: Vision-language configs whose text decoder `nas` prunes (transformers' `get_text_config()`; the checkpoint's
+#: `model.language_model.*` weights load into the text model, the vision tower is left out).
+TEXT_DECODERS = {"qwen3_5": "qwen3_5_text"}
 
 #: Families transformers knows that these units do not describe yet, and what they lack.
 NOT_YET: dict[str, str] = {
     **{t: "its attention is multi-head latent attention (low-rank compressed keys and values, `kv_lora_rank`), "
           "which the attention unit cannot slice by heads"
        for t in ("deepseek_v2", "deepseek_v3", "kimi_k2")},
-    "qwen3_5_moe_text": "its MoE layers fit the mixture-of-experts unit, but three of every four layers are Gated "
-                        "DeltaNet linear attention (a hybrid block unit)",
+    "qwen3_5_moe_text": "its Gated DeltaNet and MoE layers fit the units, but its checkpoints (qwen3_5_moe) have "
+                        "not been checked against them yet (expert names on disk)",
     **{t: "its router and experts have not been checked against the mixture-of-experts unit yet (module names, "
           "router softmax, logit scaling)"
        for t in ("granitemoe", "phimoe")},
-    **{t: "its layers mix Mamba2 / linear-attention blocks with attention (hybrid block units)"
-       for t in ("nemotron_h", "qwen3_next", "qwen3_5_text", "jamba", "falcon_h1", "granitemoehybrid")},
+    "falcon_h1": "every layer runs attention and Mamba2 in parallel under muP multipliers; the Mamba2 unit fits, but "
+                 "the family entry and its checks are not written yet",
+    "bamba": "its Mamba2 width is fixed at mamba_expand x hidden_size with an integer mamba_expand, so its heads could "
+             "only shrink in whole multiples of hidden_size; not supported",
+    **{t: "its layers mix Mamba / linear-attention blocks with attention in a layout no block unit describes yet"
+       for t in ("jamba", "granitemoehybrid")},
     "gemma4_text": "its layers take per-layer input embeddings (hidden_size_per_layer_input) and share KV caches "
                    "across layers (num_kv_shared_layers), which no block unit slices yet",
     "gemma3": "it is the multimodal Gemma 3; give the text model (model_type gemma3_text, e.g. Gemma 3 270M/1B)",
@@ -214,7 +293,10 @@ def family_of(config: Any) -> Family:
     """The family of a config, or one clear error: what is missing for a known family, else the supported ones."""
     model_type = getattr(config, "model_type", None)
     if model_type in FAMILIES:
-        return FAMILIES[model_type]
+        family = FAMILIES[model_type]
+        if problem := family.refusal(config):
+            raise UnsupportedModelError(f"model_type={model_type!r}: {problem}")
+        return family
     supported = ", ".join(sorted(FAMILIES))
     if model_type in NOT_YET:
         raise UnsupportedModelError(f"model_type={model_type!r} is not supported yet: {NOT_YET[model_type]}; "

@@ -22,6 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from nas.architecture import Architecture
+from nas.blocks import Attention, GatedDeltaNet, Mamba2, MoE
 from nas.families import Family, family_of
 from nas.files import atomic_path
 
@@ -91,6 +93,9 @@ class Importances:
         expert_neurons: [num_layers, experts, expert width]: each expert's neurons on its routed tokens only
             (the root of their summed squares), or None.
         shared_neurons: [num_layers, shared width]: the shared expert's neurons as a dense MLP's, or None.
+        mixer_heads: in a hybrid, [num_layers, recurrent heads]: each Mamba2 head, or each Gated DeltaNet value
+            head, scored as attention heads are (rows of other layers are zero); None in other families.
+        mixer_channels: [num_layers, Mamba2 head_dim]: each channel of the Mamba2 heads, over all heads, or None.
     """
 
     hidden: Tensor
@@ -103,12 +108,14 @@ class Importances:
     experts: dict[str, Tensor] = field(default_factory=dict)
     expert_neurons: Tensor | None = None
     shared_neurons: Tensor | None = None
+    mixer_heads: Tensor | None = None
+    mixer_channels: Tensor | None = None
 
     def save(self, path: str | Path) -> None:
         tensors = {"hidden": self.hidden, "heads": self.heads, "neurons": self.neurons, "layer_bi": self.layer_bi}
         tensors |= {f"block_loss.{k}": v for k, v in self.block_loss.items()}
         tensors |= {f"experts.{k}": v for k, v in self.experts.items()}
-        tensors |= {k: v for k in ("expert_neurons", "shared_neurons") if (v := getattr(self, k)) is not None}
+        tensors |= {k: v for k in _OPTIONAL if (v := getattr(self, k)) is not None}
         meta = {"nas": json.dumps({**self.meta, "base_loss": self.base_loss})}
         with atomic_path(path) as tmp:
             save_file({k: v.float().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=meta)
@@ -122,7 +129,7 @@ class Importances:
         experts = {k.split(".")[1]: v for k, v in tensors.items() if k.startswith("experts.")}
         base_loss = meta.pop("base_loss")
         return cls(tensors["hidden"], tensors["heads"], tensors["neurons"], tensors["layer_bi"], blocks, base_loss, meta,
-                   experts, tensors.get("expert_neurons"), tensors.get("shared_neurons"))
+                   experts, **{k: tensors.get(k) for k in _OPTIONAL})
 
     def shuffled(self, seed: int) -> Importances:
         """Random scores of the same shapes: the baseline that importance must beat (every expert measure draws
@@ -131,8 +138,12 @@ class Importances:
         rand = lambda t: None if t is None else torch.rand(t.shape, generator=g)  # noqa: E731
         experts = rand(next(iter(self.experts.values()), None))
         return replace(self, hidden=rand(self.hidden), heads=rand(self.heads), neurons=rand(self.neurons),
-                       experts={k: experts for k in self.experts}, expert_neurons=rand(self.expert_neurons),
-                       shared_neurons=rand(self.shared_neurons))
+                       experts={k: experts for k in self.experts},
+                       **{k: rand(getattr(self, k)) for k in _OPTIONAL})
+
+
+#: The scores only some families have.
+_OPTIONAL = ("expert_neurons", "shared_neurons", "mixer_heads", "mixer_channels")
 
 
 class _Running:
@@ -174,8 +185,7 @@ def _decoder(model: nn.Module) -> nn.Module:
 def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> Iterator[dict[str, Any]]:
     """Install the scoring hooks; yields the accumulators they fill."""
     layers = _decoder(model).layers
-    head_dim = model.config.head_dim if getattr(model.config, "head_dim", None) else (
-        model.config.hidden_size // model.config.num_attention_heads)
+    config = model.config
     acc: dict[str, Any] = {
         "heads": [_Running(settings.batch_agg) for _ in layers],
         "neurons": [_Running(settings.batch_agg) for _ in layers],
@@ -187,14 +197,22 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
         # summed squares; the shared expert's neurons as a dense MLP's.
         "experts": {},
         "shared": [_Running(settings.batch_agg) for _ in layers],
+        # A hybrid's recurrent mixer: its heads, and (Mamba2) the channels of its heads.
+        "mixer_heads": [_Running(settings.batch_agg) for _ in layers],
+        "mixer_channels": [_Running(settings.batch_agg) for _ in layers],
     }
     seq = settings.seq_agg
 
-    def heads_hook(i: int):
+    def heads_hook(i: int, head_dim: int, scores: str, channels: str | None = None):
+        """Score the heads of width `head_dim` whose outputs enter an output projection side by side (attention,
+        and the recurrent mixers' heads after their gated norm); `channels`: also each of a head's channels over
+        all heads."""
         grams: list[Tensor] = []  # computed at the first call, on the layer's device, with its weight in place
 
         def record(o_proj, x):
             x = x.float().unflatten(-1, (-1, head_dim))  # [B, S, H, d]: per-head outputs before o_proj
+            if channels:
+                acc[channels][i].add(_over_sequence(x.norm(dim=2), seq))
             if settings.head_source == "attn":
                 norms = x.norm(dim=-1)
             else:
@@ -205,7 +223,7 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
                         w = o_proj.weight.detach().float().unflatten(1, (-1, head_dim))  # [hidden, H, d]
                         grams.append(torch.einsum("ohd,ohe->hde", w, w))
                 norms = torch.einsum("bshd,hde,bshe->bsh", x, grams[0], x).clamp_min(0).sqrt()
-            acc["heads"][i].add(_over_sequence(norms, seq))
+            acc[scores][i].add(_over_sequence(norms, seq))
         return record
 
     def neurons_record(i: int):
@@ -227,7 +245,7 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
         return record
 
     def moe_shape(i: int) -> tuple[int, int]:
-        experts = layers[i].mlp.experts
+        experts = layers[i].get_submodule(family.ffn).experts
         return experts.num_experts, experts.down_proj.shape[-1 if family.moe.layout == "stacked" else 1]
 
     def norm_hook(j: int):
@@ -247,20 +265,29 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
 
     handles = []
     per_layer = len(family.layer_norms)
+    pre = settings.neuron_source == "pre"
     for i, layer in enumerate(layers):
-        handles += family.attention.hooks(layer, heads_hook(i))
-        pre = settings.neuron_source == "pre"
-        if family.is_sparse(model.config, i):
-            handles += family.moe.hooks(layer, experts_record(i))
-            if family.moe.shared_key:  # it runs on the flattened tokens: [B * S, width]
-                handles += family.mlp.hooks(layer.mlp.shared_expert, pre, lambda x, i=i: acc["shared"][i].add(
-                    _over_sequence(x.view(acc["batch"], -1, x.shape[-1]), seq)))
-        else:
-            handles += family.mlp.hooks(layer.mlp, pre, neurons_record(i))
-        handles += [getattr(layer, name).register_forward_hook(norm_hook(per_layer * i + n))
+        for path, unit in family.slots(config, i):
+            module = layer.get_submodule(path)
+            if isinstance(unit, Attention):
+                handles += unit.hooks(module, heads_hook(i, Architecture.of_config(config).head_dim, "heads"))
+            elif isinstance(unit, Mamba2):
+                handles += unit.hooks(module, heads_hook(i, getattr(config, unit.head_dim_key), "mixer_heads",
+                                                         "mixer_channels"))
+            elif isinstance(unit, GatedDeltaNet):
+                handles += unit.hooks(module, heads_hook(i, config.linear_value_head_dim, "mixer_heads"))
+            elif isinstance(unit, MoE):
+                handles += unit.hooks(module, experts_record(i))
+                if unit.shared_key:  # it runs on the flattened tokens: [B * S, width]
+                    handles += family.mlp.hooks(module.shared_expert, pre, lambda x, i=i: acc["shared"][i].add(
+                        _over_sequence(x.view(acc["batch"], -1, x.shape[-1]), seq)))
+            else:
+                handles += unit.hooks(module, pre, neurons_record(i))
+        handles += [layer.get_submodule(name).register_forward_hook(norm_hook(per_layer * i + n))
                     for n, name in enumerate(family.layer_norms)]
         handles.append(layer.register_forward_hook(bi_hook(i), with_kwargs=True))
-    handles.append(_decoder(model).norm.register_forward_hook(norm_hook(per_layer * len(layers))))
+    final_norm = model.get_submodule(family.final_norm)
+    handles.append(final_norm.register_forward_hook(norm_hook(per_layer * len(layers))))
     try:
         yield acc
     finally:
@@ -341,15 +368,17 @@ def compute_importance(model: nn.Module, tokens: Tensor, settings: ImportanceSet
     finally:
         model.train(was_training)
     norms = torch.stack([r.result() for r in acc["norms"]])
+    parent = Architecture.of_config(model.config, family.unit_keys)
     return Importances(
         hidden=_magnitude(norms, settings.batch_agg).sum(0).cpu(),
-        heads=torch.stack([r.result() for r in acc["heads"]]).cpu(),
+        heads=_per_layer(acc["heads"], parent.num_attention_heads).cpu(),
         neurons=_magnitude(_per_layer(acc["neurons"], model.config.intermediate_size), settings.batch_agg).cpu(),
         layer_bi=(acc["bi_sum"] / max(acc["bi_tokens"], 1)).float(),
         block_loss=blocks,
         base_loss=base_loss,
         meta={"samples": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]), "settings": _settings_dict(settings)},
         **(_expert_scores(acc, model, family, settings) if family.moe else {}),
+        **(_mixer_scores(acc, model.config, family, parent) if family.recurrent else {}),
     )
 
 
@@ -357,6 +386,14 @@ def _per_layer(running: list[_Running], width: int) -> Tensor:
     """[num_layers, width] from per-layer accumulators; zeros for the layers whose unit the hook never saw (a
     dense MLP's neurons in a sparse layer)."""
     return torch.stack([r.result() if r.n else torch.zeros(width) for r in running])
+
+
+def _mixer_scores(acc: dict[str, Any], config: Any, family: Family, parent: Architecture) -> dict[str, Tensor]:
+    """A hybrid's recurrent heads (and Mamba2's head channels), with zero rows for its other layers."""
+    if family.mamba:
+        return {"mixer_heads": _per_layer(acc["mixer_heads"], parent.get(family.mamba.heads_key)),
+                "mixer_channels": _per_layer(acc["mixer_channels"], parent.get(family.mamba.head_dim_key))}
+    return {"mixer_heads": _per_layer(acc["mixer_heads"], config.linear_num_value_heads)}
 
 
 def _expert_scores(acc: dict[str, Any], model: nn.Module, family: Family, settings: ImportanceSettings) -> dict:

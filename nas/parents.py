@@ -15,7 +15,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from nas.errors import NasError, UnsupportedModelError
-from nas.families import family_of
+from nas.families import TEXT_DECODERS, family_of
 from nas.files import atomic_dir, cache_dir
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,10 @@ def parent_config(spec: str) -> Any:
         raise UnsupportedModelError(f"--parent {spec}: {str(e).splitlines()[0]}") from None
     except OSError as e:
         raise NasError(f"--parent {spec}: cannot load its config ({str(e).splitlines()[0]})") from None
+    if config.model_type in TEXT_DECODERS:
+        log.info("--parent %s is a %s vision-language model: pruning its text decoder (%s)", spec, config.model_type,
+                 TEXT_DECODERS[config.model_type])
+        config = config.get_text_config()
     family_of(config)
     return config
 

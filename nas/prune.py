@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from nas.architecture import Architecture
+from nas.blocks import Attention, GatedDeltaNet, Mamba2, MoE
 from nas.errors import NasError
 from nas.families import Parent
 from nas.importance import Importances
@@ -107,37 +108,62 @@ def child_tensors(source: Callable[[str], Tensor], parent_config, expected: dict
         if options.rescale_norms and arch.hidden_size != parent_arch.hidden_size else 1.0
     scaled_embedding = family.scaled_embedding and factor != 1.0
     tied = getattr(parent_config, "tie_word_embeddings", False)
-    embeddings = {"model.embed_tokens.weight", "lm_head.weight"} if tied else {"model.embed_tokens.weight"}
+    embedding = f"{family.embeddings}.weight"
+    embeddings = {embedding, "lm_head.weight"} if tied else {embedding}
+    final_norm = f"{family.final_norm}.weight"
 
-    def take(name: str, parent_name: str, index: dict[str, Tensor]) -> Tensor:
-        tensor = _slice(source(parent_name), family.slice_axes(name), index)
+    def take(name: str, parent_name: str, axes: tuple[str | None, ...], index: dict[str, Tensor]) -> Tensor:
+        tensor = _slice(source(parent_name), axes, index)
         if scaled_embedding and name in embeddings:
             tensor = tensor * factor
-        elif factor != 1.0 and family.is_norm(name) and not (scaled_embedding and tied and name == "model.norm.weight"):
+        elif factor != 1.0 and family.is_norm(name) and not (scaled_embedding and tied and name == final_norm):
             tensor = family.norm.rescaled(tensor, factor)
         assert tensor.shape == expected[name].shape, \
             f"{name}: sliced {tuple(tensor.shape)} != {tuple(expected[name].shape)}"
         return tensor
 
     for j, i in enumerate(arch.layers):
-        q_heads, kv_heads = head_selection(importances.heads[i], arch, parent_arch.num_key_value_heads)
-        index = {"hidden": hidden, **family.attention.indices(q_heads, kv_heads, arch.head_dim, parent_arch)}
-        if family.is_sparse(parent_config, i):
-            index.update(_expert_indices(family.moe, importances, i, arch, parent_arch, options.expert_score))
-        else:
-            index.update(family.mlp.indices(_top(importances.neurons[i], arch.intermediate_size),
-                                            parent_arch.intermediate_size))
+        index = {"hidden": hidden}
+        for _, unit in family.slots(parent_config, i):
+            index.update(_unit_indices(unit, importances, i, parent_config, arch, parent_arch, options))
         prefix, parent_prefix = f"model.layers.{j}.", f"model.layers.{i}."
-        layer = {name: take(name, parent_prefix + name[len(prefix):], index) for name in expected
-                 if name.startswith(prefix)}
-        if options.residual_heads:
-            o_proj = "self_attn.o_proj.weight"
-            _fold_pruned_heads(layer[prefix + o_proj], source(parent_prefix + o_proj), importances.heads[i], q_heads,
-                               index, arch, parent_arch)
+        axes = family.layer_axes(parent_config, i)
+        layer = {}
+        for name in expected:
+            if name.startswith(prefix):
+                inner = name[len(prefix):]
+                if inner not in axes:
+                    raise AssertionError(f"{family.model_type}: no slicing rule for parameter {name}")
+                layer[name] = take(name, parent_prefix + inner, axes[inner], index)
+        for path, unit in family.slots(parent_config, i):
+            if isinstance(unit, Attention) and options.residual_heads:
+                o_proj = f"{path}.o_proj.weight"
+                _fold_pruned_heads(layer[prefix + o_proj], source(parent_prefix + o_proj), importances.heads[i],
+                                   index["heads"], index, arch, parent_arch)
+            elif isinstance(unit, Mamba2) and options.rescale_norms and unit.has_norm(parent_config):
+                norm = f"{prefix}{path}.norm.weight"
+                layer[norm] = layer[norm] * unit.norm_factor(arch, parent_arch)
         yield from layer.items()
     for name in expected:
         if not name.startswith("model.layers."):
-            yield name, take(name, name, {"hidden": hidden})
+            yield name, take(name, name, family.outside_axes[name], {"hidden": hidden})
+
+
+def _unit_indices(unit, importances: Importances, i: int, config, arch: Architecture, parent_arch: Architecture,
+                  options: PruneOptions) -> dict[str, Tensor]:
+    """The kept-index sets of one unit of the parent layer i, chosen by importance."""
+    if isinstance(unit, Attention):
+        q_heads, kv_heads = head_selection(importances.heads[i], arch, parent_arch.num_key_value_heads)
+        return unit.indices(q_heads, kv_heads, arch.head_dim, parent_arch)
+    if isinstance(unit, MoE):
+        return _expert_indices(unit, importances, i, arch, parent_arch, options.expert_score)
+    if isinstance(unit, Mamba2):
+        heads, channels = unit.select(importances.mixer_heads[i], importances.mixer_channels[i], config, arch)
+        return unit.indices(heads, channels, config, parent_arch)
+    if isinstance(unit, GatedDeltaNet):
+        values, keys = unit.select(importances.mixer_heads[i], arch, parent_arch)
+        return unit.indices(values, keys, config, parent_arch)
+    return unit.indices(_top(importances.neurons[i], arch.intermediate_size), parent_arch.intermediate_size)
 
 
 def _expert_indices(moe, importances: Importances, i: int, arch: Architecture, parent_arch: Architecture,
@@ -245,11 +271,11 @@ def prune_checkpoint(parent_dir: str | Path, importances: Importances, arch: Arc
     adds the tokenizer), streaming: the parent is read tensor by tensor and the child written in shards of up to
     `max_shard_bytes`, so peak memory is about one parent tensor plus one child shard, never the parent. The
     child's tensors equal `prune`'s bit for bit (in the dtype stored on disk)."""
-    from transformers import AutoConfig
+    from nas.parents import parent_config as read_config
 
-    parent_config = AutoConfig.from_pretrained(parent_dir)
-    reader = SafetensorsReader(parent_dir)
+    parent_config = read_config(str(parent_dir))
     parent = Parent.of(parent_config)
+    reader = _Renamed.of(SafetensorsReader(parent_dir), parent.family)
     moe = parent.family.moe
     child_config = parent.child_config(arch)
     with torch.device("meta"):
@@ -267,11 +293,15 @@ def prune_checkpoint(parent_dir: str | Path, importances: Importances, arch: Arc
                                               stored_dtype)) is not None:
             return tensor  # one layer's experts, stacked from the checkpoint's per-expert tensors
         # A tied parent stores its LM head only as the embedding.
-        return reader("model.embed_tokens.weight" if name == "lm_head.weight" and name not in reader else name)
+        embedding = f"{parent.family.embeddings}.weight"
+        return reader(embedding if name == "lm_head.weight" and name not in reader else name)
 
     tensors = child_tensors(source, parent_config, expected, importances, arch, options)
     if moe:  # written under the checkpoint's own names, as save_pretrained writes them
         tensors = (entry for name, tensor in tensors for entry in moe.stored(name, tensor))
+    root = parent.family.stored_root
+    if root != "model":
+        tensors = ((_rooted(name, root), tensor) for name, tensor in tensors)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files = list(_shards(tensors, max_shard_bytes, out))
@@ -286,6 +316,32 @@ def prune_checkpoint(parent_dir: str | Path, importances: Importances, arch: Arc
             {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     child_config.save_pretrained(out)
     return out
+
+
+def _rooted(name: str, root: str) -> str:
+    """An in-memory name under the checkpoint's own root (`model.layers.0...` -> `backbone.layers.0...`)."""
+    return root + name[len("model"):] if name.startswith("model.") else name
+
+
+@dataclass(frozen=True)
+class _Renamed:
+    """A checkpoint's tensors under their in-memory names: transformers renames the checkpoint's root on load
+    (Nemotron-H's `backbone.`, a vision-language checkpoint's `model.language_model.` for its text decoder)."""
+
+    reader: SafetensorsReader
+    root: str
+
+    @classmethod
+    def of(cls, reader: SafetensorsReader, family) -> _Renamed:
+        suffix = family.embeddings[len("model"):] + ".weight"
+        roots = (family.stored_root, "model", "model.language_model")
+        return cls(reader, next((r for r in roots if r + suffix in reader), "model"))
+
+    def __contains__(self, name: str) -> bool:
+        return _rooted(name, self.root) in self.reader
+
+    def __call__(self, name: str) -> Tensor:
+        return self.reader(_rooted(name, self.root))
 
 
 def _shards(tensors: Iterator[tuple[str, Tensor]], max_bytes: int, out: Path) -> Iterator[str]:

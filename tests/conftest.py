@@ -78,7 +78,18 @@ MOE_CONFIGS = {
     "olmoe": _moe("olmoe", **_EXPERTS, num_experts=8, intermediate_size=24, head_dim=8, attention_bias=True),
     "gpt_oss": _moe("gpt_oss", **_EXPERTS, num_local_experts=8, intermediate_size=24, **_SLIDING),
 }
-ALL_CONFIGS = {**TINY_CONFIGS, **FAMILY_CONFIGS, **MOE_CONFIGS}
+_DELTANET = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=6)
+#: Hybrids (tests/test_hybrids.py): Nemotron-H's Mamba2 (8 heads in 2 groups, biases on), attention and squared-ReLU
+#: MLP layers by its pattern; Qwen3-Next's Gated DeltaNet (2 key heads, 4 value heads) and gated attention, 3 to 1,
+#: over experts with one dense layer and a shared expert; Qwen3.5's text decoder (split projections, dense MLPs).
+HYBRID_CONFIGS = {
+    "nemotron_h": _moe("nemotron_h", mamba_num_heads=8, mamba_head_dim=6, n_groups=2, ssm_state_size=8, use_bias=True,
+                       layers_block_type=["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"]),
+    "qwen3_next": _moe("qwen3_next", **_DELTANET, **_EXPERTS, num_experts=8, moe_intermediate_size=24,
+                       shared_expert_intermediate_size=40, mlp_only_layers=[1], attention_bias=True),
+    "qwen3_5_text": _moe("qwen3_5_text", **_DELTANET),
+}
+ALL_CONFIGS = {**TINY_CONFIGS, **FAMILY_CONFIGS, **MOE_CONFIGS, **HYBRID_CONFIGS}
 
 
 def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:

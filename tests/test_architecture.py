@@ -81,8 +81,9 @@ def test_unknown_family_lists_supported_ones():
     from transformers import GPT2Config
 
     with pytest.raises(UnsupportedModelError, match="supported families: gemma2, gemma3_text, gpt_oss, granite, llama, "
-                                                    "mistral, mixtral, nemotron, olmo2, olmo3, olmoe, phi3, qwen2, "
-                                                    "qwen2_moe, qwen3, qwen3_moe, smollm3$"):
+                                                    "mistral, mixtral, nemotron, nemotron_h, olmo2, olmo3, olmoe, "
+                                                    "phi3, qwen2, qwen2_moe, qwen3, qwen3_5_text, qwen3_moe, "
+                                                    "qwen3_next, smollm3$"):
         family_of(GPT2Config())
 
 

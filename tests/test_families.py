@@ -193,8 +193,9 @@ def test_cli_arch_importance_and_prune_keep_all_and_cut(name, tmp_path, tiny_tok
     assert child.generate(TOKENS[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, 12)
 
 
-@pytest.mark.parametrize("model_type, says", [("deepseek_v3", "latent attention"), ("nemotron_h", "Mamba2"),
-                                               ("gemma4_text", "per-layer input"), ("gpt2", "supported families")])
+@pytest.mark.parametrize("model_type, says", [("deepseek_v3", "latent attention"), ("falcon_h1", "in parallel"),
+                                               ("bamba", "mamba_expand"), ("gemma4_text", "per-layer input"),
+                                               ("gpt2", "supported families")])
 def test_a_family_not_described_is_refused_with_what_it_lacks(model_type, says):
     from transformers import AutoConfig
 

@@ -1,5 +1,6 @@
 """Attention unit: grouped-query attention with `q_proj`, `k_proj`, `v_proj` (or Phi-3's fused `qkv_proj`) and
-`o_proj`, optional biases, optional q/k norms and optional per-head attention sinks (gpt-oss). Its prunable widths are `num_attention_heads` and
+`o_proj`, optional biases, optional q/k norms, optional per-head attention sinks (gpt-oss) and an optional output gate
+per query head (Qwen3-Next, Qwen3.5). Its prunable widths are `num_attention_heads` and
 `num_key_value_heads` (whole heads; `head_dim` stays the parent's)."""
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ class Attention:
         sinks: one learned attention-sink logit per query head (`self_attn.sinks`, gpt-oss).
         q_norm_is_hidden: the "all" q norm is sized `hidden_size` rather than heads x head_dim (OLMoE), so a child
             must keep hidden_size = num_attention_heads x head_dim.
+        gated_query: `q_proj` gives each query head its query and then an output gate of the same width
+            (2 x head_dim rows a head; the output is multiplied by sigmoid(gate) before `o_proj`).
     """
 
     fused_qkv: bool = False
@@ -33,6 +36,7 @@ class Attention:
     o_bias: bool = True
     sinks: bool = False
     q_norm_is_hidden: bool = False
+    gated_query: bool = False
 
     def biases(self, config: Any) -> tuple[bool, bool]:
         """(q/k/v bias, o bias) for a config of this family."""
@@ -45,35 +49,39 @@ class Attention:
         q, kv = arch.num_attention_heads * d, arch.num_key_value_heads * d
         norms = {None: 0, "head": 2 * d, "all": q + kv}[self.qk_norm]
         sinks = arch.num_attention_heads if self.sinks else 0
-        return h * (q + 2 * kv) + q * h + qkv_bias * (q + 2 * kv) + o_bias * h + norms + sinks
+        q_rows = 2 * q if self.gated_query else q
+        return (h + qkv_bias) * (q_rows + 2 * kv) + q * h + o_bias * h + norms + sinks
 
-    @property
-    def slice_axes(self) -> dict[str, tuple[str | None, ...]]:
+    def axes(self, prefix: str) -> dict[str, tuple[str | None, ...]]:
+        """The slice rules of the attention module at `prefix` inside a layer."""
         if self.fused_qkv:
-            out = {"self_attn.qkv_proj.weight": ("qkv", "hidden"), "self_attn.qkv_proj.bias": ("qkv",)}
+            out = {f"{prefix}.qkv_proj.weight": ("qkv", "hidden"), f"{prefix}.qkv_proj.bias": ("qkv",)}
         else:
-            out = {f"self_attn.{p}_proj.{kind}": (rows, "hidden") if kind == "weight" else (rows,)
-                   for p, rows in (("q", "q"), ("k", "kv"), ("v", "kv")) for kind in ("weight", "bias")}
-        out.update({"self_attn.o_proj.weight": ("hidden", "q"), "self_attn.o_proj.bias": ("hidden",)})
+            q_rows = "q_gate" if self.gated_query else "q"
+            out = {f"{prefix}.{p}_proj.{kind}": (rows, "hidden") if kind == "weight" else (rows,)
+                   for p, rows in (("q", q_rows), ("k", "kv"), ("v", "kv")) for kind in ("weight", "bias")}
+        out.update({f"{prefix}.o_proj.weight": ("hidden", "q"), f"{prefix}.o_proj.bias": ("hidden",)})
         per_head = self.qk_norm == "head"
-        out.update({"self_attn.q_norm.weight": (None,) if per_head else ("q",),
-                    "self_attn.k_norm.weight": (None,) if per_head else ("kv",),
-                    "self_attn.sinks": ("heads",)})
+        out.update({f"{prefix}.q_norm.weight": (None,) if per_head else ("q",),
+                    f"{prefix}.k_norm.weight": (None,) if per_head else ("kv",),
+                    f"{prefix}.sinks": ("heads",)})
         return out
 
     def indices(self, q_heads: Tensor, kv_heads: Tensor, head_dim: int, parent: Any) -> dict[str, Tensor]:
         """Rows of the kept query and KV heads, and, fused, of `qkv_proj`; "heads": the kept query heads."""
         q, kv = _rows(q_heads, head_dim), _rows(kv_heads, head_dim)
         out = {"q": q, "kv": kv, "heads": q_heads}
+        if self.gated_query:  # head h's query and gate rows are h * 2 head_dim + [0, 2 head_dim)
+            out["q_gate"] = _rows(q_heads, 2 * head_dim)
         if self.fused_qkv:
             q_width, kv_width = parent.num_attention_heads * head_dim, parent.num_key_value_heads * head_dim
             out["qkv"] = torch.cat([q, q_width + kv, q_width + kv_width + kv])
         return out
 
     @staticmethod
-    def hooks(layer: nn.Module, record: Callable[[nn.Module, Tensor], None]) -> list:
+    def hooks(attention: nn.Module, record: Callable[[nn.Module, Tensor], None]) -> list:
         """Heads are scored at the output projection's input: the heads' outputs side by side."""
-        return [layer.self_attn.o_proj.register_forward_pre_hook(lambda o_proj, args: record(o_proj, args[0]))]
+        return [attention.o_proj.register_forward_pre_hook(lambda o_proj, args: record(o_proj, args[0]))]
 
 
 def _rows(heads: Tensor, head_dim: int) -> Tensor:

@@ -27,11 +27,7 @@ class MLP:
         bias = (mats - 1) * i + h if getattr(config, "mlp_bias", False) else 0
         return mats * h * i + bias
 
-    @property
-    def slice_axes(self) -> dict[str, tuple[str | None, ...]]:
-        return self.axes("mlp", "mlp")
-
-    def axes(self, prefix: str, axis: str) -> dict[str, tuple[str | None, ...]]:
+    def axes(self, prefix: str, axis: str = "mlp") -> dict[str, tuple[str | None, ...]]:
         """The slice rules of an MLP module at `prefix` whose neurons are the index set `axis` (a shared expert
         is one at "mlp.shared_expert")."""
         first = {"gate_up_proj": "gate_up"} if self.fused else \

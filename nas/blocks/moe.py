@@ -93,22 +93,22 @@ class MoE:
             shared = _SHARED.num_parameters(config, _Width(h, arch.get(self.shared_key))) + h  # + its gate [1, H]
         return used * self.expert_parameters(arch) + router + shared
 
-    @property
-    def slice_axes(self) -> dict[str, tuple[str | None, ...]]:
-        """"experts": kept experts; "expert_gate_up" / "expert_mlp": [E', n] rows of each kept expert."""
-        router = f"mlp.{self.router}"
+    def axes(self, prefix: str) -> dict[str, tuple[str | None, ...]]:
+        """The slice rules of the block at `prefix` ("mlp"): "experts": kept experts; "expert_gate_up" /
+        "expert_mlp": [E', n] rows of each kept expert."""
+        router = f"{prefix}.{self.router}"
         out = {f"{router}.weight": ("experts", "hidden"), f"{router}.bias": ("experts",)}
         if self.layout == "stacked":
-            out.update({"mlp.experts.gate_up_proj": ("experts", "expert_gate_up", "hidden"),
-                        "mlp.experts.down_proj": ("experts", "hidden", "expert_mlp")})
+            out.update({f"{prefix}.experts.gate_up_proj": ("experts", "expert_gate_up", "hidden"),
+                        f"{prefix}.experts.down_proj": ("experts", "hidden", "expert_mlp")})
         else:
-            out.update({"mlp.experts.gate_up_proj": ("experts", "hidden", "expert_gate_up"),
-                        "mlp.experts.gate_up_proj_bias": ("experts", "expert_gate_up"),
-                        "mlp.experts.down_proj": ("experts", "expert_mlp", "hidden"),
-                        "mlp.experts.down_proj_bias": ("experts", "hidden")})
+            out.update({f"{prefix}.experts.gate_up_proj": ("experts", "hidden", "expert_gate_up"),
+                        f"{prefix}.experts.gate_up_proj_bias": ("experts", "expert_gate_up"),
+                        f"{prefix}.experts.down_proj": ("experts", "expert_mlp", "hidden"),
+                        f"{prefix}.experts.down_proj_bias": ("experts", "hidden")})
         if self.shared_key:
-            out.update(_SHARED.axes("mlp.shared_expert", "shared_mlp"))
-            out["mlp.shared_expert_gate.weight"] = (None, "hidden")
+            out.update(_SHARED.axes(f"{prefix}.shared_expert", "shared_mlp"))
+            out[f"{prefix}.shared_expert_gate.weight"] = (None, "hidden")
         return out
 
     def indices(self, experts: Tensor, neurons: Tensor, parent_width: int,
@@ -141,11 +141,11 @@ class MoE:
         hidden = experts._apply_gate(gate_up)
         return gate_up[..., ::2], hidden, hidden @ experts.down_proj[e] + experts.down_proj_bias[e]
 
-    def hooks(self, layer: nn.Module, record: Callable[[int, Tensor, Tensor, Tensor, Tensor], None]) -> list:
+    def hooks(self, block: nn.Module, record: Callable[[int, Tensor, Tensor, Tensor, Tensor], None]) -> list:
         """Experts are scored on the tokens routed to them: `record(expert, routing weights [T], pre-activation
         [T, I], down input [T, I], output [T, H])` for each expert a forward routes tokens to. This runs each used
         expert once more on its tokens (the experts module computes them all in one call, with no per-expert hook)."""
-        experts = layer.mlp.experts
+        experts = block.experts
 
         def hook(_module, args, kwargs, _out):
             x, index, weights = (*args, *kwargs.values())[:3]
