@@ -138,10 +138,16 @@ class Architecture:
 
 
 #: Label prefixes, in label order: the dense axes, then the units' (experts, experts a token, expert and shared
-#: widths). Keys absent from a candidate are left out of its label.
+#: widths; recurrent heads and head width), then the layers kept of each kind. Keys absent from a candidate are
+#: left out of its label.
 LABEL_PARTS = {"num_hidden_layers": "L", "num_attention_heads": "H", "num_key_value_heads": "KV",
                "intermediate_size": "M", "hidden_size": "E", "num_experts": "X", "num_local_experts": "X",
-               "num_experts_per_tok": "K", "moe_intermediate_size": "XM", "shared_expert_intermediate_size": "S"}
+               "num_experts_per_tok": "K", "moe_intermediate_size": "XM", "shared_expert_intermediate_size": "S",
+               "mamba_num_heads": "MH", "mamba_head_dim": "MD", "linear_num_value_heads": "LV",
+               "linear_num_key_heads": "LK",
+               # the layers kept of each kind, where a parent's kinds differ in size (`nas.families.KIND_AXIS`)
+               "layers.full_attention": "LA", "layers.linear_attention": "LR", "layers.mlp": "LF",
+               "layers.dense": "LD", "layers.sparse": "LS"}
 
 
 def short_label(axes: dict[str, Any]) -> str:

@@ -63,7 +63,11 @@ def cmd_arch(args) -> None:
     from nas.families import Parent
     from nas.parents import parent_config
 
-    text = json.dumps(Parent.of(parent_config(args.parent)).architecture.to_dict(), indent=2) + "\n"
+    parent = Parent.of(parent_config(args.parent))
+    # A parent whose layers differ in size by kind (a hybrid) also lists how many of each kind it has: a child's
+    # JSON may give those counts instead of `layers`, and `nas prune` keeps each kind's best layers.
+    arch = parent.architecture
+    text = json.dumps({**arch.to_dict(), **parent.kind_counts(arch.layers)}, indent=2) + "\n"
     if args.out:
         from nas.files import atomic_path
 
@@ -79,18 +83,22 @@ def cmd_prune(args) -> None:
 
     from nas.architecture import Architecture
     from nas.files import atomic_dir
-    from nas.importance import Importances, select_layers
-    from nas.parents import load_parent, resolve_parent
+    from nas.families import KIND_AXIS
+    from nas.importance import Importances
+    from nas.parents import load_parent, parent_config, resolve_parent
     from nas.prune import PruneOptions, SafetensorsReader, prune, prune_checkpoint
+    from nas.space import kept_layers
 
     importances = _load_importances(args.importance, Importances)
     try:
         data = json.loads(Path(args.arch).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise NasError(f"--arch {args.arch}: cannot read architecture JSON ({e})") from None
-    if "layers" not in data and "num_hidden_layers" in data:
-        data["layers"] = select_layers(importances, int(data["num_hidden_layers"]), args.layer_method)
-    arch = Architecture.from_dict(data)
+    if "layers" not in data and ("num_hidden_layers" in data or any(k.startswith(KIND_AXIS) for k in data)):
+        # Chosen by importance: overall, or each kind's own best (`layers.<kind>`: counts of a hybrid's kinds).
+        data["layers"] = kept_layers(data, parent_config(args.parent), importances, args.layer_method)
+        data["num_hidden_layers"] = len(data["layers"])
+    arch = Architecture.from_dict({k: v for k, v in data.items() if not k.startswith(KIND_AXIS)})
     options = PruneOptions(rescale_norms=not args.no_rescale_norms, residual_heads=not args.no_residual_heads)
     location = resolve_parent(args.parent)
     with atomic_dir(args.out) as tmp:
@@ -396,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="cut one architecture from a parent")
     p.add_argument("--parent", default="smollm2-135m")
-    p.add_argument("--arch", required=True, help="architecture JSON (HF config keys + optional 'layers')")
+    p.add_argument("--arch", required=True, help="architecture JSON (HF config keys + optional 'layers'; without "
+                                                 "them, 'num_hidden_layers' or, for a hybrid, 'layers.<kind>' counts "
+                                                 "are kept by importance)")
     p.add_argument("--importance", required=True, help="scores from `nas importance`")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--layer-method", choices=("bi", "drop", "block"), default="bi",

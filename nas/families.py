@@ -22,6 +22,9 @@ PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # Llama: before att
 SANDWICH_NORMS = (*PRE_NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma 2/3: around both
 POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # OLMo 2/3: on each block's output
 
+#: The prefix of a depth axis counting one kind of layer (`layers.full_attention`, `layers.sparse`).
+KIND_AXIS = "layers."
+
 #: The mixer of every layer of a family without a layer pattern: attention at `self_attn`.
 ATTENTION_ONLY = (("*", "attention", "self_attn"),)
 
@@ -86,6 +89,20 @@ class Family:
     def kind_size(self, config: Any, layer: int) -> tuple[str, bool]:
         """What sets a layer's size: its kind, and whether it routes to experts."""
         return self.layer_kind(config, layer), self.is_sparse(config, layer)
+
+    def depth_kind(self, config: Any, layer: int) -> str:
+        """The kind a depth axis counts the parent layer under: its pattern's kind, else dense or sparse."""
+        return self.layer_kind(config, layer) if self.pattern_key else \
+            "sparse" if self.is_sparse(config, layer) else "dense"
+
+    def depth_problem(self, config: Any) -> str | None:
+        """Why counting the kept layers of each depth kind does not fix a child's size (one kind holding layers
+        of two sizes), or None."""
+        sizes: dict[str, set] = {}
+        for i in range(config.num_hidden_layers):
+            sizes.setdefault(self.depth_kind(config, i), set()).add(self.kind_size(config, i))
+        mixed = [kind for kind, s in sizes.items() if len(s) > 1]
+        return f"its {', '.join(mixed)} layers are both dense and sparse" if mixed else None
 
     def mixes_layers(self, config: Any) -> bool:
         """Whether the parent's layers differ in size (dense and sparse, or of several kinds): a shallower child's
@@ -327,22 +344,51 @@ class Parent:
         return self.family.num_parameters(self.config, arch or self.architecture, active=True)
 
     def cache_bytes(self, arch: Architecture, context: int, batch: int, nbytes: int = 2) -> int:
-        """Bytes of the KV cache the child `arch` holds for `batch` sequences of `context` tokens at `nbytes` an
+        """Bytes of the cache the child `arch` holds for `batch` sequences of `context` tokens at `nbytes` an
         element, as HF's static cache allocates it: keys and values of every attention layer, `context` tokens in a
-        full-attention layer and min(window, context) in a sliding-window one (the layer types are HF's own reading
-        of the child's config)."""
+        full-attention layer and min(window, context) in a sliding-window one, and a hybrid's recurrent state in
+        each linear-attention layer, whose size does not grow with the context (the layer types are HF's own
+        reading of the child's config)."""
         from transformers.cache_utils import get_layer_types_and_kwargs
 
         layer_types, settings = get_layer_types_and_kwargs(self.child_config(arch))
-        tokens = 0
+        tokens, recurrent = 0, 0
         for kind, setting in zip(layer_types, settings):
             if kind == "full_attention":
                 tokens += context
             elif "sliding_window" in setting:  # sliding and chunked attention
                 tokens += min(setting["sliding_window"], context)
+            elif kind == "linear_attention" and self.family.recurrent:
+                recurrent += self.family.recurrent.cache_bytes(self.config, arch, nbytes)
             elif kind != "dummy":  # a layer that keeps no cache (KV shared, or no attention)
                 raise UnsupportedModelError(f"{self.family.model_type}: no cache size for {kind} layers yet")
-        return 2 * tokens * batch * arch.num_key_value_heads * arch.head_dim * nbytes
+        return (2 * tokens * arch.num_key_value_heads * arch.head_dim * nbytes + recurrent) * batch
+
+    def layers_by_kind(self) -> dict[str, tuple[int, ...]]:
+        """The parent's layers of each depth kind (`Family.depth_kind`), in order."""
+        out: dict[str, list[int]] = {}
+        for i in range(self.config.num_hidden_layers):
+            out.setdefault(self.family.depth_kind(self.config, i), []).append(i)
+        return {kind: tuple(layers) for kind, layers in out.items()}
+
+    def kind_counts(self, layers: tuple[int, ...]) -> dict[str, int]:
+        """How many of `layers` are of each depth kind, as the axes `layers.<kind>` name them (empty for a parent
+        whose layers are all of one size)."""
+        if not self.family.mixes_layers(self.config):
+            return {}
+        return {f"{KIND_AXIS}{kind}": sum(i in layers for i in members) for kind, members in self.layers_by_kind().items()}
+
+    def first_layers(self, counts: dict[str, int]) -> tuple[int, ...]:
+        """A layer set with `counts[kind]` layers of each depth kind (its first ones): same-kind layers are the
+        same size, so it stands for any choice importance makes."""
+        kinds = self.layers_by_kind()
+        for kind, n in counts.items():
+            if kind not in kinds:
+                raise ArchitectureError(f"{KIND_AXIS}{kind}: the parent has no {kind} layers; its kinds: "
+                                        f"{', '.join(kinds)}")
+            if not 0 <= n <= len(kinds[kind]):
+                raise ArchitectureError(f"{KIND_AXIS}{kind}={n}: the parent has {len(kinds[kind])} {kind} layers")
+        return tuple(sorted(i for kind, n in counts.items() for i in kinds[kind][:n]))
 
     def largest_cache_layers(self, count: int, context: int) -> tuple[int, ...]:
         """The `count` parent layers whose caches hold the most tokens at `context` (full attention before sliding
@@ -363,10 +409,14 @@ class Parent:
         return self.family.child_config(self.config, arch)
 
     def child(self, axes: dict[str, Any], layers: tuple[int, ...] | None = None) -> Architecture:
-        """The architecture with these axis values (HF config keys), keeping `layers` (default: the first ones)."""
-        depth = int(axes.get("num_hidden_layers", self.architecture.num_hidden_layers))
-        return self.architecture.replace(**{k: int(v) for k, v in axes.items()},
-                                         layers=tuple(range(depth)) if layers is None else layers)
+        """The architecture with these axis values (HF config keys, and `layers.<kind>` counts of a parent whose
+        layers differ in size), keeping `layers` (default: the first ones, of each kind)."""
+        counts = {k[len(KIND_AXIS):]: int(v) for k, v in axes.items() if k.startswith(KIND_AXIS)}
+        widths = {k: int(v) for k, v in axes.items() if not k.startswith(KIND_AXIS)}
+        if layers is None:
+            layers = self.first_layers(counts) if counts else \
+                tuple(range(int(widths.get("num_hidden_layers", self.architecture.num_hidden_layers))))
+        return self.architecture.replace(**{**widths, "num_hidden_layers": len(layers)}, layers=layers)
 
 
 def logit_map(config: Any) -> tuple[float, float | None]:

@@ -428,11 +428,15 @@ def _settings_dict(settings: ImportanceSettings) -> dict[str, Any]:
     return d
 
 
-def select_layers(importances: Importances, num_layers: int, method: str = "bi") -> tuple[int, ...]:
+def select_layers(importances: Importances, num_layers: int, method: str = "bi",
+                  kinds: dict[str, tuple[int, ...]] | None = None,
+                  counts: dict[str, int] | None = None) -> tuple[int, ...]:
     """Indices of the `num_layers` parent layers to keep.
 
     Methods: "bi" keeps the highest Block Importance; "drop" keeps the layers whose removal alone raises
     the loss most; "block" drops the contiguous block whose removal raises the loss least (2408.11796).
+    With `counts` (kind -> layers to keep, over the parent's layers of each kind in `kinds`), each kind keeps its
+    own best layers by "bi" or "drop", so that a hybrid keeps, say, every attention layer and drops recurrent ones.
     """
     total = importances.heads.shape[0]
     k = total - num_layers
@@ -440,7 +444,12 @@ def select_layers(importances: Importances, num_layers: int, method: str = "bi")
         raise ValueError(f"num_hidden_layers={num_layers} exceeds the parent's {total} layers")
     if k == 0:
         return tuple(range(total))
+    if counts and sum(counts.values()) != num_layers:
+        raise ValueError(f"the layers kept of each kind {counts} do not add up to num_hidden_layers={num_layers}")
     if method == "block":
+        if counts:
+            raise ValueError("layer method 'block' drops one contiguous block of layers, which cannot keep a number of "
+                             "each kind; use 'bi' or 'drop'")
         if k not in importances.block_loss:
             raise ValueError(f"no block losses for k={k} dropped layers; compute importance with block_sizes including {k}")
         start = int(importances.block_loss[k].argmin())
@@ -453,6 +462,10 @@ def select_layers(importances: Importances, num_layers: int, method: str = "bi")
         scores = importances.block_loss[1]
     else:
         raise ValueError(f"layer method {method!r}: must be one of {LAYER_METHODS}")
+    if counts:
+        kept = [kinds[kind][j] for kind, n in counts.items()
+                for j in scores[list(kinds[kind])].topk(n).indices.tolist()]
+        return tuple(sorted(kept))
     return tuple(sorted(scores.topk(num_layers).indices.tolist()))
 
 

@@ -139,7 +139,7 @@ def measure_candidates(space, config, rows: list[dict[str, Any]], storage, echo=
     cpus = 1 if budget.device == "cuda" else space.resources.cpus_per_trial
     settings = settings_of(budget, cpus)
     parent = Parent.of(config)
-    shapes = {r["label"]: parent.child_config(architecture_of(r, config, tuple(range(r["num_hidden_layers"]))))
+    shapes = {r["label"]: parent.child_config(architecture_of(r, config))
               for r in rows}
     resources = {budget.device_resource: 0.001} if budget.device_resource else {}
     task = None

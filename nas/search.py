@@ -51,13 +51,13 @@ from nas.data import load_tokens, shuffled_rows, validation_size
 from nas.distill import DistillConfig
 from nas.errors import ConfigError, NasError
 from nas.files import atomic_dir, write_json
-from nas.importance import ImportanceSettings, Importances, cached_importance, lm_loss, select_layers
+from nas.importance import ImportanceSettings, Importances, cached_importance, lm_loss
 from nas.latency import measure_candidates
 from nas.parents import load_parent, parent_config, resolve_parent
 from nas.plan import Cluster, Stage, check_fits, checkpoint_tokens, plan
 from nas.prune import prune
 from nas.space import AXES, MEASURED, RetrainSpec, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, \
-    infeasible_hint, row_axes
+    infeasible_hint, kept_layers, row_axes
 from nas.storage import RunStorage, is_uri
 from nas.teacher_cache import ShardPlan, TopKShards, publish, topk_plan, write_part
 from nas.tokens import TokenSet
@@ -320,9 +320,9 @@ def _parent(spec: str, device: torch.device, keep: bool):
 
 def _architecture(shared: Shared, label: str, importances: Importances):
     """The label's Architecture, with the parent layers it keeps chosen from the importance scores."""
-    layers = select_layers(importances, int(shared.rows[label]["num_hidden_layers"]),
-                           shared.space.importance.layer_method)
-    return architecture_of(shared.rows[label], parent_config(shared.space.parent), layers)
+    config = parent_config(shared.space.parent)
+    layers = kept_layers(shared.rows[label], config, importances, shared.space.importance.layer_method)
+    return architecture_of(shared.rows[label], config, layers)
 
 
 def build_candidate(shared: Shared, label: str, device: torch.device | None = None, keep_parent: bool = True):

@@ -13,16 +13,19 @@ from typing import Any
 
 import yaml
 
-from nas.architecture import LABEL_PARTS, Architecture
+from nas.architecture import LABEL_PARTS, Architecture, short_label
 from nas.errors import ArchitectureError, ConfigError
-from nas.families import Parent, family_of
-from nas.importance import AGGREGATIONS, HEAD_SOURCES, LAYER_METHODS, NEURON_SOURCES
+from nas.families import KIND_AXIS, Parent, family_of
+from nas.importance import AGGREGATIONS, HEAD_SOURCES, LAYER_METHODS, NEURON_SOURCES, select_layers
 
 AXES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
 #: A mixture of experts' axes (`nas.blocks.MoE`), named as its config names them; `num_experts` and
 #: `num_local_experts` are two families' names of one axis, the experts kept per layer.
 EXPERT_AXES = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
                "shared_expert_intermediate_size")
+#: A hybrid's recurrent mixer's axes (`nas.blocks.Mamba2`, `nas.blocks.GatedDeltaNet`), as its config names them.
+RECURRENT_AXES = ("mamba_num_heads", "mamba_head_dim", "linear_num_value_heads", "linear_num_key_heads")
+UNIT_AXES = (*EXPERT_AXES, *RECURRENT_AXES)
 BUDGET_KINDS = ("total", "non_embedding", "active")
 #: What a search can optimise beside the validation loss (a candidate's figure), and in which direction.
 OBJECTIVES = {"latency_ms": "minimize", "prefill_ms": "minimize", "throughput": "maximize",
@@ -79,7 +82,12 @@ class Axes:
     """Values to search. `mlp_expansion` (multiples of hidden_size) may replace `intermediate_size`.
     An axis left empty keeps the parent's value. A mixture of experts adds `EXPERT_AXES`: the experts kept per
     layer (`num_experts` or `num_local_experts`, either name), experts per token, the expert width
-    (`moe_intermediate_size`; Mixtral, OLMoE and gpt-oss call it `intermediate_size`) and the shared expert's."""
+    (`moe_intermediate_size`; Mixtral, OLMoE and gpt-oss call it `intermediate_size`) and the shared expert's.
+    A hybrid adds `RECURRENT_AXES`: Mamba2's heads (a multiple of its groups) and head width, or Gated DeltaNet's
+    value and key heads. Where a parent's layers differ in size (a hybrid's kinds, or a mixture of experts' dense
+    and sparse layers) its depth is `kept_layers`, the layers kept of each kind (`nas arch --parent` lists them,
+    e.g. {full_attention: [4], linear_attention: [20, 24]}; a kind left out keeps all its layers); each kind keeps
+    its own best layers by importance."""
 
     num_hidden_layers: list[int] = field(default_factory=list)
     num_attention_heads: list[int] = field(default_factory=list)
@@ -92,6 +100,11 @@ class Axes:
     num_experts_per_tok: list[int] = field(default_factory=list)
     moe_intermediate_size: list[int] = field(default_factory=list)
     shared_expert_intermediate_size: list[int] = field(default_factory=list)
+    mamba_num_heads: list[int] = field(default_factory=list)
+    mamba_head_dim: list[int] = field(default_factory=list)
+    linear_num_value_heads: list[int] = field(default_factory=list)
+    linear_num_key_heads: list[int] = field(default_factory=list)
+    kept_layers: dict[str, list[int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -262,16 +275,22 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
     need(0 <= b.tolerance < 1, f"budget.tolerance={b.tolerance}: must be in [0, 1)")
     need(b.kind in BUDGET_KINDS, f"budget.kind={b.kind!r}: must be one of {', '.join(map(repr, BUDGET_KINDS))}")
     a = space.axes
-    for name in (*AXES, *EXPERT_AXES, "mlp_expansion"):
+    for name in (*AXES, *UNIT_AXES, "mlp_expansion"):
         values = getattr(a, name)
         need(isinstance(values, list) and all(isinstance(v, (int, float)) and v > 0 for v in values),
              f"axes.{name}={values!r}: must be a list of positive numbers")
     need(not (a.intermediate_size and a.mlp_expansion), "axes: give intermediate_size or mlp_expansion, not both")
     need(not (a.num_experts and a.num_local_experts), "axes: num_experts and num_local_experts name one axis (the "
                                                       "experts kept per layer); give one")
-    need(all(float(v).is_integer() for name in (*AXES, *EXPERT_AXES) for v in getattr(a, name)
+    need(all(float(v).is_integer() for name in (*AXES, *UNIT_AXES) for v in getattr(a, name)
              if isinstance(v, (int, float))),
          "axes: layer, head and width values must be integers")
+    need(isinstance(a.kept_layers, dict) and all(
+        isinstance(v, list) and v and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in v)
+        for v in a.kept_layers.values()),
+        f"axes.kept_layers={a.kept_layers!r}: must map each layer kind to a list of layer counts (integers >= 0)")
+    need(not (a.kept_layers and a.num_hidden_layers), "axes: give num_hidden_layers or kept_layers (the layers of "
+                                                      "each kind, which add up to the depth), not both")
     imp = space.importance
     need(imp.samples >= 1, f"importance.samples={imp.samples}: must be >= 1")
     for key, allowed in (("sampling", ("random", "first")), ("seq_agg", AGGREGATIONS), ("batch_agg", AGGREGATIONS),
@@ -381,8 +400,14 @@ def _counted(space: SearchSpace, parent: Parent, arch: Architecture) -> int:
 
 
 def axis_names(parent: Parent) -> tuple[str, ...]:
-    """The axes a candidate of this parent sets: the dense ones, then its family's units' (config keys)."""
-    return (*AXES, *parent.family.unit_keys)
+    """The axes a candidate of this parent sets: the dense ones, then its family's units' (config keys), then,
+    where its layers differ in size, the layers kept of each kind (`layers.<kind>`)."""
+    return (*AXES, *parent.family.unit_keys, *parent.kind_counts(parent.architecture.layers))
+
+
+def axes_of(parent: Parent, arch: Architecture) -> dict[str, int]:
+    """A child's values of `axis_names(parent)`."""
+    return {**{k: arch.get(k) for k in (*AXES, *parent.family.unit_keys)}, **parent.kind_counts(arch.layers)}
 
 
 def row_axes(row: dict[str, Any]) -> dict[str, int]:
@@ -394,25 +419,41 @@ def _axis_values(space: SearchSpace, parent: Parent) -> dict[str, list[int]]:
     """Each axis's values from the file (the parent's value where it gives none), under the parent's key names;
     an expert axis given for a parent without experts is refused."""
     ax = space.axes
+    family = parent.family
     given = {name: getattr(ax, name) for name in AXES}
-    for name in EXPERT_AXES:
+    for name in UNIT_AXES:
         values = getattr(ax, name)
         if not values:
             continue
-        moe = parent.family.moe
+        moe = family.moe
         key = moe.count_key if moe and name in ("num_experts", "num_local_experts") else name
-        if key not in parent.family.unit_keys:
-            has = f"its expert axes: {', '.join(parent.family.unit_keys)}" if moe else "it has no experts"
-            raise ConfigError(f"axes.{name}: not an axis of a {parent.family.model_type} parent ({has})")
+        if key not in family.unit_keys:
+            has = f"its unit axes: {', '.join(family.unit_keys)}" if family.unit_keys else "it has only the dense axes"
+            raise ConfigError(f"axes.{name}: not an axis of a {family.model_type} parent ({has})")
         given[key] = values
     depth = parent.architecture.num_hidden_layers
-    if any(int(v) != depth for v in ax.num_hidden_layers) and parent.family.mixes_layers(parent.config):
-        raise ConfigError(f"axes.num_hidden_layers: this {parent.family.model_type} parent mixes dense and "
-                          f"mixture-of-experts layers, so a shallower child's size depends on which layers importance "
-                          f"keeps, which the budget cannot know beforehand; search its widths at {depth} layers, or "
-                          f"prune a chosen depth with `nas prune` (its `layers` fix the kinds)")
-    return {name: [int(v) for v in given.get(name) or []] or [parent.architecture.get(name)]
-            for name in axis_names(parent)}
+    kinds = parent.layers_by_kind()
+    mixed = family.mixes_layers(parent.config)
+    kind_list = ", ".join(f"{kind} ({len(layers)})" for kind, layers in kinds.items())
+    if any(int(v) != depth for v in ax.num_hidden_layers) and mixed:
+        raise ConfigError(f"axes.num_hidden_layers: this {family.model_type} parent's layers differ in size by kind, "
+                          f"so a depth alone does not fix a child's size; give axes.kept_layers, the layers kept of "
+                          f"each kind (its kinds: {kind_list})")
+    if ax.kept_layers:
+        if not mixed:
+            raise ConfigError(f"axes.kept_layers: this {family.model_type} parent's layers are all alike; give "
+                              f"axes.num_hidden_layers")
+        if problem := family.depth_problem(parent.config):
+            raise ConfigError(f"axes.kept_layers: {problem}, so counting each kind does not fix a child's size; "
+                              f"search its widths at {depth} layers")
+        for kind, values in ax.kept_layers.items():
+            if kind not in kinds:
+                raise ConfigError(f"axes.kept_layers.{kind}: the parent has no {kind} layers; its kinds: {kind_list}")
+            if max(values) > len(kinds[kind]):
+                raise ConfigError(f"axes.kept_layers.{kind}={values}: the parent has {len(kinds[kind])} {kind} layers")
+            given[f"{KIND_AXIS}{kind}"] = values
+    parent_values = axes_of(parent, parent.architecture)
+    return {name: [int(v) for v in given.get(name) or []] or [parent_values[name]] for name in axis_names(parent)}
 
 
 def _grid(space: SearchSpace, parent: Parent) -> list[Architecture]:
@@ -425,6 +466,8 @@ def _grid(space: SearchSpace, parent: Parent) -> list[Architecture]:
         axes = dict(zip(names, axes))
         if expansion is not None:
             axes["intermediate_size"] = int(round(axes["hidden_size"] * expansion))
+        if any(k.startswith(KIND_AXIS) for k in axes):
+            axes.pop("num_hidden_layers")  # the kinds' counts add up to it
         try:
             arch = parent.child(axes)
             parent.child_config(arch)
@@ -445,7 +488,8 @@ def enumerate_candidates(space: SearchSpace, config: Any) -> list[dict[str, Any]
         counted = _counted(space, parent, arch)
         if low <= counted <= high and _memory_problem(space, parent, arch) is None:
             active = {"active_params": parent.active_parameters(arch)} if parent.family.moe else {}
-            rows.append({"label": arch.short(), **{k: arch.get(k) for k in axis_names(parent)},
+            axes = axes_of(parent, arch)
+            rows.append({"label": short_label(axes), **axes,
                          "params": params, **active, "memory_bytes": memory_bytes(space, parent, arch),
                          "counted": counted,
                          "share_of_parent": params / parent_params})
@@ -458,7 +502,8 @@ def memory_bytes(space: SearchSpace, parent: Parent, arch: Architecture) -> int:
     parent mixes sliding-window and full-attention layers, the cache is counted for the kept layers that would
     hold the most (a cap must hold whichever are kept)."""
     b = space.budget
-    if arch.num_hidden_layers < parent.architecture.num_hidden_layers:
+    if arch.num_hidden_layers < parent.architecture.num_hidden_layers and not parent.family.mixes_layers(parent.config):
+        # (where kinds differ, the child's layers already have the kinds it keeps, and any of a kind will do)
         arch = arch.replace(layers=parent.largest_cache_layers(arch.num_hidden_layers, b.context))
     return parent.num_parameters(arch) * b.bytes_per_param + parent.cache_bytes(arch, b.context, b.batch, b.cache_bytes)
 
@@ -526,7 +571,18 @@ def infeasible_hint(space: SearchSpace, config: Any) -> str:
             f"has {bound:,}; add {fix} to axes.{axis}")
 
 
-def architecture_of(row: dict[str, Any], config: Any, layers: tuple[int, ...]) -> Architecture:
+def kept_layers(axes: dict[str, Any], config: Any, importances: Any, method: str) -> tuple[int, ...]:
+    """The parent layers a candidate with these axes keeps, chosen by importance (`select_layers`); with counts of
+    each kind (`layers.<kind>`), each kind keeps its own best layers."""
+    counts = {k[len(KIND_AXIS):]: int(v) for k, v in axes.items() if k.startswith(KIND_AXIS)}
+    kinds = Parent.of(config).layers_by_kind() if counts else None
+    return select_layers(importances, int(axes.get("num_hidden_layers", sum(counts.values()))), method, kinds,
+                         counts or None)
+
+
+def architecture_of(row: dict[str, Any], config: Any, layers: tuple[int, ...] | None = None) -> Architecture:
+    """A candidate row's Architecture, keeping `layers` (default: the first ones of each kind, which stand for any
+    choice of the same kinds in counts and sizes)."""
     parent = Parent.of(config)
     return parent.child({k: row[k] for k in axis_names(parent)}, layers)
 

@@ -41,7 +41,7 @@ _SLIDING = dict(sliding_window=8, layer_types=["sliding_attention", "full_attent
 def _stock(model_type: str, **extra):
     from transformers import AutoConfig
 
-    return lambda: AutoConfig.for_model(model_type, **_COMMON, **_IDS, **extra)
+    return lambda **more: AutoConfig.for_model(model_type, **{**_COMMON, **_IDS, **extra, **more})
 
 
 #: The families added on block units, each with its quirks switched on (softcaps, multipliers, sliding windows),
@@ -62,7 +62,7 @@ FAMILY_CONFIGS = {
 def _moe(model_type: str, **extra):
     from transformers import AutoConfig
 
-    return lambda: AutoConfig.for_model(model_type, **{**_COMMON, **_IDS, **extra})
+    return lambda **more: AutoConfig.for_model(model_type, **{**_COMMON, **_IDS, **extra, **more})
 
 
 _EXPERTS = dict(num_experts_per_tok=2, router_aux_loss_coef=0.01)
@@ -92,9 +92,10 @@ HYBRID_CONFIGS = {
 ALL_CONFIGS = {**TINY_CONFIGS, **FAMILY_CONFIGS, **MOE_CONFIGS, **HYBRID_CONFIGS}
 
 
-def tiny_model(name: str, seed: int = 0) -> torch.nn.Module:
+def tiny_model(name: str, seed: int = 0, **config) -> torch.nn.Module:
+    """The tiny random model `name`, with any `config` entries changed."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(ALL_CONFIGS[name](), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(ALL_CONFIGS[name](**config), dtype=torch.float32).eval()
     with torch.no_grad():  # stock init is near-identity noise; wider weights make pruning effects visible
         for p in model.parameters():
             if p.dim() == 1:

@@ -1,6 +1,7 @@
 """Deployment budgets. Memory (`budget.memory_gb`): a child's weights plus the KV cache of `batch` sequences of
 `context` tokens, counted from its config, against the cache HF's own `generate` builds (a static cache), for
-every family (full, sliding-window and mixed attention, dense and mixtures of experts). Speed (`budget.latency_ms`,
+every family (full, sliding-window and mixed attention, dense and mixtures of experts, and hybrids' recurrent
+states, which do not grow with the context). Speed (`budget.latency_ms`,
 `search.objectives`): candidates measured before training, those over a cap never trained, and a two-objective
 search whose front is loss against measured latency."""
 
@@ -20,11 +21,21 @@ TOKENS = torch.randint(3, 320, (2, 12), generator=torch.Generator().manual_seed(
 
 
 def _cut(config):
-    """Heads, KV heads and hidden narrower, one layer dropped (so that the kept layers' types are the child's)."""
+    """Heads, KV heads and hidden narrower, a hybrid's recurrent heads too, one layer dropped (so that the kept
+    layers' types are the child's)."""
     parent = Parent.of(config)
+    recurrent = {"mamba_num_heads": 4, "mamba_head_dim": 4} if parent.family.mamba else \
+        {"linear_num_value_heads": 2, "linear_num_key_heads": 1} if parent.family.deltanet else {}
     return parent.architecture.replace(num_attention_heads=3, num_key_value_heads=1, num_hidden_layers=3,
-                                       layers=(0, 2, 3), **({"hidden_size": 24} if config.model_type == "olmoe"
-                                                            else {}))
+                                       layers=(0, 2, 3), **recurrent,
+                                       **({"hidden_size": 24} if config.model_type == "olmoe" else {}))
+
+
+def _cache_tensors(layer):
+    """An attention layer's keys and values; a linear-attention layer's conv windows and recurrent states."""
+    if hasattr(layer, "recurrent_states"):
+        return [*layer.conv_states.values(), *layer.recurrent_states.values()]
+    return [layer.keys, layer.values]
 
 
 @pytest.mark.parametrize("name", sorted(ALL_CONFIGS))
@@ -36,7 +47,8 @@ def test_the_counted_kv_cache_is_the_one_generate_builds(name, new_tokens):
     out = child.generate(TOKENS, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=0, cache_implementation="static", return_dict_in_generate=True)
     cache = out.past_key_values
-    built = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    built = sum(t.numel() * t.element_size() for layer in cache.layers for t in _cache_tensors(layer)
+                if t is not None)
     context = TOKENS.shape[1] + new_tokens - 1  # generate never feeds the last new token back: it is not cached
     assert Parent.of(parent.config).cache_bytes(arch, context, TOKENS.shape[0], nbytes=4) == built
     if name in ("gemma2", "gemma3_text", "olmo3", "gpt_oss") and new_tokens == 12:  # past the window: it is used

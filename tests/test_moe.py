@@ -20,7 +20,7 @@ from nas.families import Parent, family_of
 from nas.importance import EXPERT_SCORES, ImportanceSettings, compute_importance
 from nas.plan import layer_kinds, saved_bytes_per_layer
 from nas.prune import prune, prune_checkpoint
-from nas.space import enumerate_candidates, parse_space
+from nas.space import architecture_of, enumerate_candidates, parse_space
 
 FAMILIES = sorted(MOE_CONFIGS)
 TOKENS = torch.randint(3, 320, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -410,11 +410,27 @@ def test_a_search_over_expert_axes_records_them_and_exports_the_winner(tmp_path,
     assert winner.config.num_experts == best["num_local_experts"] and "active_params" in best
 
 
-def test_depth_axes_are_refused_on_a_parent_mixing_dense_and_sparse_layers():
-    """Qwen3-MoE's `mlp_only_layers` makes one layer dense: which layers a shallower child keeps (chosen later, by
-    importance) would change its count, so the budget could not be judged when candidates are enumerated."""
+def test_depth_on_a_parent_mixing_dense_and_sparse_layers_is_counted_by_kind():
+    """Qwen3-MoE's `mlp_only_layers` makes one layer dense: a depth alone would leave a child's count to the layers
+    importance keeps later, so it is refused; `kept_layers` counts each kind, and every candidate's count is then
+    its child's, pruned with the layers importance picks of each kind."""
+    from nas.space import kept_layers
+
+    config = MOE_CONFIGS["qwen3_moe"]()
     space = parse_space({"name": "s", "parent": "x", "budget": {"fraction": 0.8, "tolerance": 0.3},
                          "axes": {"num_hidden_layers": [3, 4]}})
-    with pytest.raises(ConfigError, match="mixes dense and mixture-of-experts layers"):
-        enumerate_candidates(space, MOE_CONFIGS["qwen3_moe"]())
+    with pytest.raises(ConfigError, match=r"give axes.kept_layers.*kinds: sparse \(3\), dense \(1\)"):
+        enumerate_candidates(space, config)
     assert enumerate_candidates(space, MOE_CONFIGS["mixtral"]())  # every layer sparse: depth is an axis
+    space = parse_space({"name": "s", "parent": "x", "budget": {"fraction": 0.8, "tolerance": 0.3},
+                         "axes": {"kept_layers": {"sparse": [2, 3]}}})
+    rows = enumerate_candidates(space, config)
+    assert [(r["label"], r["num_hidden_layers"]) for r in rows] == [("L4-H6-KV2-M80-E48-X8-K2-XM24-LD1-LS3", 4),
+                                                                    ("L3-H6-KV2-M80-E48-X8-K2-XM24-LD1-LS2", 3)]
+    parent = tiny_model("qwen3_moe")
+    importances = _importances(parent)
+    for row in rows:
+        layers = kept_layers(row, config, importances, "bi")
+        assert 1 in layers  # the dense layer
+        child = prune(parent, importances, architecture_of(row, config, layers))
+        assert sum(t.numel() for t in child.parameters()) == row["params"]

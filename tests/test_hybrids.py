@@ -1,0 +1,186 @@
+"""Hybrid parents (nas/blocks/mamba.py, nas/blocks/deltanet.py) against their stock HF models, on the kernels'
+pure-torch paths: keep-all pruning is the parent with and without a cache (the recurrent states included), dead
+recurrent heads score lowest and removing them leaves the logits equal, a child cut on every axis is a stock
+checkpoint whose layer pattern is its kept layers' kinds, counts are the built model's, streamed pruning is
+bit-identical, and a child keeps an attention layer."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import HYBRID_CONFIGS, tiny_model
+from test_families import assert_streamed_equals_in_memory, pruned_and_reloaded
+from nas.errors import ArchitectureError
+from nas.families import Parent, family_of
+from nas.importance import ImportanceSettings, compute_importance
+from nas.prune import prune
+
+FAMILIES = sorted(HYBRID_CONFIGS)
+TOKENS = torch.randint(3, 320, (4, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _importances(model, tokens=TOKENS):
+    return compute_importance(model, tokens, ImportanceSettings(drop_samples=2, batch_size=4))
+
+
+def _pattern(config) -> list[str]:
+    return list(getattr(config, family_of(config).pattern_key))
+
+
+def _cut(config):
+    """Every axis cut: half the recurrent heads (Mamba2: and 4 of its 6 head channels; DeltaNet: one key head of
+    two), half the attention heads, narrower MLPs (and experts, where there are), hidden narrower, and one layer
+    dropped (a recurrent one)."""
+    parent = Parent.of(config)
+    family = parent.family
+    changes = {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 40, "hidden_size": 36}
+    if family.mamba:
+        changes.update(mamba_num_heads=4, mamba_head_dim=4)
+    else:
+        changes.update(linear_num_value_heads=2, linear_num_key_heads=1)
+    if family.moe:
+        changes.update(num_experts=4, num_experts_per_tok=1, moe_intermediate_size=12,
+                       shared_expert_intermediate_size=20)
+    layers = tuple(i for i in range(config.num_hidden_layers) if i != 0)
+    return parent.architecture.replace(**changes, num_hidden_layers=len(layers), layers=layers)
+
+
+def _logits(model, tokens=TOKENS):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def _cached_logits(model, tokens=TOKENS):
+    """The logits of a prefill of all but the last 4 tokens, then 4 one-token steps on the cache."""
+    with torch.no_grad():
+        out = model(input_ids=tokens[:, :-4], use_cache=True)
+        logits, cache = [out.logits], out.past_key_values
+        for t in range(tokens.shape[1] - 4, tokens.shape[1]):
+            out = model(input_ids=tokens[:, t:t + 1], cache=cache, use_cache=True)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_keep_all_equals_the_parent_with_and_without_a_cache(name):
+    parent = tiny_model(name)
+    child = prune(parent, _importances(parent), Parent.of(parent.config).architecture)
+    torch.testing.assert_close(_logits(child), _logits(parent), rtol=0, atol=0)
+    cached = _cached_logits(parent)
+    torch.testing.assert_close(cached, _logits(parent), rtol=1e-4, atol=1e-4)  # the cache is the recurrence
+    torch.testing.assert_close(_cached_logits(child), cached, rtol=0, atol=0)
+
+
+def _plant_dead_heads(model) -> dict[int, list[int]]:
+    """In every recurrent layer, kill one head of each group (Mamba2) or one value head of each key head
+    (DeltaNet): its `out_proj` columns are zero, and (Mamba2) its gate z is zero, so that its gated output is zero
+    and adds nothing to its group's RMS either. Returns the dead heads by layer."""
+    family = family_of(model.config)
+    dead = {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for path, unit in family.slots(model.config, i):
+                if unit is family.mamba:
+                    mixer = layer.get_submodule(path)
+                    heads, width = mixer.num_heads, mixer.head_dim
+                    per_group = heads // mixer.n_groups
+                    dead[i] = [g * per_group + 1 for g in range(mixer.n_groups)]
+                    for h in dead[i]:
+                        mixer.out_proj.weight[:, h * width:(h + 1) * width] = 0
+                        mixer.in_proj.weight[h * width:(h + 1) * width] = 0  # z's rows come first
+                        if mixer.in_proj.bias is not None:
+                            mixer.in_proj.bias[h * width:(h + 1) * width] = 0
+                elif unit is family.deltanet:
+                    mixer = layer.get_submodule(path)
+                    per_key = mixer.num_v_heads // mixer.num_k_heads
+                    dead[i] = [g * per_key for g in range(mixer.num_k_heads)]
+                    for h in dead[i]:
+                        mixer.out_proj.weight[:, h * mixer.head_v_dim:(h + 1) * mixer.head_v_dim] = 0
+    return dead
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_dead_recurrent_heads_score_lowest_and_removing_them_leaves_the_logits_equal(name):
+    """Mamba2 removes heads group by group, so its gated norm's RMS (a mean over the group) loses the dead heads'
+    zeros: the kept weights are rescaled by sqrt(parent / child group width), which makes the removal exact but for
+    the norm's eps (added to the mean, so it does not scale with it: made negligible here; at 1e-5 the logits move
+    by 8e-3 on this tiny model, whose activations are small)."""
+    parent = tiny_model(name, layer_norm_epsilon=1e-12) if name == "nemotron_h" else tiny_model(name)
+    dead = _plant_dead_heads(parent)
+    assert dead
+    importances = _importances(parent)
+    for i, heads in dead.items():
+        scores = importances.mixer_heads[i]
+        alive = [h for h in range(scores.numel()) if h not in heads]
+        assert scores[heads].max() < scores[alive].min(), (i, scores)
+    family, arch = family_of(parent.config), Parent.of(parent.config).architecture
+    if family.mamba:
+        cut = arch.replace(mamba_num_heads=arch.get("mamba_num_heads") - 2)
+    else:
+        cut = arch.replace(linear_num_value_heads=arch.get("linear_num_value_heads") - 2)
+    child = prune(parent, importances, cut)
+    # In float64 (the experts' loop, not grouped_mm, which takes no float64): the chunked scans' fp32 rounding
+    # differs with the number of heads (4e-5 here).
+    for model in (child, parent):
+        model.double().set_experts_implementation("eager")
+    torch.testing.assert_close(_logits(child), _logits(parent))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_child_cut_on_every_axis_reloads_as_stock_with_its_kept_layers_kinds_and_generates(name, tmp_path):
+    parent = tiny_model(name)
+    arch = _cut(parent.config)
+    child, reloaded = pruned_and_reloaded(parent, _importances(parent), arch, tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert {k: saved[k] for k in arch.to_dict() if k not in ("layers", "num_hidden_layers")} == \
+        {k: v for k, v in arch.to_dict().items() if k not in ("layers", "num_hidden_layers")}
+    assert reloaded.config.num_hidden_layers == arch.num_hidden_layers
+    assert _pattern(reloaded.config) == [_pattern(parent.config)[i] for i in arch.layers]
+    torch.testing.assert_close(_logits(reloaded), _logits(child), rtol=0, atol=0)
+    out = reloaded.generate(TOKENS[:1, :8], max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 13)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_parameter_counts_equal_the_built_models(name):
+    parent = tiny_model(name)
+    for model in (parent, prune(parent, _importances(parent), _cut(parent.config))):
+        assert Parent.of(model.config).num_parameters() == sum(t.numel() for t in model.parameters())
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_streamed_pruning_is_bit_identical_to_in_memory(name, tmp_path):
+    """Nemotron-H's checkpoints name the model `backbone`: read under it and written under it."""
+    parent = tiny_model(name)
+    assert_streamed_equals_in_memory(parent, _importances(parent), _cut(parent.config), tmp_path)
+    if name == "nemotron_h":
+        names = json.loads((tmp_path / "child" / "model.safetensors.index.json").read_text())["weight_map"]
+        assert names and all(k.startswith(("backbone.", "lm_head.")) for k in names)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_child_without_an_attention_layer_is_refused(name):
+    config = HYBRID_CONFIGS[name]()
+    family = family_of(config)
+    recurrent = tuple(i for i in range(config.num_hidden_layers) if not family.is_attention(config, i))
+    arch = Parent.of(config).architecture.replace(num_hidden_layers=len(recurrent), layers=recurrent)
+    with pytest.raises(ArchitectureError, match="keeps no attention layer"):
+        family.child_config(config, arch)
+
+
+def test_uneven_mamba_heads_per_group_are_refused():
+    config = HYBRID_CONFIGS["nemotron_h"]()
+    arch = Parent.of(config).architecture.replace(mamba_num_heads=5)
+    with pytest.raises(ArchitectureError, match="multiple of n_groups=2"):
+        family_of(config).child_config(config, arch)
+
+
+def test_a_nemotron_h_parent_with_moe_layers_is_refused_with_the_reason():
+    from nas.errors import UnsupportedModelError
+
+    config = HYBRID_CONFIGS["nemotron_h"]()
+    config.layers_block_type = [*config.layers_block_type[:-1], "moe"]
+    with pytest.raises(UnsupportedModelError, match=r"holds \['moe'\] layers"):
+        family_of(config)
