@@ -144,13 +144,25 @@ LABEL_PARTS = {"num_hidden_layers": "L", "num_attention_heads": "H", "num_key_va
                "intermediate_size": "M", "hidden_size": "E", "num_experts": "X", "num_local_experts": "X",
                "num_experts_per_tok": "K", "moe_intermediate_size": "XM", "shared_expert_intermediate_size": "S",
                "mamba_num_heads": "MH", "mamba_head_dim": "MD", "linear_num_value_heads": "LV",
-               "linear_num_key_heads": "LK",
-               # the layers kept of each kind, where a parent's kinds differ in size (`nas.families.KIND_AXIS`)
-               "layers.full_attention": "LA", "layers.linear_attention": "LR", "layers.mlp": "LF",
-               "layers.dense": "LD", "layers.sparse": "LS"}
+               "linear_num_key_heads": "LK"}
+#: The layers kept of each kind, where a parent's kinds differ in size, are axes `layers.<kind>` (a hybrid's
+#: pattern kind, and ":dense"/":sparse" where it mixes both MLPs): labelled L + the kind's letters, e.g. "LR3" for
+#: three linear-attention layers, "LRS2" for two sparse ones.
+KIND_AXIS = "layers."
+KIND_LETTERS = {"full_attention": "A", "linear_attention": "R", "mlp": "F", "dense": "D", "sparse": "S"}
+
+
+def axis_keys(axes: dict[str, Any]) -> list[str]:
+    """The axis keys among `axes`, in label order."""
+    return [k for k in LABEL_PARTS if k in axes] + sorted(k for k in axes if k.startswith(KIND_AXIS))
 
 
 def short_label(axes: dict[str, Any]) -> str:
     """The compact label of a candidate's axes (e.g. "L30-H6-KV3-M768-E576", "L4-H4-KV2-M64-E64-X4-K2-XM32"), as
     `Architecture.short()` gives it."""
-    return "-".join(f"{prefix}{int(axes[key])}" for key, prefix in LABEL_PARTS.items() if key in axes)
+    def prefix(key: str) -> str:
+        if key in LABEL_PARTS:
+            return LABEL_PARTS[key]
+        return "L" + "".join(KIND_LETTERS.get(part, part) for part in key[len(KIND_AXIS):].split(":"))
+
+    return "-".join(f"{prefix(key)}{int(axes[key])}" for key in axis_keys(axes))

@@ -83,7 +83,7 @@ def cmd_prune(args) -> None:
 
     from nas.architecture import Architecture
     from nas.files import atomic_dir
-    from nas.families import KIND_AXIS
+    from nas.architecture import KIND_AXIS
     from nas.importance import Importances
     from nas.parents import load_parent, parent_config, resolve_parent
     from nas.prune import PruneOptions, SafetensorsReader, prune, prune_checkpoint

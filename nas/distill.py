@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from nas import losses, sharding
 from nas.errors import ConfigError, TrainingError
-from nas.families import logit_map
+from nas.families import family_of, logit_map
 from nas.files import atomic_dir, atomic_path, write_json
 from nas.teacher_cache import TeacherTopK, TopKShards
 
@@ -121,16 +121,17 @@ def uses_intermediate(cfg: DistillConfig, student_layers: int, teacher_layers: i
 
 @contextlib.contextmanager
 def capture_states(model: nn.Module, layers: list[int]) -> Iterator[list[Tensor]]:
-    """Collect [embeddings, outputs of `layers`...] after the model's final norm (paper §3)."""
-    decoder = model.model
+    """Collect [embeddings, outputs of `layers`...] after the model's final norm (paper §3). The same for every
+    layer kind: a hybrid's recurrent layers hand on their residual stream as attention layers do."""
+    family = family_of(model.config)
     states: list[Tensor] = []
-    norm = decoder.norm
+    norm = model.get_submodule(family.final_norm)
 
     def keep(_m, _a, out):
         states.append(norm(out[0] if isinstance(out, tuple) else out))
 
-    handles = [decoder.embed_tokens.register_forward_hook(keep)]
-    handles += [decoder.layers[i].register_forward_hook(keep) for i in layers]
+    handles = [model.get_submodule(family.embeddings).register_forward_hook(keep)]
+    handles += [model.model.layers[i].register_forward_hook(keep) for i in layers]
     try:
         yield states
     finally:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nas.architecture import Architecture
+from nas.architecture import KIND_AXIS, Architecture
 from nas.blocks.moe import TOP_K
 from nas.blocks import MLP, Attention, GatedDeltaNet, Mamba2, MoE, Norm
 from nas.errors import ArchitectureError, UnsupportedModelError
@@ -21,9 +21,6 @@ from nas.errors import ArchitectureError, UnsupportedModelError
 PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # Llama: before attention, before the MLP
 SANDWICH_NORMS = (*PRE_NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma 2/3: around both
 POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # OLMo 2/3: on each block's output
-
-#: The prefix of a depth axis counting one kind of layer (`layers.full_attention`, `layers.sparse`).
-KIND_AXIS = "layers."
 
 #: The mixer of every layer of a family without a layer pattern: attention at `self_attn`.
 ATTENTION_ONLY = (("*", "attention", "self_attn"),)
@@ -91,18 +88,12 @@ class Family:
         return self.layer_kind(config, layer), self.is_sparse(config, layer)
 
     def depth_kind(self, config: Any, layer: int) -> str:
-        """The kind a depth axis counts the parent layer under: its pattern's kind, else dense or sparse."""
-        return self.layer_kind(config, layer) if self.pattern_key else \
-            "sparse" if self.is_sparse(config, layer) else "dense"
-
-    def depth_problem(self, config: Any) -> str | None:
-        """Why counting the kept layers of each depth kind does not fix a child's size (one kind holding layers
-        of two sizes), or None."""
-        sizes: dict[str, set] = {}
-        for i in range(config.num_hidden_layers):
-            sizes.setdefault(self.depth_kind(config, i), set()).add(self.kind_size(config, i))
-        mixed = [kind for kind, s in sizes.items() if len(s) > 1]
-        return f"its {', '.join(mixed)} layers are both dense and sparse" if mixed else None
+        """The kind a depth axis counts the parent layer under, which fixes its size: its pattern's kind, and
+        ":dense" or ":sparse" where the parent has both (a family without a pattern: "dense" or "sparse")."""
+        mlp = ""
+        if len({self.is_sparse(config, i) for i in range(config.num_hidden_layers)}) > 1:
+            mlp = "sparse" if self.is_sparse(config, layer) else "dense"
+        return ":".join(k for k in (self.layer_kind(config, layer) if self.pattern_key else "", mlp) if k)
 
     def mixes_layers(self, config: Any) -> bool:
         """Whether the parent's layers differ in size (dense and sparse, or of several kinds): a shallower child's

@@ -310,19 +310,21 @@ def one_layer_config(config: Any, layer: int = 0) -> Any:
     """A config of one decoder layer built as `config`'s layer `layer`: its layer type and, in a mixture of
     experts, dense or sparse."""
     data = {**config.to_dict(), "num_hidden_layers": 1}
-    if getattr(config, "layer_types", None):
-        data["layer_types"] = [config.layer_types[layer]]
     family = Parent.of(config).family
+    for key in {"layer_types", family.pattern_key} - {None}:  # (a hybrid's pattern: the layer's kind)
+        if getattr(config, key, None):
+            data[key] = [getattr(config, key)[layer]]
     if family.moe:
         data.update(family.moe.child_layout(config, (layer,)))
     return config.__class__.from_dict(data)
 
 
 def layer_kinds(config: Any) -> list[int]:
-    """The first layer of each kind of decoder layer in `config` (its layer type, dense or sparse)."""
+    """The first layer of each kind of decoder layer in `config` (its layer type or a hybrid's kind, dense or
+    sparse)."""
     family, seen = Parent.of(config).family, {}
     for i in range(config.num_hidden_layers):
-        kind = ((getattr(config, "layer_types", None) or [None] * (i + 1))[i], family.is_sparse(config, i))
+        kind = ((getattr(config, "layer_types", None) or [None] * (i + 1))[i], *family.kind_size(config, i))
         seen.setdefault(kind, i)
     return list(seen.values())
 
@@ -347,8 +349,7 @@ def saved_bytes_per_layer(config: Any, batch: int, seq_len: int, dtype: torch.dt
     positions = torch.arange(seq_len, device="meta")[None].expand(batch, seq_len)
     rotary = rotary_embeddings(decoder, x, positions)
     with _grouped_mm_on_meta():
-        return saved_bytes(model, lambda: decoder.layers[0](x, attention_mask=None, position_embeddings=rotary,
-                                                            position_ids=positions))
+        return saved_bytes(model, lambda: decoder.layers[0](x, attention_mask=None, position_ids=positions, **rotary))
 
 
 @contextlib.contextmanager
@@ -381,27 +382,33 @@ class _GroupedMatmulShapes(torch.autograd.Function):
         raise NotImplementedError("traced for its saved tensors only")
 
 
-def rotary_embeddings(decoder: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor):
-    """The (cos, sin) a decoder's first layer takes: Gemma 3 keeps one rotary base per layer type."""
+def rotary_embeddings(decoder: torch.nn.Module, x: torch.Tensor, positions: torch.Tensor) -> dict[str, Any]:
+    """The keyword a decoder's first layer takes its rotary (cos, sin) as: Gemma 3 keeps one rotary base per layer
+    type; Nemotron-H has no rotary embedding (none)."""
+    if not hasattr(decoder, "rotary_emb"):
+        return {}
     if "layer_type" in inspect.signature(decoder.rotary_emb.forward).parameters:
-        return decoder.rotary_emb(x, positions, decoder.config.layer_types[0])
-    return decoder.rotary_emb(x, positions)
+        return {"position_embeddings": decoder.rotary_emb(x, positions, decoder.config.layer_types[0])}
+    return {"position_embeddings": decoder.rotary_emb(x, positions)}
 
 
 def saved_bytes(model: torch.nn.Module, run) -> int:
     """Bytes of the distinct storages autograd saves while `run()` runs, not counting `model`'s parameters."""
     params = {p.untyped_storage()._cdata for p in model.parameters()}
-    seen: dict[int, int] = {}
+    # Storages are told apart by address, so each one seen is held until the end: a saved tensor freed mid-run (its
+    # branch of the graph unused) would otherwise free an address a later storage can take, which then goes
+    # uncounted (a real CPU run and a meta trace reuse addresses differently).
+    seen: dict[int, torch.UntypedStorage] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage._cdata not in params:
-            seen[storage._cdata] = storage.nbytes()
+            seen[storage._cdata] = storage
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         run()
-    return sum(seen.values())
+    return sum(s.nbytes() for s in seen.values())
 
 
 def _register_trace_attention() -> None:

@@ -13,9 +13,10 @@ from typing import Any
 
 import yaml
 
-from nas.architecture import LABEL_PARTS, Architecture, short_label
+from nas.architecture import Architecture, axis_keys, short_label
 from nas.errors import ArchitectureError, ConfigError
-from nas.families import KIND_AXIS, Parent, family_of
+from nas.architecture import KIND_AXIS
+from nas.families import Parent, family_of
 from nas.importance import AGGREGATIONS, HEAD_SOURCES, LAYER_METHODS, NEURON_SOURCES, select_layers
 
 AXES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
@@ -412,7 +413,7 @@ def axes_of(parent: Parent, arch: Architecture) -> dict[str, int]:
 
 def row_axes(row: dict[str, Any]) -> dict[str, int]:
     """A candidate row's axis values, in label order."""
-    return {k: int(row[k]) for k in LABEL_PARTS if k in row}
+    return {k: int(row[k]) for k in axis_keys(row)}
 
 
 def _axis_values(space: SearchSpace, parent: Parent) -> dict[str, list[int]]:
@@ -443,9 +444,6 @@ def _axis_values(space: SearchSpace, parent: Parent) -> dict[str, list[int]]:
         if not mixed:
             raise ConfigError(f"axes.kept_layers: this {family.model_type} parent's layers are all alike; give "
                               f"axes.num_hidden_layers")
-        if problem := family.depth_problem(parent.config):
-            raise ConfigError(f"axes.kept_layers: {problem}, so counting each kind does not fix a child's size; "
-                              f"search its widths at {depth} layers")
         for kind, values in ax.kept_layers.items():
             if kind not in kinds:
                 raise ConfigError(f"axes.kept_layers.{kind}: the parent has no {kind} layers; its kinds: {kind_list}")

@@ -12,10 +12,12 @@ from transformers import AutoModelForCausalLM
 
 from conftest import HYBRID_CONFIGS, tiny_model
 from test_families import assert_streamed_equals_in_memory, pruned_and_reloaded
+from nas.cli import main
 from nas.errors import ArchitectureError
 from nas.families import Parent, family_of
 from nas.importance import ImportanceSettings, compute_importance
 from nas.prune import prune
+from nas.space import enumerate_candidates, parse_space
 
 FAMILIES = sorted(HYBRID_CONFIGS)
 TOKENS = torch.randint(3, 320, (4, 24), generator=torch.Generator().manual_seed(0))
@@ -184,3 +186,73 @@ def test_a_nemotron_h_parent_with_moe_layers_is_refused_with_the_reason():
     config.layers_block_type = [*config.layers_block_type[:-1], "moe"]
     with pytest.raises(UnsupportedModelError, match=r"holds \['moe'\] layers"):
         family_of(config)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_planned_activations_equal_a_real_layers_saved_bytes(name):
+    """Each kind of layer (recurrent, attention, MLP; dense and sparse) traced on the meta device saves what the
+    real layer saves on the kernels' torch path."""
+    from test_plan import _real_saved_bytes
+    from nas.plan import layer_kinds, saved_bytes_per_layer
+
+    config = HYBRID_CONFIGS[name]()
+    kinds = layer_kinds(config)
+    assert len(kinds) == {"nemotron_h": 3, "qwen3_next": 3, "qwen3_5_text": 2}[name]
+    for i in kinds:
+        assert saved_bytes_per_layer(config, 3, 24, torch.float32, i) == _real_saved_bytes(config, 3, 24, i), i
+
+
+@pytest.mark.parametrize("name", ["nemotron_h", "qwen3_next"])
+def test_cli_arch_importance_prune_and_candidates(name, tmp_path, tiny_tokenizer, text_file, capsys):
+    """The Bar: `nas arch` (the recurrent axes under the family's keys, and the layers of each kind), `nas
+    importance`, `nas prune` keep-all (the parent) and with half the recurrent heads and one recurrent layer
+    dropped (chosen by importance among that kind: a stock checkpoint whose pattern is the kept layers' kinds), and
+    `nas candidates` over recurrent heads and the recurrent layers kept, every attention layer kept."""
+    from nas.importance import Importances
+    from nas.space import kept_layers
+
+    parent = tiny_model(name)
+    parent.save_pretrained(tmp_path / "parent")
+    tiny_tokenizer.save_pretrained(tmp_path / "parent")
+    p = str(tmp_path / "parent")
+    family = family_of(parent.config)
+    heads = family.recurrent.keys[0]
+    assert main(["arch", "--parent", p, "--out", str(tmp_path / "keep.json")]) == 0
+    keep = json.loads(capsys.readouterr().out)
+    kind = f"layers.{family.depth_kind(parent.config, 0)}"  # a recurrent layer's kind (Qwen3-Next: and sparse)
+    recurrent = sum(family.depth_kind(parent.config, i) == kind[7:] for i in range(parent.config.num_hidden_layers))
+    assert keep[heads] == getattr(parent.config, heads) and keep[kind] == recurrent > 1
+    imp = str(tmp_path / "imp.safetensors")
+    assert main(["importance", "--parent", p, "--data", str(text_file), "--seq-len", "32", "--samples", "8",
+                 "--drop-samples", "2", "--out", imp, "--device", "cpu"]) == 0
+    assert main(["prune", "--parent", p, "--arch", str(tmp_path / "keep.json"), "--importance", imp,
+                 "--out", str(tmp_path / "same")]) == 0
+    same = AutoModelForCausalLM.from_pretrained(tmp_path / "same").eval()
+    torch.testing.assert_close(_logits(same), _logits(parent), rtol=1e-5, atol=1e-5)
+    cut = {k: v for k, v in keep.items() if k not in ("layers", "num_hidden_layers")}
+    cut.update({heads: keep[heads] // 2, kind: recurrent - 1})
+    if family.deltanet:
+        cut["linear_num_key_heads"] = 1
+    (tmp_path / "cut.json").write_text(json.dumps(cut))
+    assert main(["prune", "--parent", p, "--arch", str(tmp_path / "cut.json"), "--importance", imp,
+                 "--out", str(tmp_path / "cut")]) == 0
+    saved = json.loads((tmp_path / "cut" / "config.json").read_text())
+    assert saved[heads] == keep[heads] // 2
+    layers = kept_layers(cut, parent.config, Importances.load(imp), "bi")
+    assert len(layers) == parent.config.num_hidden_layers - 1
+    child = AutoModelForCausalLM.from_pretrained(tmp_path / "cut").eval()
+    assert type(child) is type(parent)
+    assert _pattern(child.config) == [_pattern(parent.config)[i] for i in layers]
+    assert child.generate(TOKENS[:1, :8], max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                          pad_token_id=0).shape == (1, 12)
+    capsys.readouterr()
+    space = {"name": "hybrid", "parent": p, "budget": {"fraction": 0.85, "tolerance": 0.15},
+             "axes": {heads: [keep[heads] // 2, keep[heads]], "kept_layers": {kind[7:]: [recurrent - 1, recurrent]}}}
+    (tmp_path / "space.yaml").write_text(json.dumps(space))
+    assert main(["candidates", str(tmp_path / "space.yaml")]) == 0
+    out = capsys.readouterr().out
+    rows = enumerate_candidates(parse_space(space), parent.config)
+    assert rows and all(r["label"] in out and f"{r['params']:,}" in out for r in rows)
+    attention = [k for k in rows[0] if k.startswith("layers.full_attention")]
+    assert attention and all(r[k] == keep[k] for r in rows for k in attention)  # every attention layer kept
+    assert {r[kind] for r in rows} == {recurrent - 1, recurrent}

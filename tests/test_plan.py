@@ -39,8 +39,7 @@ def _real_saved_bytes(config, batch: int, seq_len: int, layer: int = 0) -> int:
     x = torch.randn(batch, seq_len, config.hidden_size, requires_grad=True)
     positions = torch.arange(seq_len)[None].expand(batch, seq_len)
     rotary = rotary_embeddings(model.model, x, positions)
-    return saved_bytes(model, lambda: model.model.layers[0](x, attention_mask=None, position_embeddings=rotary,
-                                                            position_ids=positions))
+    return saved_bytes(model, lambda: model.model.layers[0](x, attention_mask=None, position_ids=positions, **rotary))
 
 
 @pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
