@@ -295,12 +295,14 @@ def _block_sizes(space: SearchSpace, config: Any) -> set[int]:
 
 def forward_flops_per_token(config: Any, seq_len: int) -> float:
     """2 x the parameters a token multiplies (all but the embedding lookup; in a mixture of experts only the experts
-    it is routed to), plus causal attention's 2 x seq_len x heads x head_dim per layer (QK^T and AV over half the
-    sequence on average, 2 FLOPs a MAC)."""
-    n = Parent.of(config).active_parameters() - \
+    it is routed to), plus causal attention's 2 x seq_len x heads x head_dim per attention layer (QK^T and AV over
+    half the sequence on average, 2 FLOPs a MAC). A hybrid's recurrent layers add no term that grows with the
+    sequence; their scans' own FLOPs (per token, a multiple of the state size and the scan's chunk) are left out."""
+    parent = Parent.of(config)
+    n = parent.active_parameters() - \
         config.vocab_size * config.hidden_size * (0 if getattr(config, "tie_word_embeddings", False) else 1)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return 2 * n + 2 * seq_len * config.num_attention_heads * head_dim * config.num_hidden_layers
+    attention = sum(parent.family.is_attention(config, i) for i in range(config.num_hidden_layers))
+    return 2 * n + 2 * seq_len * parent.architecture.num_attention_heads * parent.architecture.head_dim * attention
 
 
 _TRACE_ATTENTION = "nas_plan_fused"  # (a name with "flash" in it makes transformers look for a kernel)

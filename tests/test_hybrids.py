@@ -256,3 +256,71 @@ def test_cli_arch_importance_prune_and_candidates(name, tmp_path, tiny_tokenizer
     attention = [k for k in rows[0] if k.startswith("layers.full_attention")]
     assert attention and all(r[k] == keep[k] for r in rows for k in attention)  # every attention layer kept
     assert {r[kind] for r in rows} == {recurrent - 1, recurrent}
+
+
+def test_the_recurrent_state_is_counted_in_fp32_beside_a_bf16_cache():
+    """In a bf16 model the conv windows are bf16 and the SSM / DeltaNet states fp32 (the scans keep them so): the
+    count at 2 bytes an element is the cache a bf16 generate builds."""
+    from test_deploy import _cache_tensors
+
+    for name in ("nemotron_h", "qwen3_5_text"):
+        model = tiny_model(name).to(torch.bfloat16)
+        out = model.generate(TOKENS[:2, :12], max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
+                             cache_implementation="static", return_dict_in_generate=True)
+        tensors = [t for layer in out.past_key_values.layers for t in _cache_tensors(layer) if t is not None]
+        assert {t.dtype for t in tensors} == {torch.bfloat16, torch.float32}
+        built = sum(t.numel() * t.element_size() for t in tensors)
+        assert Parent.of(model.config).cache_bytes(Parent.of(model.config).architecture, 14, 2, nbytes=2) == built
+
+
+def test_the_nemotron_h_8b_space_holds_the_minitron_ssm_4b():
+    """The shipped Nemotron-H 8B space: its inline config builds HF's 8,100,852,736-parameter model (the published
+    checkpoint's count), and Minitron-SSM's 4B (hidden 3072, MLP 12288, 112 Mamba heads of 64, all 52 layers) is a
+    candidate whose count is HF's build of its config."""
+    from conftest import ROOT
+    from nas.space import load_space, space_config
+
+    space = load_space(ROOT / "search_spaces" / "nemotron-h-8b-to-4b.yaml")
+    config = space_config(space)
+
+    def built(c) -> int:
+        with torch.device("meta"):
+            return sum(t.numel() for t in AutoModelForCausalLM.from_config(c).parameters())
+
+    assert built(config) == Parent.of(config).num_parameters() == 8_100_852_736
+    rows = {r["label"]: r for r in enumerate_candidates(space, config)}
+    row = rows["L52-H32-KV8-M12288-E3072-MH112-MD64-LA4-LR24-LF24"]
+    child = family_of(config).child_config(config, Parent.of(config).child(
+        {"hidden_size": 3072, "intermediate_size": 12288, "mamba_num_heads": 112}))
+    assert row["params"] == built(child)
+
+
+@pytest.mark.slow
+def test_two_fsdp_workers_reproduce_one_on_a_hybrid(tmp_path, tiny_tokenizer, ray_session):
+    """FSDP2 shards a hybrid's layers (Mamba2, attention and MLP units) over 2 gloo workers, and the KD run of a
+    child cut on every axis equals the one-process run."""
+    from conftest import WIKITEXT
+
+    parent = tiny_model("nemotron_h")
+    parent.save_pretrained(tmp_path / "parent")
+    tiny_tokenizer.save_pretrained(tmp_path / "parent")
+    (tmp_path / "text.txt").write_text((WIKITEXT / "valid.txt").read_text()[:60_000])
+    assert main(["importance", "--parent", str(tmp_path / "parent"), "--data", str(tmp_path / "text.txt"), "--out",
+                 str(tmp_path / "imp.safetensors"), "--samples", "4", "--seq-len", "32", "--drop-samples", "0"]) == 0
+    (tmp_path / "arch.json").write_text(_cut(parent.config).to_json())
+    assert main(["prune", "--parent", str(tmp_path / "parent"), "--arch", str(tmp_path / "arch.json"),
+                 "--importance", str(tmp_path / "imp.safetensors"), "--out", str(tmp_path / "child")]) == 0
+    train = ["--student", tmp_path / "child", "--teacher", tmp_path / "parent", "--data", tmp_path / "text.txt",
+             "--seq-len", 32, "--quiet", "--tokens", 4 * 32 * 6, "--batch-size", 4, "--lr", 1e-3,
+             "--checkpoint-every", 0]
+    train = [str(a) for a in train]
+    assert main(["distill", *train, "--out", str(tmp_path / "one")]) == 0
+    assert main(["distill", *train, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                 if "grad_norm" in line] for run in ("one", "two"))
+    assert len(one) == len(two) == 6
+    for a, b in zip(one, two):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+    m1, m2 = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "model") for run in ("one", "two"))
+    for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(p2, p1, rtol=1e-3, atol=1e-4, msg=name)
