@@ -143,7 +143,8 @@ class Architecture:
 LABEL_PARTS = {"num_hidden_layers": "L", "num_attention_heads": "H", "num_key_value_heads": "KV",
                "intermediate_size": "M", "hidden_size": "E", "num_experts": "X", "num_local_experts": "X",
                "num_experts_per_tok": "K", "moe_intermediate_size": "XM", "shared_expert_intermediate_size": "S",
-               "mamba_num_heads": "MH", "mamba_head_dim": "MD", "linear_num_value_heads": "LV",
+               "mamba_num_heads": "MH", "mamba_head_dim": "MD", "mamba_n_heads": "MH", "mamba_d_head": "MD",
+               "linear_num_value_heads": "LV",
                "linear_num_key_heads": "LK"}
 #: The layers kept of each kind, where a parent's kinds differ in size, are axes `layers.<kind>` (a hybrid's
 #: pattern kind, and ":dense"/":sparse" where it mixes both MLPs): labelled L + the kind's letters, e.g. "LR3" for

@@ -23,7 +23,7 @@ SANDWICH_NORMS = (*PRE_NORMS, "pre_feedforward_layernorm", "post_feedforward_lay
 POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # OLMo 2/3: on each block's output
 
 #: The mixer of every layer of a family without a layer pattern: attention at `self_attn`.
-ATTENTION_ONLY = (("*", "attention", "self_attn"),)
+ATTENTION_ONLY = (("*", (("attention", "self_attn"),)),)
 
 
 @dataclass(frozen=True)
@@ -36,11 +36,14 @@ class Family:
         moe: the mixture-of-experts unit of its sparse layers (None: every layer's MLP is dense); a family with
             one may still keep dense MLPs in some layers (`MoE.is_sparse`).
         mamba, deltanet: the recurrent mixer units of a hybrid's linear-attention layers.
-        mixers: (layer kind, unit attribute, module path) for each kind of layer the pattern names; "*" when the
-            family has no pattern.
+        mixers: (layer kind, ((unit attribute, module path), ...)) for each kind of layer the pattern names; "*"
+            when the family has no pattern. A kind may hold two mixers side by side (Falcon-H1's attention and
+            Mamba2 in every layer).
         ffn: the module path of the MLP (or experts) every layer holds after its mixer; None when the MLP is a
             mixer kind of its own (Nemotron-H).
         pattern_key: the config key listing each layer's kind (None: every layer is alike but for its MLP).
+        attention_layers_key: where the pattern is derived from a list of the attention layers' indices (Bamba's
+            `attn_layer_indices`), that key: a child's is re-indexed.
         layer_norms: the norms of a decoder layer, by module name; each is scored for the hidden channels and
             sliced with them.
         embeddings, final_norm: the model-level modules' paths.
@@ -58,9 +61,10 @@ class Family:
     moe: MoE | None = None
     mamba: Mamba2 | None = None
     deltanet: GatedDeltaNet | None = None
-    mixers: tuple[tuple[str, str, str], ...] = ATTENTION_ONLY
+    mixers: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = ATTENTION_ONLY
     ffn: str | None = "mlp"
     pattern_key: str | None = None
+    attention_layers_key: str | None = None
     embeddings: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     stored_root: str = "model"
@@ -102,7 +106,7 @@ class Family:
 
     def refusal(self, config: Any) -> str | None:
         """Why this parent's layers cannot be described by the family's units, or None."""
-        kinds = {kind for kind, _, _ in self.mixers}
+        kinds = {kind for kind, _ in self.mixers}
         if self.pattern_key and (odd := sorted(set(getattr(config, self.pattern_key)) - kinds)):
             return f"its {self.pattern_key} holds {odd} layers, which no block unit describes yet (the units " \
                    f"cover {sorted(kinds)})"
@@ -114,9 +118,8 @@ class Family:
 
     def slots(self, config: Any, layer: int) -> list[tuple[str, Any]]:
         """(module path inside the layer, unit) of each block of the parent layer `layer`."""
-        mixer = {kind: (unit, path) for kind, unit, path in self.mixers}[
-            "*" if not self.pattern_key else self.layer_kind(config, layer)]
-        out = [(mixer[1], getattr(self, mixer[0]))]
+        mixers = dict(self.mixers)["*" if not self.pattern_key else self.layer_kind(config, layer)]
+        out = [(path, getattr(self, unit)) for unit, path in mixers]
         if self.ffn:
             out.append((self.ffn, self.moe if self.is_sparse(config, layer) else self.mlp))
         return out
@@ -201,33 +204,48 @@ class Family:
     def child_config(self, config: Any, arch: Architecture) -> Any:
         """A stock config of the parent's class describing `arch`, with per-layer lists sliced."""
         self.check_child(config, arch)
-        data = config.to_dict()
-        parent_layers = config.num_hidden_layers
-        for key, value in data.items():
-            # Per-layer lists (`layer_types`' sliding and full layers, SmolLM3's `no_rope_layers`) follow the kept
-            # layers.
-            if isinstance(value, list) and len(value) == parent_layers and key not in _NOT_PER_LAYER:
-                data[key] = [value[i] for i in arch.layers]
+        data = self.layers_data(config, arch.layers)
         data.update({k: v for k, v in arch.to_dict().items() if k != "layers"})
-        if self.moe:
-            data.update(self.moe.child_layout(config, arch.layers))
-        if self.mamba and self.mamba.inner_key:
-            data[self.mamba.inner_key] = arch.get(self.mamba.heads_key) * arch.get(self.mamba.head_dim_key)
-        data.pop("transformers_version", None)
-        data.pop("quantization_config", None)  # a quantised parent (gpt-oss's MXFP4 experts) is dequantised on load
+        if self.mamba:
+            data.update(self.mamba.child_entries(arch))
         try:
             return type(config).from_dict(data)
         except Exception as e:  # the stock config's own validators (huggingface_hub strict dataclasses)
             reason = str(e).strip().splitlines()[-1].strip()
             raise ArchitectureError(f"{arch.short()}: {type(config).__name__} rejects it: {reason}") from None
 
+    def layers_data(self, config: Any, layers: tuple[int, ...]) -> dict[str, Any]:
+        """The parent's config as a dict, with what says each layer's kind made to describe the kept `layers`: the
+        per-layer lists (`layer_types`' sliding and full layers, a hybrid's pattern, SmolLM3's `no_rope_layers`)
+        sliced, and the lists of layer indices (dense layers, Bamba's attention layers) re-indexed."""
+        data = config.to_dict()
+        parent_layers = config.num_hidden_layers
+        for key, value in data.items():
+            if isinstance(value, list) and len(value) == parent_layers and key not in _NOT_PER_LAYER:
+                data[key] = [value[i] for i in layers]
+        data["num_hidden_layers"] = len(layers)
+        if self.moe:
+            data.update(self.moe.child_layout(config, layers))
+        if self.attention_layers_key:
+            attention = set(getattr(config, self.attention_layers_key) or [])
+            data[self.attention_layers_key] = [j for j, i in enumerate(layers) if i in attention]
+        data.pop("transformers_version", None)
+        data.pop("quantization_config", None)  # a quantised parent (gpt-oss's MXFP4 experts) is dequantised on load
+        return data
+
 
 # Lists in a config that can happen to be as long as the layers without being per layer.
-_NOT_PER_LAYER = {"architectures", "bos_token_id", "eos_token_id", "pad_token_id", "mlp_only_layers"}
+_NOT_PER_LAYER = {"architectures", "bos_token_id", "eos_token_id", "pad_token_id", "mlp_only_layers",
+                  "attn_layer_indices"}
 
 _GEMMA = dict(norm=Norm("rms_1p"), layer_norms=SANDWICH_NORMS, scaled_embedding=True)
 _GATED_ATTENTION = Attention(qk_norm="head", gated_query=True)
-_DELTANET_MIXERS = (("linear_attention", "deltanet", "linear_attn"), ("full_attention", "attention", "self_attn"))
+_DELTANET_MIXERS = (("linear_attention", (("deltanet", "linear_attn"),)),
+                    ("full_attention", (("attention", "self_attn"),)))
+_MAMBA_KEYS = dict(heads_key="mamba_n_heads", head_dim_key="mamba_d_head", groups_key="mamba_n_groups",
+                   state_key="mamba_d_state", conv_key="mamba_d_conv", bias_key="mamba_proj_bias",
+                   conv_bias_key="mamba_conv_bias")
+_FFN_NORMS = dict(layer_norms=("input_layernorm", "pre_ff_layernorm"), final_norm="model.final_layernorm")
 
 FAMILIES: dict[str, Family] = {
     f.model_type: f
@@ -258,8 +276,8 @@ FAMILIES: dict[str, Family] = {
                        stored_experts=None)),
         # Hybrids: recurrent mixers beside attention, each layer's kind set by its config's pattern.
         Family("nemotron_h", attention=Attention(bias_key=None), mlp=MLP(gated=False), mamba=Mamba2(),
-               mixers=(("linear_attention", "mamba", "mixer"), ("full_attention", "attention", "mixer"),
-                       ("mlp", "mlp", "mixer")),
+               mixers=(("linear_attention", (("mamba", "mixer"),)), ("full_attention", (("attention", "mixer"),)),
+                       ("mlp", (("mlp", "mixer"),))),
                ffn=None, pattern_key="layers_block_type", layer_norms=("norm",), embeddings="model.embeddings",
                final_norm="model.norm_f", stored_root="backbone"),
         Family("qwen3_next", attention=_GATED_ATTENTION, norm=Norm("rms_1p"), deltanet=GatedDeltaNet("interleaved"),
@@ -268,6 +286,14 @@ FAMILIES: dict[str, Family] = {
         # Qwen3.5's checkpoints are its vision-language model; its text decoder is this (`TEXT_DECODERS`).
         Family("qwen3_5_text", attention=_GATED_ATTENTION, norm=Norm("rms_1p"), deltanet=GatedDeltaNet("split"),
                mixers=_DELTANET_MIXERS, pattern_key="layer_types"),
+        Family("bamba", mamba=Mamba2(**_MAMBA_KEYS, expand_key="mamba_expand"), ffn="feed_forward",
+               mixers=(("linear_attention", (("mamba", "mamba"),)), ("full_attention", (("attention", "self_attn"),))),
+               pattern_key="layers_block_type", attention_layers_key="attn_layer_indices", **_FFN_NORMS),
+        # Attention and Mamba2 side by side in every layer, under muP multipliers (scalars, and a per-section vector
+        # the model recomputes from its config, so a child keeps them as they are).
+        Family("falcon_h1", mamba=Mamba2(**_MAMBA_KEYS, out_bias_key="projectors_bias", inner_key="mamba_d_ssm",
+                                         norm_key="mamba_rms_norm"), ffn="feed_forward",
+               mixers=(("*", (("attention", "self_attn"), ("mamba", "mamba"))),), **_FFN_NORMS),
     )
 }
 
@@ -285,10 +311,6 @@ NOT_YET: dict[str, str] = {
     **{t: "its router and experts have not been checked against the mixture-of-experts unit yet (module names, "
           "router softmax, logit scaling)"
        for t in ("granitemoe", "phimoe")},
-    "falcon_h1": "every layer runs attention and Mamba2 in parallel under muP multipliers; the Mamba2 unit fits, but "
-                 "the family entry and its checks are not written yet",
-    "bamba": "its Mamba2 width is fixed at mamba_expand x hidden_size with an integer mamba_expand, so its heads could "
-             "only shrink in whole multiples of hidden_size; not supported",
     **{t: "its layers mix Mamba / linear-attention blocks with attention in a layout no block unit describes yet"
        for t in ("jamba", "granitemoehybrid")},
     "gemma4_text": "its layers take per-layer input embeddings (hidden_size_per_layer_input) and share KV caches "
@@ -412,7 +434,9 @@ class Parent:
 
 def logit_map(config: Any) -> tuple[float, float | None]:
     """(scale, softcap) that a family's forward applies to `hidden @ lm_head.T`: Granite divides by
-    `logits_scaling`, Gemma 2 caps with `final_logit_softcapping` (tanh(x / cap) * cap). The chunked losses and the
-    teacher cache apply the same, so that they see the logits the model's own forward gives."""
-    return 1.0 / float(getattr(config, "logits_scaling", None) or 1.0), \
-        getattr(config, "final_logit_softcapping", None) or None
+    `logits_scaling`, Falcon-H1 multiplies by `lm_head_multiplier`, Gemma 2 caps with `final_logit_softcapping`
+    (tanh(x / cap) * cap). The chunked losses and the teacher cache apply the same, so that they see the logits the
+    model's own forward gives."""
+    scale = float(getattr(config, "lm_head_multiplier", None) or 1.0) / \
+        float(getattr(config, "logits_scaling", None) or 1.0)
+    return scale, getattr(config, "final_logit_softcapping", None) or None

@@ -309,16 +309,9 @@ _TRACE_ATTENTION = "nas_plan_fused"  # (a name with "flash" in it makes transfor
 
 
 def one_layer_config(config: Any, layer: int = 0) -> Any:
-    """A config of one decoder layer built as `config`'s layer `layer`: its layer type and, in a mixture of
-    experts, dense or sparse."""
-    data = {**config.to_dict(), "num_hidden_layers": 1}
-    family = Parent.of(config).family
-    for key in {"layer_types", family.pattern_key} - {None}:  # (a hybrid's pattern: the layer's kind)
-        if getattr(config, key, None):
-            data[key] = [getattr(config, key)[layer]]
-    if family.moe:
-        data.update(family.moe.child_layout(config, (layer,)))
-    return config.__class__.from_dict(data)
+    """A config of one decoder layer built as `config`'s layer `layer`: its layer type, a hybrid's kind and, in a
+    mixture of experts, dense or sparse."""
+    return config.__class__.from_dict(Parent.of(config).family.layers_data(config, (layer,)))
 
 
 def layer_kinds(config: Any) -> list[int]:

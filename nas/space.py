@@ -25,7 +25,8 @@ AXES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "inte
 EXPERT_AXES = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
                "shared_expert_intermediate_size")
 #: A hybrid's recurrent mixer's axes (`nas.blocks.Mamba2`, `nas.blocks.GatedDeltaNet`), as its config names them.
-RECURRENT_AXES = ("mamba_num_heads", "mamba_head_dim", "linear_num_value_heads", "linear_num_key_heads")
+RECURRENT_AXES = ("mamba_num_heads", "mamba_head_dim", "mamba_n_heads", "mamba_d_head", "linear_num_value_heads",
+                  "linear_num_key_heads")
 UNIT_AXES = (*EXPERT_AXES, *RECURRENT_AXES)
 BUDGET_KINDS = ("total", "non_embedding", "active")
 #: What a search can optimise beside the validation loss (a candidate's figure), and in which direction.
@@ -84,8 +85,9 @@ class Axes:
     An axis left empty keeps the parent's value. A mixture of experts adds `EXPERT_AXES`: the experts kept per
     layer (`num_experts` or `num_local_experts`, either name), experts per token, the expert width
     (`moe_intermediate_size`; Mixtral, OLMoE and gpt-oss call it `intermediate_size`) and the shared expert's.
-    A hybrid adds `RECURRENT_AXES`: Mamba2's heads (a multiple of its groups) and head width, or Gated DeltaNet's
-    value and key heads. Where a parent's layers differ in size (a hybrid's kinds, or a mixture of experts' dense
+    A hybrid adds `RECURRENT_AXES`: Mamba2's heads (a multiple of its groups) and head width (Nemotron-H's
+    `mamba_num_heads`/`mamba_head_dim`, Bamba's and Falcon-H1's `mamba_n_heads`/`mamba_d_head`), or Gated
+    DeltaNet's value and key heads. Where a parent's layers differ in size (a hybrid's kinds, or a mixture of experts' dense
     and sparse layers) its depth is `kept_layers`, the layers kept of each kind (`nas arch --parent` lists them,
     e.g. {full_attention: [4], linear_attention: [20, 24]}; a kind left out keeps all its layers); each kind keeps
     its own best layers by importance."""
@@ -103,6 +105,8 @@ class Axes:
     shared_expert_intermediate_size: list[int] = field(default_factory=list)
     mamba_num_heads: list[int] = field(default_factory=list)
     mamba_head_dim: list[int] = field(default_factory=list)
+    mamba_n_heads: list[int] = field(default_factory=list)
+    mamba_d_head: list[int] = field(default_factory=list)
     linear_num_value_heads: list[int] = field(default_factory=list)
     linear_num_key_heads: list[int] = field(default_factory=list)
     kept_layers: dict[str, list[int]] = field(default_factory=dict)

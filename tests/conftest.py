@@ -79,15 +79,23 @@ MOE_CONFIGS = {
     "gpt_oss": _moe("gpt_oss", **_EXPERTS, num_local_experts=8, intermediate_size=24, **_SLIDING),
 }
 _DELTANET = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=6)
+_BAMBA_MAMBA = dict(mamba_n_heads=8, mamba_d_head=12, mamba_n_groups=2, mamba_d_state=8)
 #: Hybrids (tests/test_hybrids.py): Nemotron-H's Mamba2 (8 heads in 2 groups, biases on), attention and squared-ReLU
 #: MLP layers by its pattern; Qwen3-Next's Gated DeltaNet (2 key heads, 4 value heads) and gated attention, 3 to 1,
-#: over experts with one dense layer and a shared expert; Qwen3.5's text decoder (split projections, dense MLPs).
+#: over experts with one dense layer and a shared expert; Qwen3.5's text decoder (split projections, dense MLPs);
+#: Bamba (Mamba2 at mamba_expand x hidden, one attention layer by index); Falcon-H1 (attention and Mamba2 side by
+#: side in every layer, every muP multiplier set).
 HYBRID_CONFIGS = {
     "nemotron_h": _moe("nemotron_h", mamba_num_heads=8, mamba_head_dim=6, n_groups=2, ssm_state_size=8, use_bias=True,
                        layers_block_type=["linear_attention", "mlp", "full_attention", "linear_attention", "mlp"]),
     "qwen3_next": _moe("qwen3_next", **_DELTANET, **_EXPERTS, num_experts=8, moe_intermediate_size=24,
                        shared_expert_intermediate_size=40, mlp_only_layers=[1], attention_bias=True),
     "qwen3_5_text": _moe("qwen3_5_text", **_DELTANET),
+    "bamba": _moe("bamba", **_BAMBA_MAMBA, attn_layer_indices=[1], mamba_expand=2, mamba_proj_bias=True),
+    "falcon_h1": _moe("falcon_h1", **_BAMBA_MAMBA, mamba_d_ssm=96, mamba_rms_norm=True, mamba_norm_before_gate=False,
+                      projectors_bias=True, lm_head_multiplier=0.5, embedding_multiplier=2.0, key_multiplier=0.7,
+                      mlp_multipliers=[0.9, 1.1], attention_in_multiplier=1.2, attention_out_multiplier=0.8,
+                      ssm_multipliers=[1.0, 0.5, 1.5, 0.8, 1.2], ssm_in_multiplier=1.1, ssm_out_multiplier=0.9),
 }
 ALL_CONFIGS = {**TINY_CONFIGS, **FAMILY_CONFIGS, **MOE_CONFIGS, **HYBRID_CONFIGS}
 

@@ -80,7 +80,8 @@ def test_child_wider_than_parent_is_rejected():
 def test_unknown_family_lists_supported_ones():
     from transformers import GPT2Config
 
-    with pytest.raises(UnsupportedModelError, match="supported families: gemma2, gemma3_text, gpt_oss, granite, llama, "
+    with pytest.raises(UnsupportedModelError, match="supported families: bamba, falcon_h1, gemma2, gemma3_text, "
+                                                    "gpt_oss, granite, llama, "
                                                     "mistral, mixtral, nemotron, nemotron_h, olmo2, olmo3, olmoe, "
                                                     "phi3, qwen2, qwen2_moe, qwen3, qwen3_5_text, qwen3_moe, "
                                                     "qwen3_next, smollm3$"):

@@ -24,7 +24,8 @@ def _cut(config):
     """Heads, KV heads and hidden narrower, a hybrid's recurrent heads too, one layer dropped (so that the kept
     layers' types are the child's)."""
     parent = Parent.of(config)
-    recurrent = {"mamba_num_heads": 4, "mamba_head_dim": 4} if parent.family.mamba else \
+    mamba = parent.family.mamba  # (Bamba: heads x head width a multiple of hidden_size)
+    recurrent = dict(zip(mamba.keys, (4, 12 if mamba.expand_key else 4))) if mamba else \
         {"linear_num_value_heads": 2, "linear_num_key_heads": 1} if parent.family.deltanet else {}
     return parent.architecture.replace(num_attention_heads=3, num_key_value_heads=1, num_hidden_layers=3,
                                        layers=(0, 2, 3), **recurrent,

@@ -147,7 +147,12 @@ def test_kd_sees_the_models_own_logits_online_and_from_a_full_vocabulary_cache(n
     """The chunked KD loss, online and from a top-K cache with K = the vocabulary, equals forward KL between the
     two models' own `forward` logits, which carry the family's softcap and logit scaling."""
     teacher = tiny_model(name)
-    student = prune(teacher, _importances(teacher), _cut(teacher.config))
+    assert_kd_sees_the_models_own_logits(teacher, prune(teacher, _importances(teacher), _cut(teacher.config)))
+
+
+def assert_kd_sees_the_models_own_logits(teacher, student) -> None:
+    """The chunked KD loss, online and from a full-vocabulary top-K cache, is forward KL between the two models'
+    own `forward` logits."""
     mask = torch.ones(TOKENS.shape, dtype=torch.bool)
     reference = losses.forward_kl(_logits(student), _logits(teacher), mask)
     mapping = logit_map(teacher.config)
@@ -193,9 +198,9 @@ def test_cli_arch_importance_and_prune_keep_all_and_cut(name, tmp_path, tiny_tok
     assert child.generate(TOKENS[:1, :8], max_new_tokens=4, do_sample=False, pad_token_id=0).shape == (1, 12)
 
 
-@pytest.mark.parametrize("model_type, says", [("deepseek_v3", "latent attention"), ("falcon_h1", "in parallel"),
-                                               ("bamba", "mamba_expand"), ("gemma4_text", "per-layer input"),
-                                               ("gpt2", "supported families")])
+@pytest.mark.parametrize("model_type, says", [("deepseek_v3", "latent attention"), ("granitemoehybrid", "Mamba"),
+                                               ("nemotron_h", r"holds \['moe'\] layers"),
+                                               ("gemma4_text", "per-layer input"), ("gpt2", "supported families")])
 def test_a_family_not_described_is_refused_with_what_it_lacks(model_type, says):
     from transformers import AutoConfig
 

@@ -23,8 +23,11 @@ class Mamba2:
     """Attributes: the config keys of its sizes, as the family names them.
         heads_key, head_dim_key: the prunable axes (H and P).
         groups_key, state_key, conv_key: G, N and the conv kernel K (kept as the parent's).
-        bias_key, conv_bias_key: the config switches of `in_proj`/`out_proj` biases and of the conv bias.
+        bias_key, conv_bias_key: the config switches of `in_proj`'s (and `out_proj`'s) bias and of the conv bias.
+        out_bias_key: the switch of `out_proj`'s bias where it has its own (Falcon-H1's `projectors_bias`).
         inner_key: a config key that must be written as the child's I = H x P (Falcon-H1's `mamba_d_ssm`), or None.
+        expand_key: a config key that sets I as an integer multiple of hidden_size instead (Bamba's
+            `mamba_expand`): a child's H x P must then be a multiple of its hidden_size.
         norm_key: the config switch of the gated norm when it is optional (Falcon-H1's `mamba_rms_norm`), or None
             when it is always there.
     """
@@ -36,7 +39,9 @@ class Mamba2:
     conv_key: str = "conv_kernel"
     bias_key: str = "use_bias"
     conv_bias_key: str = "use_conv_bias"
+    out_bias_key: str | None = None
     inner_key: str | None = None
+    expand_key: str | None = None
     norm_key: str | None = None
 
     @property
@@ -55,9 +60,10 @@ class Mamba2:
         heads, head_dim, groups, state = self.shape(config, arch)
         d, inner, bc = arch.hidden_size, heads * head_dim, 2 * groups * state
         bias, conv_bias = bool(getattr(config, self.bias_key)), bool(getattr(config, self.conv_bias_key))
+        out_bias = bool(getattr(config, self.out_bias_key or self.bias_key))
         in_rows, conv = 2 * inner + bc + heads, inner + bc
         return in_rows * d + bias * in_rows + conv * getattr(config, self.conv_key) + conv_bias * conv + \
-            3 * heads + self.has_norm(config) * inner + d * inner + bias * d
+            3 * heads + self.has_norm(config) * inner + d * inner + out_bias * d
 
     def cache_bytes(self, config: Any, arch: Any, nbytes: int) -> int:
         """One sequence's state in one layer: the conv window over x, B, C (K values a channel, in the activation
@@ -75,7 +81,19 @@ class Mamba2:
         for key in self.keys:
             if arch.get(key) > parent.get(key):
                 return f"{key}={arch.get(key)} is larger than the parent's {parent.get(key)}; pruning can only shrink it"
+        inner = arch.get(self.heads_key) * arch.get(self.head_dim_key)
+        if self.expand_key and inner % arch.hidden_size:
+            return f"{self.heads_key} x {self.head_dim_key} = {inner} must be a multiple of hidden_size=" \
+                   f"{arch.hidden_size}: this family sets the Mamba width as an integer {self.expand_key} x hidden_size"
         return None
+
+    def child_entries(self, arch: Any) -> dict[str, int]:
+        """The config entries that size a child's Mamba width beside its heads and head width."""
+        inner = arch.get(self.heads_key) * arch.get(self.head_dim_key)
+        out = {self.inner_key: inner} if self.inner_key else {}
+        if self.expand_key:
+            out[self.expand_key] = inner // arch.hidden_size
+        return out
 
     def axes(self, prefix: str) -> dict[str, tuple[str | None, ...]]:
         """"ssm_in": `in_proj` rows; "ssm_conv": conv channels; "ssm_inner": the kept heads' kept channels
