@@ -367,14 +367,14 @@ class Parent:
         layer_types, settings = get_layer_types_and_kwargs(self.child_config(arch))
         tokens, recurrent = 0, 0
         for kind, setting in zip(layer_types, settings):
-            if kind == "full_attention":
+            if kind in ("full_attention", "hybrid"):  # (hybrid: Falcon-H1's attention beside Mamba2)
                 tokens += context
             elif "sliding_window" in setting:  # sliding and chunked attention
                 tokens += min(setting["sliding_window"], context)
-            elif kind == "linear_attention" and self.family.recurrent:
-                recurrent += self.family.recurrent.cache_bytes(self.config, arch, nbytes)
-            elif kind != "dummy":  # a layer that keeps no cache (KV shared, or no attention)
+            elif kind not in ("linear_attention", "dummy"):  # dummy: no cache (KV shared, or no attention)
                 raise UnsupportedModelError(f"{self.family.model_type}: no cache size for {kind} layers yet")
+            if kind in ("linear_attention", "hybrid"):
+                recurrent += self.family.recurrent.cache_bytes(self.config, arch, nbytes)
         return (2 * tokens * arch.num_key_value_heads * arch.head_dim * nbytes + recurrent) * batch
 
     def layers_by_kind(self) -> dict[str, tuple[int, ...]]:

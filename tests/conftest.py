@@ -91,7 +91,7 @@ HYBRID_CONFIGS = {
     "qwen3_next": _moe("qwen3_next", **_DELTANET, **_EXPERTS, num_experts=8, moe_intermediate_size=24,
                        shared_expert_intermediate_size=40, mlp_only_layers=[1], attention_bias=True),
     "qwen3_5_text": _moe("qwen3_5_text", **_DELTANET),
-    "bamba": _moe("bamba", **_BAMBA_MAMBA, attn_layer_indices=[1], mamba_expand=2, mamba_proj_bias=True),
+    "bamba": _moe("bamba", **_BAMBA_MAMBA, attn_layer_indices=[2], mamba_expand=2, mamba_proj_bias=True),
     "falcon_h1": _moe("falcon_h1", **_BAMBA_MAMBA, mamba_d_ssm=96, mamba_rms_norm=True, mamba_norm_before_gate=False,
                       projectors_bias=True, lm_head_multiplier=0.5, embedding_multiplier=2.0, key_multiplier=0.7,
                       mlp_multipliers=[0.9, 1.1], attention_in_multiplier=1.2, attention_out_multiplier=0.8,

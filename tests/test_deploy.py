@@ -33,10 +33,12 @@ def _cut(config):
 
 
 def _cache_tensors(layer):
-    """An attention layer's keys and values; a linear-attention layer's conv windows and recurrent states."""
+    """An attention layer's keys and values; a linear-attention layer's conv windows and recurrent states; both in
+    a layer that holds both (Falcon-H1)."""
+    out = [getattr(layer, "keys", None), getattr(layer, "values", None)]
     if hasattr(layer, "recurrent_states"):
-        return [*layer.conv_states.values(), *layer.recurrent_states.values()]
-    return [layer.keys, layer.values]
+        out += [*layer.conv_states.values(), *layer.recurrent_states.values()]
+    return [t for t in out if t is not None]
 
 
 @pytest.mark.parametrize("name", sorted(ALL_CONFIGS))
@@ -48,8 +50,7 @@ def test_the_counted_kv_cache_is_the_one_generate_builds(name, new_tokens):
     out = child.generate(TOKENS, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                          pad_token_id=0, cache_implementation="static", return_dict_in_generate=True)
     cache = out.past_key_values
-    built = sum(t.numel() * t.element_size() for layer in cache.layers for t in _cache_tensors(layer)
-                if t is not None)
+    built = sum(t.numel() * t.element_size() for layer in cache.layers for t in _cache_tensors(layer))
     context = TOKENS.shape[1] + new_tokens - 1  # generate never feeds the last new token back: it is not cached
     assert Parent.of(parent.config).cache_bytes(arch, context, TOKENS.shape[0], nbytes=4) == built
     if name in ("gemma2", "gemma3_text", "olmo3", "gpt_oss") and new_tokens == 12:  # past the window: it is used

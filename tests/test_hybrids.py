@@ -274,7 +274,7 @@ def test_the_recurrent_state_is_counted_in_fp32_beside_a_bf16_cache():
         model = tiny_model(name).to(torch.bfloat16)
         out = model.generate(TOKENS[:2, :12], max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
                              cache_implementation="static", return_dict_in_generate=True)
-        tensors = [t for layer in out.past_key_values.layers for t in _cache_tensors(layer) if t is not None]
+        tensors = [t for layer in out.past_key_values.layers for t in _cache_tensors(layer)]
         assert {t.dtype for t in tensors} == {torch.bfloat16, torch.float32}
         built = sum(t.numel() * t.element_size() for t in tensors)
         assert Parent.of(model.config).cache_bytes(Parent.of(model.config).architecture, 14, 2, nbytes=2) == built
