@@ -286,6 +286,9 @@ FAMILIES: dict[str, Family] = {
         # Qwen3.5's checkpoints are its vision-language model; its text decoder is this (`TEXT_DECODERS`).
         Family("qwen3_5_text", attention=_GATED_ATTENTION, norm=Norm("rms_1p"), deltanet=GatedDeltaNet("split"),
                mixers=_DELTANET_MIXERS, pattern_key="layer_types"),
+        Family("qwen3_5_moe_text", attention=_GATED_ATTENTION, norm=Norm("rms_1p"), deltanet=GatedDeltaNet("split"),
+               moe=MoE("num_experts", shared_key="shared_expert_intermediate_size"), mixers=_DELTANET_MIXERS,
+               pattern_key="layer_types"),
         Family("bamba", mamba=Mamba2(**_MAMBA_KEYS, expand_key="mamba_expand"), ffn="feed_forward",
                mixers=(("linear_attention", (("mamba", "mamba"),)), ("full_attention", (("attention", "self_attn"),))),
                pattern_key="layers_block_type", attention_layers_key="attn_layer_indices", **_FFN_NORMS),
@@ -299,15 +302,13 @@ FAMILIES: dict[str, Family] = {
 
 #: Vision-language configs whose text decoder `nas` prunes (transformers' `get_text_config()`; the checkpoint's
 #: `model.language_model.*` weights load into the text model, the vision tower is left out).
-TEXT_DECODERS = {"qwen3_5": "qwen3_5_text"}
+TEXT_DECODERS = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 
 #: Families transformers knows that these units do not describe yet, and what they lack.
 NOT_YET: dict[str, str] = {
     **{t: "its attention is multi-head latent attention (low-rank compressed keys and values, `kv_lora_rank`), "
           "which the attention unit cannot slice by heads"
        for t in ("deepseek_v2", "deepseek_v3", "kimi_k2")},
-    "qwen3_5_moe_text": "its Gated DeltaNet and MoE layers fit the units, but its checkpoints (qwen3_5_moe) have "
-                        "not been checked against them yet (expert names on disk)",
     **{t: "its router and experts have not been checked against the mixture-of-experts unit yet (module names, "
           "router softmax, logit scaling)"
        for t in ("granitemoe", "phimoe")},

@@ -204,7 +204,8 @@ def test_planned_activations_equal_a_real_layers_saved_bytes(name):
 
     config = HYBRID_CONFIGS[name]()
     kinds = layer_kinds(config)
-    assert len(kinds) == {"nemotron_h": 3, "qwen3_next": 3, "qwen3_5_text": 2, "bamba": 2, "falcon_h1": 1}[name]
+    assert len(kinds) == {"nemotron_h": 3, "qwen3_next": 3, "qwen3_5_text": 2, "qwen3_5_moe_text": 2, "bamba": 2,
+                          "falcon_h1": 1}[name]
     for i in kinds:
         assert saved_bytes_per_layer(config, 3, 24, torch.float32, i) == _real_saved_bytes(config, 3, 24, i), i
 
@@ -331,3 +332,35 @@ def test_two_fsdp_workers_reproduce_one_on_a_hybrid(tmp_path, tiny_tokenizer, ra
     m1, m2 = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "model") for run in ("one", "two"))
     for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
         torch.testing.assert_close(p2, p1, rtol=1e-3, atol=1e-4, msg=name)
+
+
+def test_a_qwen3_5_vision_language_checkpoint_is_pruned_as_its_text_decoder(tmp_path, tiny_tokenizer):
+    """transformers ships Qwen3.5 as a vision-language model: its config reads as the text decoder's, the
+    `model.language_model.*` weights load into `Qwen3_5ForCausalLM` (the vision tower is left out), and streamed
+    pruning of the checkpoint gives the in-memory child of that text model, saved as a `qwen3_5_text` checkpoint."""
+    from transformers import Qwen3_5Config, Qwen3_5ForConditionalGeneration
+
+    from nas.parents import load_parent, parent_config
+    from nas.prune import prune_checkpoint
+
+    text = tiny_model("qwen3_5_text")
+    vision = dict(depth=1, hidden_size=32, intermediate_size=32, num_heads=2, out_hidden_size=48, patch_size=4,
+                  spatial_merge_size=1, temporal_patch_size=1)
+    vl = Qwen3_5ForConditionalGeneration(Qwen3_5Config(text_config=text.config.to_dict(), vision_config=vision))
+    vl.model.language_model.load_state_dict(text.model.state_dict())
+    vl.lm_head.load_state_dict(text.lm_head.state_dict())
+    vl.save_pretrained(tmp_path / "parent")
+    tiny_tokenizer.save_pretrained(tmp_path / "parent")
+    assert parent_config(str(tmp_path / "parent")).model_type == "qwen3_5_text"
+    model, _ = load_parent(str(tmp_path / "parent"), torch.device("cpu"), torch.float32)
+    assert type(model) is type(text)
+    for key, tensor in text.state_dict().items():
+        assert torch.equal(model.state_dict()[key], tensor), key
+    importances, arch = _importances(model), _cut(model.config)
+    expected = prune(model, importances, arch).state_dict()
+    prune_checkpoint(tmp_path / "parent", importances, arch, tmp_path / "child")
+    assert json.loads((tmp_path / "child" / "config.json").read_text())["model_type"] == "qwen3_5_text"
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "child").state_dict()
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert torch.equal(got[key], tensor), key
