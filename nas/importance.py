@@ -266,11 +266,12 @@ def _hooks(model: nn.Module, family: Family, settings: ImportanceSettings) -> It
     handles = []
     per_layer = len(family.layer_norms)
     pre = settings.neuron_source == "pre"
+    head_dim = Architecture.of_config(config).head_dim
     for i, layer in enumerate(layers):
         for path, unit in family.slots(config, i):
             module = layer.get_submodule(path)
             if isinstance(unit, Attention):
-                handles += unit.hooks(module, heads_hook(i, Architecture.of_config(config).head_dim, "heads"))
+                handles += unit.hooks(module, heads_hook(i, head_dim, "heads"))
             elif isinstance(unit, Mamba2):
                 handles += unit.hooks(module, heads_hook(i, getattr(config, unit.head_dim_key), "mixer_heads",
                                                          "mixer_channels"))

@@ -364,3 +364,51 @@ def test_a_qwen3_5_vision_language_checkpoint_is_pruned_as_its_text_decoder(tmp_
     assert got.keys() == expected.keys()
     for key, tensor in expected.items():
         assert torch.equal(got[key], tensor), key
+
+
+@pytest.mark.slow
+def test_a_search_over_recurrent_heads_and_layer_kinds_records_them_and_exports_the_winner(tmp_path, tiny_tokenizer,
+                                                                                          ray_session):
+    """`nas search` on a tiny Nemotron-H over its Mamba heads and the Mamba layers kept (every attention and MLP
+    layer kept): the axes are Optuna parameters under the family's keys and `layers.<kind>`, each trial's
+    architecture.json keeps that many layers of each kind (chosen by importance) and its count is that child's,
+    and the exported winner is a checkpoint whose pattern is its kept layers' kinds."""
+    import optuna
+
+    from conftest import WIKITEXT
+    from nas.architecture import Architecture
+    from nas.search import export_best, run_search, storage_url
+
+    parent = tiny_model("nemotron_h")
+    parent.save_pretrained(tmp_path / "parent")
+    tiny_tokenizer.save_pretrained(tmp_path / "parent")
+    (tmp_path / "data.txt").write_text((WIKITEXT / "valid.txt").read_text()[:120_000])
+    space = parse_space({
+        "name": "hybrid", "parent": str(tmp_path / "parent"), "data": str(tmp_path / "data.txt"), "seq_len": 32,
+        "budget": {"fraction": 0.85, "tolerance": 0.1},
+        "axes": {"mamba_num_heads": [4, 8], "kept_layers": {"linear_attention": [1, 2]}},
+        "importance": {"samples": 8},
+        "short_retrain": {"tokens": 4 * 32 * 2, "batch_size": 4, "lr": 1e-3, "reports": 1},
+        "full_retrain": {"tokens": 4 * 32 * 2, "batch_size": 4, "lr": 1e-3, "reports": 1},
+        "promote": 1, "search": {"sampler": "grid"}, "resources": {"cpus_per_trial": 1, "max_concurrent": 2}})
+    rows = enumerate_candidates(space, parent.config)
+    assert {(r["mamba_num_heads"], r["layers.linear_attention"]) for r in rows} == {(4, 1), (4, 2), (8, 1)}
+    frame = run_search(space, tmp_path / "runs", echo=lambda line: None)
+    study = optuna.load_study(study_name="hybrid", storage=storage_url(space, tmp_path / "runs"))
+    short = [t for t in study.get_trials() if t.user_attrs.get("stage") == "short_retrain"]
+    assert len(short) == len(rows) and all(t.state == optuna.trial.TrialState.COMPLETE for t in short)
+    p, pattern = Parent.of(parent.config), _pattern(parent.config)
+    for t in short:
+        arch = Architecture.from_dict(json.loads((tmp_path / "runs" / "hybrid" / t.user_attrs["label"] /
+                                                  "architecture.json").read_text()))
+        kinds = [pattern[i] for i in arch.layers]
+        assert kinds.count("linear_attention") == t.params["layers.linear_attention"]
+        assert kinds.count("full_attention") == 1 and kinds.count("mlp") == 2
+        assert arch.get("mamba_num_heads") == t.params["mamba_num_heads"]
+        assert t.user_attrs["params"] == p.num_parameters(arch)
+    assert {"mamba_num_heads", "layers.linear_attention"} <= set(frame.columns)
+    best = export_best("hybrid", storage_url(space, tmp_path / "runs"), tmp_path / "best.json", tmp_path / "winner",
+                       root=tmp_path / "runs")
+    winner = AutoModelForCausalLM.from_pretrained(tmp_path / "winner")
+    assert winner.config.mamba_num_heads == best["mamba_num_heads"]
+    assert _pattern(winner.config) == [pattern[i] for i in best["layers"]]
