@@ -58,7 +58,8 @@ def test_bad_architecture_is_one_line(capsys, tiny_parent_dir, text_file, tmp_pa
 def test_unknown_family_is_one_line(capsys, tmp_path, text_file):
     GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path / "gpt2")
     code, err = _importance(capsys, tmp_path / "gpt2", text_file, tmp_path / "imp.safetensors")
-    assert code == 2 and "model_type='gpt2' is not supported; supported families: gemma2, gemma3_text, gpt_oss, granite, llama" in err
+    assert code == 2 and "model_type='gpt2' is not supported; supported families: bamba, falcon_h1, gemma2, " \
+                         "gemma3_text, gpt_oss, granite, llama" in err
     assert len(err.splitlines()) == 1
 
 
