@@ -234,9 +234,11 @@ class Family:
         return data
 
 
-# Lists in a config that can happen to be as long as the layers without being per layer.
+# Lists in a config that can happen to be as long as the layers without being per layer (layer indices, Falcon-H1's
+# muP multipliers and time-step clamp, Nemotron-H's multi-token-prediction layers).
 _NOT_PER_LAYER = {"architectures", "bos_token_id", "eos_token_id", "pad_token_id", "mlp_only_layers",
-                  "attn_layer_indices"}
+                  "attn_layer_indices", "time_step_limit", "mlp_multipliers", "ssm_multipliers",
+                  "mtp_layers_block_type"}
 
 _GEMMA = dict(norm=Norm("rms_1p"), layer_norms=SANDWICH_NORMS, scaled_embedding=True)
 _GATED_ATTENTION = Attention(qk_norm="head", gated_query=True)
@@ -286,9 +288,6 @@ FAMILIES: dict[str, Family] = {
         # Qwen3.5's checkpoints are its vision-language model; its text decoder is this (`TEXT_DECODERS`).
         Family("qwen3_5_text", attention=_GATED_ATTENTION, norm=Norm("rms_1p"), deltanet=GatedDeltaNet("split"),
                mixers=_DELTANET_MIXERS, pattern_key="layer_types"),
-        Family("qwen3_5_moe_text", attention=_GATED_ATTENTION, norm=Norm("rms_1p"), deltanet=GatedDeltaNet("split"),
-               moe=MoE("num_experts", shared_key="shared_expert_intermediate_size"), mixers=_DELTANET_MIXERS,
-               pattern_key="layer_types"),
         Family("bamba", mamba=Mamba2(**_MAMBA_KEYS, expand_key="mamba_expand"), ffn="feed_forward",
                mixers=(("linear_attention", (("mamba", "mamba"),)), ("full_attention", (("attention", "self_attn"),))),
                pattern_key="layers_block_type", attention_layers_key="attn_layer_indices", **_FFN_NORMS),
@@ -306,6 +305,8 @@ TEXT_DECODERS = {"qwen3_5": "qwen3_5_text", "qwen3_5_moe": "qwen3_5_moe_text"}
 
 #: Families transformers knows that these units do not describe yet, and what they lack.
 NOT_YET: dict[str, str] = {
+    "qwen3_5_moe_text": "its Gated DeltaNet and MoE layers fit the units, but every layer routes to experts and its "
+                        "config has no dense intermediate_size, which the Architecture value requires",
     **{t: "its attention is multi-head latent attention (low-rank compressed keys and values, `kv_lora_rank`), "
           "which the attention unit cannot slice by heads"
        for t in ("deepseek_v2", "deepseek_v3", "kimi_k2")},

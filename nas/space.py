@@ -296,6 +296,9 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
         f"axes.kept_layers={a.kept_layers!r}: must map each layer kind to a list of layer counts (integers >= 0)")
     need(not (a.kept_layers and a.num_hidden_layers), "axes: give num_hidden_layers or kept_layers (the layers of "
                                                       "each kind, which add up to the depth), not both")
+    need(not (a.kept_layers and space.importance.layer_method == "block"),
+         "importance.layer_method='block' drops one contiguous block of layers, which cannot keep a number of each "
+         "kind (axes.kept_layers); use 'bi' or 'drop'")
     imp = space.importance
     need(imp.samples >= 1, f"importance.samples={imp.samples}: must be >= 1")
     for key, allowed in (("sampling", ("random", "first")), ("seq_agg", AGGREGATIONS), ("batch_agg", AGGREGATIONS),
@@ -575,11 +578,16 @@ def infeasible_hint(space: SearchSpace, config: Any) -> str:
 
 def kept_layers(axes: dict[str, Any], config: Any, importances: Any, method: str) -> tuple[int, ...]:
     """The parent layers a candidate with these axes keeps, chosen by importance (`select_layers`); with counts of
-    each kind (`layers.<kind>`), each kind keeps its own best layers."""
+    each kind (`layers.<kind>`), each kind keeps its own best layers, a kind left out all of its own, and the
+    depth is their sum (a `num_hidden_layers` beside them is not read)."""
     counts = {k[len(KIND_AXIS):]: int(v) for k, v in axes.items() if k.startswith(KIND_AXIS)}
-    kinds = Parent.of(config).layers_by_kind() if counts else None
-    return select_layers(importances, int(axes.get("num_hidden_layers", sum(counts.values()))), method, kinds,
-                         counts or None)
+    if not counts:
+        return select_layers(importances, int(axes["num_hidden_layers"]), method)
+    parent = Parent.of(config)
+    kinds = parent.layers_by_kind()
+    counts = {kind: counts.get(kind, len(layers)) for kind, layers in kinds.items()} | counts
+    parent.first_layers(counts)  # an unknown kind, or more layers of one than the parent has: one clear error
+    return select_layers(importances, sum(counts.values()), method, kinds, counts)
 
 
 def architecture_of(row: dict[str, Any], config: Any, layers: tuple[int, ...] | None = None) -> Architecture:

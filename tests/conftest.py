@@ -82,8 +82,7 @@ _DELTANET = dict(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_he
 _BAMBA_MAMBA = dict(mamba_n_heads=8, mamba_d_head=12, mamba_n_groups=2, mamba_d_state=8)
 #: Hybrids (tests/test_hybrids.py): Nemotron-H's Mamba2 (8 heads in 2 groups, biases on), attention and squared-ReLU
 #: MLP layers by its pattern; Qwen3-Next's Gated DeltaNet (2 key heads, 4 value heads) and gated attention, 3 to 1,
-#: over experts with one dense layer and a shared expert; Qwen3.5's text decoders (split projections; dense MLPs,
-#: or experts with a shared expert);
+#: over experts with one dense layer and a shared expert; Qwen3.5's text decoder (split projections, dense MLPs);
 #: Bamba (Mamba2 at mamba_expand x hidden, one attention layer by index); Falcon-H1 (attention and Mamba2 side by
 #: side in every layer, every muP multiplier set).
 HYBRID_CONFIGS = {
@@ -92,8 +91,6 @@ HYBRID_CONFIGS = {
     "qwen3_next": _moe("qwen3_next", **_DELTANET, **_EXPERTS, num_experts=8, moe_intermediate_size=24,
                        shared_expert_intermediate_size=40, mlp_only_layers=[1], attention_bias=True),
     "qwen3_5_text": _moe("qwen3_5_text", **_DELTANET),
-    "qwen3_5_moe_text": _moe("qwen3_5_moe_text", **_DELTANET, **_EXPERTS, num_experts=8, moe_intermediate_size=24,
-                             shared_expert_intermediate_size=40),
     "bamba": _moe("bamba", **_BAMBA_MAMBA, attn_layer_indices=[2], mamba_expand=2, mamba_proj_bias=True),
     "falcon_h1": _moe("falcon_h1", **_BAMBA_MAMBA, mamba_d_ssm=96, mamba_rms_norm=True, mamba_norm_before_gate=False,
                       projectors_bias=True, lm_head_multiplier=0.5, embedding_multiplier=2.0, key_multiplier=0.7,

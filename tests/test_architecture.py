@@ -83,7 +83,7 @@ def test_unknown_family_lists_supported_ones():
     with pytest.raises(UnsupportedModelError, match="supported families: bamba, falcon_h1, gemma2, gemma3_text, "
                                                     "gpt_oss, granite, llama, "
                                                     "mistral, mixtral, nemotron, nemotron_h, olmo2, olmo3, olmoe, "
-                                                    "phi3, qwen2, qwen2_moe, qwen3, qwen3_5_moe_text, qwen3_5_text, qwen3_moe, "
+                                                    "phi3, qwen2, qwen2_moe, qwen3, qwen3_5_text, qwen3_moe, "
                                                     "qwen3_next, smollm3$"):
         family_of(GPT2Config())
 

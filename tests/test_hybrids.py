@@ -204,8 +204,7 @@ def test_planned_activations_equal_a_real_layers_saved_bytes(name):
 
     config = HYBRID_CONFIGS[name]()
     kinds = layer_kinds(config)
-    assert len(kinds) == {"nemotron_h": 3, "qwen3_next": 3, "qwen3_5_text": 2, "qwen3_5_moe_text": 2, "bamba": 2,
-                          "falcon_h1": 1}[name]
+    assert len(kinds) == {"nemotron_h": 3, "qwen3_next": 3, "qwen3_5_text": 2, "bamba": 2, "falcon_h1": 1}[name]
     for i in kinds:
         assert saved_bytes_per_layer(config, 3, 24, torch.float32, i) == _real_saved_bytes(config, 3, 24, i), i
 
@@ -412,3 +411,35 @@ def test_a_search_over_recurrent_heads_and_layer_kinds_records_them_and_exports_
     winner = AutoModelForCausalLM.from_pretrained(tmp_path / "winner")
     assert winner.config.mamba_num_heads == best["mamba_num_heads"]
     assert _pattern(winner.config) == [pattern[i] for i in best["layers"]]
+
+
+def test_layer_kind_counts_keep_the_kinds_left_out_and_name_a_wrong_kind():
+    """Counts of some kinds (as an edited `nas arch` JSON gives them, its `num_hidden_layers` left stale): every
+    other kind keeps all its layers and the depth is their sum; a kind the parent lacks, or too many of one, is one
+    clear error; and `block` layer selection, which drops one contiguous block, is refused beside them."""
+    from nas.architecture import KIND_AXIS
+    from nas.errors import ConfigError
+    from nas.space import kept_layers
+
+    config = HYBRID_CONFIGS["nemotron_h"]()
+    importances = _importances(tiny_model("nemotron_h"))
+    layers = kept_layers({"num_hidden_layers": 5, f"{KIND_AXIS}mlp": 1}, config, importances, "bi")
+    assert [_pattern(config)[i] for i in layers].count("mlp") == 1 and len(layers) == 4
+    assert {0, 2, 3} <= set(layers)  # both Mamba layers and the attention layer
+    for counts, says in (({"layers.moe": 1}, "no moe layers"), ({"layers.mlp": 3}, "has 2 mlp layers")):
+        with pytest.raises(ArchitectureError, match=says):
+            kept_layers(counts, config, importances, "bi")
+    with pytest.raises(ConfigError, match="layer_method='block'"):
+        parse_space({"name": "s", "parent": "x", "budget": {"fraction": 0.8},
+                     "importance": {"layer_method": "block", "drop_samples": 2},
+                     "axes": {"kept_layers": {"mlp": [1]}}})
+
+
+def test_lists_as_long_as_the_layers_that_are_not_per_layer_are_kept_whole():
+    """Falcon-H1's five muP multipliers of the Mamba sections in a five-layer parent are not its layers': a
+    four-layer child keeps all five and builds."""
+    config = HYBRID_CONFIGS["falcon_h1"](num_hidden_layers=5)
+    arch = Parent.of(config).architecture.replace(num_hidden_layers=4, layers=(0, 1, 2, 4))
+    child = family_of(config).child_config(config, arch)
+    assert child.ssm_multipliers == config.ssm_multipliers and child.num_hidden_layers == 4
+    AutoModelForCausalLM.from_config(child)

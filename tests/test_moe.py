@@ -327,7 +327,8 @@ def test_expert_axes_are_refused_where_they_do_not_apply():
                      "axes": {"num_experts": [4], "num_local_experts": [4]}})
 
 
-@pytest.mark.parametrize("model_type, says", [("deepseek_v3", "latent attention"), ("granitemoe", "not been checked")])
+@pytest.mark.parametrize("model_type, says", [("deepseek_v3", "latent attention"), ("granitemoe", "not been checked"),
+                                               ("qwen3_5_moe_text", "no dense intermediate_size")])
 def test_a_mixture_that_does_not_fit_is_refused_with_the_reason(model_type, says):
     with pytest.raises(UnsupportedModelError, match=says):
         family_of(AutoConfig.for_model(model_type))

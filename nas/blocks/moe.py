@@ -176,7 +176,8 @@ class MoE:
 
             return convert_moe_packed_tensors(read(f"{prefix}{inner}_blocks"), read(f"{prefix}{inner}_scales"),
                                               dtype=dtype)
-        if self.stored_experts is None or inner not in ("experts.gate_up_proj", "experts.down_proj"):
+        if self.stored_experts is None or inner not in ("experts.gate_up_proj", "experts.down_proj") or \
+                prefix + inner in read:  # (a checkpoint may store the stacked tensors themselves)
             return read(prefix + inner)
         gate, up, down = (f"{prefix}experts.{{}}.{n}.weight" for n in self.stored_experts)
         if inner == "experts.down_proj":
