@@ -443,3 +443,25 @@ def test_lists_as_long_as_the_layers_that_are_not_per_layer_are_kept_whole():
     child = family_of(config).child_config(config, arch)
     assert child.ssm_multipliers == config.ssm_multipliers and child.num_hidden_layers == 4
     AutoModelForCausalLM.from_config(child)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_kd_captures_each_layers_residual_stream_after_the_final_norm(name):
+    """The intermediate-state KD loss reads the embeddings and chosen layers' outputs, after the final norm, by the
+    family's own module names (Nemotron-H: `embeddings`, `norm_f`): the layers' equal HF's own hidden states put
+    through that norm; the embeddings' point the same way (the loss is a cosine), Falcon-H1 multiplying its
+    embeddings by `embedding_multiplier` after the embedding module."""
+    from nas.distill import capture_states
+
+    model = tiny_model(name)
+    layers = [0, model.config.num_hidden_layers - 2]
+    with torch.no_grad(), capture_states(model, layers) as states:
+        out = model(input_ids=TOKENS, output_hidden_states=True)
+    norm = model.get_submodule(family_of(model.config).final_norm)
+    with torch.no_grad():
+        expected = [norm(out.hidden_states[0]), *(norm(out.hidden_states[i + 1]) for i in layers)]
+    assert len(states) == len(expected) == 3
+    cosine = torch.nn.functional.cosine_similarity(states[0], expected[0], dim=-1)
+    assert float(cosine.min()) > 0.9999
+    for got, want in zip(states[1:], expected[1:]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
