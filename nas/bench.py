@@ -244,16 +244,28 @@ def trained_from_scratch(folder: Path, config, train_tokens: int):
     return model, train, held[:64]
 
 
+def zero_shot_and_after_kd(child, teacher, train: torch.Tensor, held: torch.Tensor, kd_tokens: int,
+                           seed: int = 0) -> dict[str, float]:
+    """A pruned child's held-out loss as it is, then after `kd_tokens` of KD from `teacher` (the child is trained in
+    place)."""
+    import tempfile
+
+    from nas.distill import DistillConfig, Distiller
+
+    zero_shot = lm_loss(child, held)
+    cfg = DistillConfig(tokens=kd_tokens, batch_size=8, lr=1e-3, warmup_steps=5, checkpoint_every=0, seed=seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        Distiller(child, teacher, train, held[:4], Path(tmp), cfg).run(progress=False, save_model=False)
+    return {"zero_shot": zero_shot, "after_kd": lm_loss(child, held)}
+
+
 def bench_moe(train_tokens: int = 1_000_000, kd_tokens: int = 32_768) -> dict[str, Any]:
     """Expert pruning on a small Qwen3-MoE (4 layers, 8 experts, top-2) trained from scratch on the plays (cached):
     half the experts cut by each expert measure of `nas.importance.EXPERT_SCORES` and at random (3 draws), held-out
     loss zero-shot and after the same KD; then the expert width halved by the routed-token neuron scores against
     random neurons."""
-    import tempfile
-
     from transformers import Qwen3MoeConfig
 
-    from nas.distill import DistillConfig, Distiller
     from nas.families import Parent
 
     config = Qwen3MoeConfig(vocab_size=2048, hidden_size=128, intermediate_size=384, moe_intermediate_size=128,
@@ -271,11 +283,7 @@ def bench_moe(train_tokens: int = 1_000_000, kd_tokens: int = 32_768) -> dict[st
     share = imp.experts["frequency"] / imp.experts["frequency"].sum(1, keepdim=True)
 
     def evaluated(child, seed: int = 0) -> dict[str, float]:
-        zero_shot = lm_loss(child, held)
-        cfg = DistillConfig(tokens=kd_tokens, batch_size=8, lr=1e-3, warmup_steps=5, checkpoint_every=0, seed=seed)
-        with tempfile.TemporaryDirectory() as tmp:
-            Distiller(child, model, train[64:], held[:4], Path(tmp), cfg).run(progress=False, save_model=False)
-        return {"zero_shot": zero_shot, "after_kd": lm_loss(child, held)}
+        return zero_shot_and_after_kd(child, model, train[64:], held, kd_tokens, seed)
 
     out: dict[str, Any] = {"parent": {"trained_tokens": train_tokens, "heldout_loss": lm_loss(model, held),
                                       "params": parent.num_parameters(), "active_params": parent.active_parameters()},
@@ -301,13 +309,10 @@ def bench_hybrid(train_tokens: int = 1_000_000, kd_tokens: int = 32_768) -> dict
     """Mamba2 head pruning and depth on a small Nemotron-H (8 layers: 4 Mamba2, 2 attention, 2 MLP) trained from
     scratch on the plays (cached): half the Mamba heads (2 of 4 in each group) by importance and at random (3
     draws), then half the head width; two layers dropped keeping both attention layers (each kind's best by Block
-    Importance, `kept_layers`) against dropping the two attention layers; held-out loss zero-shot and after the same
-    KD."""
-    import tempfile
-
+    Importance, `kept_layers`) against dropping one of them (a child keeps one); held-out loss zero-shot and after the
+    same KD."""
     from transformers import AutoConfig
 
-    from nas.distill import DistillConfig, Distiller
     from nas.families import Parent
 
     pattern = ["linear_attention", "mlp", "linear_attention", "full_attention", "linear_attention", "mlp",
@@ -324,11 +329,7 @@ def bench_hybrid(train_tokens: int = 1_000_000, kd_tokens: int = 32_768) -> dict
     full = parent.architecture
 
     def evaluated(child, seed: int = 0) -> dict[str, float]:
-        zero_shot = lm_loss(child, held)
-        cfg = DistillConfig(tokens=kd_tokens, batch_size=8, lr=1e-3, warmup_steps=5, checkpoint_every=0, seed=seed)
-        with tempfile.TemporaryDirectory() as tmp:
-            Distiller(child, model, train[64:], held[:4], Path(tmp), cfg).run(progress=False, save_model=False)
-        return {"zero_shot": zero_shot, "after_kd": lm_loss(child, held)}
+        return zero_shot_and_after_kd(child, model, train[64:], held, kd_tokens, seed)
 
     def against_random(arch: Architecture, scores: str) -> dict[str, Any]:
         out = {"child": arch.short(), "params": parent.num_parameters(arch),

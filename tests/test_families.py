@@ -136,6 +136,36 @@ def assert_streamed_equals_in_memory(parent, importances, arch, tmp_path) -> Non
         assert torch.equal(got[key], tensor), key
 
 
+def assert_two_fsdp_workers_reproduce_one(parent, arch, tmp_path, tokenizer, steps: int, keys=("loss",)) -> None:
+    """`nas importance`, `nas prune` to `arch`, then `nas distill` of the child for `steps` steps on one process and
+    on 2 FSDP2 gloo workers: each step's `keys` and the trained weights agree."""
+    from conftest import WIKITEXT
+
+    parent.save_pretrained(tmp_path / "parent")
+    tokenizer.save_pretrained(tmp_path / "parent")
+    (tmp_path / "text.txt").write_text((WIKITEXT / "valid.txt").read_text()[:60_000])
+    assert main(["importance", "--parent", str(tmp_path / "parent"), "--data", str(tmp_path / "text.txt"), "--out",
+                 str(tmp_path / "imp.safetensors"), "--samples", "4", "--seq-len", "32", "--drop-samples", "0"]) == 0
+    (tmp_path / "arch.json").write_text(arch.to_json())
+    assert main(["prune", "--parent", str(tmp_path / "parent"), "--arch", str(tmp_path / "arch.json"),
+                 "--importance", str(tmp_path / "imp.safetensors"), "--out", str(tmp_path / "child")]) == 0
+    train = ["--student", tmp_path / "child", "--teacher", tmp_path / "parent", "--data", tmp_path / "text.txt",
+             "--seq-len", 32, "--quiet", "--tokens", 4 * 32 * steps, "--batch-size", 4, "--lr", 1e-3,
+             "--checkpoint-every", 0]
+    train = [str(a) for a in train]
+    assert main(["distill", *train, "--out", str(tmp_path / "one")]) == 0
+    assert main(["distill", *train, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+                 if "grad_norm" in line] for run in ("one", "two"))
+    assert len(one) == len(two) == steps
+    for a, b in zip(one, two):
+        for key in keys:
+            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
+    m1, m2 = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "model") for run in ("one", "two"))
+    for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
+        torch.testing.assert_close(p2, p1, rtol=1e-3, atol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_planned_activations_equal_a_real_layers_saved_bytes(name):
     config = FAMILY_CONFIGS[name]()

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import HYBRID_CONFIGS, tiny_model
 from test_families import assert_kd_sees_the_models_own_logits, assert_streamed_equals_in_memory, \
-    pruned_and_reloaded
+    assert_two_fsdp_workers_reproduce_one, pruned_and_reloaded
 from nas.cli import main
 from nas.errors import ArchitectureError
 from nas.families import Parent, family_of
@@ -306,31 +306,8 @@ def test_the_nemotron_h_8b_space_holds_the_minitron_ssm_4b():
 def test_two_fsdp_workers_reproduce_one_on_a_hybrid(tmp_path, tiny_tokenizer, ray_session):
     """FSDP2 shards a hybrid's layers (Mamba2, attention and MLP units) over 2 gloo workers, and the KD run of a
     child cut on every axis equals the one-process run."""
-    from conftest import WIKITEXT
-
     parent = tiny_model("nemotron_h")
-    parent.save_pretrained(tmp_path / "parent")
-    tiny_tokenizer.save_pretrained(tmp_path / "parent")
-    (tmp_path / "text.txt").write_text((WIKITEXT / "valid.txt").read_text()[:60_000])
-    assert main(["importance", "--parent", str(tmp_path / "parent"), "--data", str(tmp_path / "text.txt"), "--out",
-                 str(tmp_path / "imp.safetensors"), "--samples", "4", "--seq-len", "32", "--drop-samples", "0"]) == 0
-    (tmp_path / "arch.json").write_text(_cut(parent.config).to_json())
-    assert main(["prune", "--parent", str(tmp_path / "parent"), "--arch", str(tmp_path / "arch.json"),
-                 "--importance", str(tmp_path / "imp.safetensors"), "--out", str(tmp_path / "child")]) == 0
-    train = ["--student", tmp_path / "child", "--teacher", tmp_path / "parent", "--data", tmp_path / "text.txt",
-             "--seq-len", 32, "--quiet", "--tokens", 4 * 32 * 6, "--batch-size", 4, "--lr", 1e-3,
-             "--checkpoint-every", 0]
-    train = [str(a) for a in train]
-    assert main(["distill", *train, "--out", str(tmp_path / "one")]) == 0
-    assert main(["distill", *train, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
-    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-                 if "grad_norm" in line] for run in ("one", "two"))
-    assert len(one) == len(two) == 6
-    for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
-    m1, m2 = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "model") for run in ("one", "two"))
-    for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
-        torch.testing.assert_close(p2, p1, rtol=1e-3, atol=1e-4, msg=name)
+    assert_two_fsdp_workers_reproduce_one(parent, _cut(parent.config), tmp_path, tiny_tokenizer, 6)
 
 
 def test_a_qwen3_5_vision_language_checkpoint_is_pruned_as_its_text_decoder(tmp_path, tiny_tokenizer):

@@ -11,7 +11,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import MOE_CONFIGS, tiny_model
-from test_families import assert_streamed_equals_in_memory, pruned_and_reloaded
+from test_families import assert_streamed_equals_in_memory, assert_two_fsdp_workers_reproduce_one, \
+    pruned_and_reloaded
 from test_plan import _real_saved_bytes
 from nas.architecture import Architecture
 from nas.cli import main
@@ -339,33 +340,10 @@ def test_two_fsdp_workers_reproduce_one_on_a_mixture_of_experts(tmp_path, tiny_t
     """FSDP2 shards the stacked experts like any parameter (dimension 0: experts) over 2 gloo workers, and the run
     equals the one-process run, with the router's load-balancing loss on (its routed shares are counted over both
     workers' tokens)."""
-    from conftest import WIKITEXT
-
     parent = tiny_model("qwen3_moe")
     parent.config.output_router_logits = True
-    parent.save_pretrained(tmp_path / "parent")
-    tiny_tokenizer.save_pretrained(tmp_path / "parent")
-    (tmp_path / "text.txt").write_text((WIKITEXT / "valid.txt").read_text()[:60_000])
-    assert main(["importance", "--parent", str(tmp_path / "parent"), "--data", str(tmp_path / "text.txt"), "--out",
-                 str(tmp_path / "imp.safetensors"), "--samples", "4", "--seq-len", "32", "--drop-samples", "0"]) == 0
-    (tmp_path / "arch.json").write_text(_cut(parent.config).to_json())
-    assert main(["prune", "--parent", str(tmp_path / "parent"), "--arch", str(tmp_path / "arch.json"),
-                 "--importance", str(tmp_path / "imp.safetensors"), "--out", str(tmp_path / "child")]) == 0
-    train = ["--student", tmp_path / "child", "--teacher", tmp_path / "parent", "--data", tmp_path / "text.txt",
-             "--seq-len", 32, "--quiet", "--tokens", 4 * 32 * 8, "--batch-size", 4, "--lr", 1e-3,
-             "--checkpoint-every", 0]
-    train = [str(a) for a in train]
-    assert main(["distill", *train, "--out", str(tmp_path / "one")]) == 0
-    assert main(["distill", *train, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
-    one, two = ([json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()
-                 if "grad_norm" in line] for run in ("one", "two"))
-    assert len(one) == len(two) == 8
-    for a, b in zip(one, two):
-        for key in ("loss", "kd", "router_aux"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4), (a["step"], key)
-    m1, m2 = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "model") for run in ("one", "two"))
-    for (name, p1), p2 in zip(m1.state_dict().items(), m2.state_dict().values()):
-        torch.testing.assert_close(p2, p1, rtol=1e-3, atol=1e-4, msg=name)
+    assert_two_fsdp_workers_reproduce_one(parent, _cut(parent.config), tmp_path, tiny_tokenizer, 8,
+                                          ("loss", "kd", "router_aux"))
 
 
 @pytest.mark.slow

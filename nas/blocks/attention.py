@@ -69,10 +69,10 @@ class Attention:
 
     def indices(self, q_heads: Tensor, kv_heads: Tensor, head_dim: int, parent: Any) -> dict[str, Tensor]:
         """Rows of the kept query and KV heads, and, fused, of `qkv_proj`; "heads": the kept query heads."""
-        q, kv = _rows(q_heads, head_dim), _rows(kv_heads, head_dim)
+        q, kv = head_rows(q_heads, head_dim), head_rows(kv_heads, head_dim)
         out = {"q": q, "kv": kv, "heads": q_heads}
         if self.gated_query:  # head h's query and gate rows are h * 2 head_dim + [0, 2 head_dim)
-            out["q_gate"] = _rows(q_heads, 2 * head_dim)
+            out["q_gate"] = head_rows(q_heads, 2 * head_dim)
         if self.fused_qkv:
             q_width, kv_width = parent.num_attention_heads * head_dim, parent.num_key_value_heads * head_dim
             out["qkv"] = torch.cat([q, q_width + kv, q_width + kv_width + kv])
@@ -84,5 +84,6 @@ class Attention:
         return [attention.o_proj.register_forward_pre_hook(lambda o_proj, args: record(o_proj, args[0]))]
 
 
-def _rows(heads: Tensor, head_dim: int) -> Tensor:
+def head_rows(heads: Tensor, head_dim: int) -> Tensor:
+    """The rows (or channels) of the kept `heads` in a head-major projection of `head_dim` rows a head."""
     return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from nas.blocks.attention import head_rows
+
 VALUE_HEADS, KEY_HEADS = "linear_num_value_heads", "linear_num_key_heads"
 
 
@@ -102,7 +104,7 @@ class GatedDeltaNet:
     def indices(self, values: Tensor, keys: Tensor, config: Any, parent: Any) -> dict[str, Tensor]:
         """The index sets of the kept value and key heads, as rows of the parent's fused tensors."""
         nk, nv, dk, dv = self.shape(config, parent)
-        k_rows, v_rows = _rows(keys, dk), _rows(values, dv)
+        k_rows, v_rows = head_rows(keys, dk), head_rows(values, dv)
         out = {"gdn_heads": values, "gdn_v": v_rows,
                "gdn_conv": torch.cat([k_rows, nk * dk + k_rows, 2 * nk * dk + v_rows])}
         if self.layout == "interleaved":
@@ -111,7 +113,7 @@ class GatedDeltaNet:
             qkvz, ba = [], []
             for g in keys.tolist():
                 local = values[values // r == g] - g * r  # its kept value heads, 0..r-1
-                v = _rows(local, dv)
+                v = head_rows(local, dv)
                 qkvz += [g * block + torch.arange(2 * dk), g * block + 2 * dk + v, g * block + 2 * dk + r * dv + v]
                 ba += [g * 2 * r + local, g * 2 * r + r + local]
             out.update(gdn_qkvz=torch.cat(qkvz), gdn_ba=torch.cat(ba))
@@ -121,7 +123,3 @@ class GatedDeltaNet:
     def hooks(mixer: nn.Module, record: Callable[[nn.Module, Tensor], None]) -> list:
         """Value heads are scored at the output projection's input: the gated, normalised heads side by side."""
         return [mixer.out_proj.register_forward_pre_hook(lambda out_proj, args: record(out_proj, args[0]))]
-
-
-def _rows(heads: Tensor, width: int) -> Tensor:
-    return (heads[:, None] * width + torch.arange(width)).flatten()
