@@ -118,8 +118,7 @@ class Family:
 
     def slots(self, config: Any, layer: int) -> list[tuple[str, Any]]:
         """(module path inside the layer, unit) of each block of the parent layer `layer`."""
-        mixers = dict(self.mixers)["*" if not self.pattern_key else self.layer_kind(config, layer)]
-        out = [(path, getattr(self, unit)) for unit, path in mixers]
+        out = [(path, getattr(self, unit)) for unit, path in dict(self.mixers)[self.layer_kind(config, layer)]]
         if self.ffn:
             out.append((self.ffn, self.moe if self.is_sparse(config, layer) else self.mlp))
         return out

@@ -73,14 +73,12 @@ class Mamba2:
         return conv * getattr(config, self.conv_key) * nbytes + heads * head_dim * state * 4
 
     def check(self, config: Any, arch: Any, parent: Any) -> str | None:
-        """Why `arch`'s Mamba widths cannot be cut from the parent's, or None."""
+        """Why `arch`'s Mamba widths cannot be cut from the parent's, or None (beside the family's own check that no
+        width grows)."""
         groups = getattr(config, self.groups_key)
         if arch.get(self.heads_key) % groups:
             return f"{self.heads_key}={arch.get(self.heads_key)} must be a multiple of {self.groups_key}={groups}: " \
                    f"each group keeps the same number of heads"
-        for key in self.keys:
-            if arch.get(key) > parent.get(key):
-                return f"{key}={arch.get(key)} is larger than the parent's {parent.get(key)}; pruning can only shrink it"
         inner = arch.get(self.heads_key) * arch.get(self.head_dim_key)
         if self.expand_key and inner % arch.hidden_size:
             return f"{self.heads_key} x {self.head_dim_key} = {inner} must be a multiple of hidden_size=" \
