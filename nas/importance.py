@@ -49,7 +49,7 @@ class ImportanceSettings:
         neuron_source: "pre" scores `X W1^T` (the paper), "post" the down projection's input.
         head_source: "output" scores each head by the norm of its contribution through its slice of
             o_proj, "attn" by the norm of its attention output (the paper's literal metric). Under GQA
-            the heads of a group read the same values, so "attn" barely separates them (see README).
+            the heads of a group read the same values, so "attn" barely separates them (see docs/method.md).
         drop_samples: samples used for the loss-when-dropped scores (each costs a forward per layer set);
             0 skips them (then only "bi" can select layers).
         block_sizes: sizes k for which the loss of dropping every contiguous block of k layers is scored.

@@ -151,7 +151,7 @@ def test_a_plain_8b_plus_minus_5_percent_differs_as_the_readme_says():
     plain = parse_space({**_raw(space), "budget": {"params": 8e9, "tolerance": 0.05}})
     rows = enumerate_candidates(plain, config)
     assert {r["label"]: r["params"] for r in rows} == _expected(plain, config, 7.6e9, 8.4e9)
-    # The README's account: two of the paper's candidates, 8.43B and 8.49B, are above 8.4B and fall out.
+    # docs/spaces.md's account: two of the paper's candidates, 8.43B and 8.49B, are above 8.4B and fall out.
     def billions(key):
         layers, heads, mlp, hidden = map(int, key.split("/"))
         return round(_hf_params(config, layers, heads, config.num_key_value_heads, mlp, hidden) / 1e9, 2)
