@@ -81,9 +81,9 @@ def cmd_prune(args) -> None:
 
     from transformers import AutoTokenizer
 
-    from nas.architecture import Architecture
+    from nas.architecture import KIND_AXIS, Architecture
+    from nas.families import Parent
     from nas.files import atomic_dir
-    from nas.architecture import KIND_AXIS
     from nas.importance import Importances
     from nas.parents import load_parent, parent_config, resolve_parent
     from nas.prune import PruneOptions, SafetensorsReader, prune, prune_checkpoint
@@ -94,6 +94,14 @@ def cmd_prune(args) -> None:
         data = json.loads(Path(args.arch).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise NasError(f"--arch {args.arch}: cannot read architecture JSON ({e})") from None
+    counts = {k: v for k, v in data.items() if k.startswith(KIND_AXIS)}
+    if "layers" in data and counts and isinstance(data["layers"], list):
+        # Counts beside the layers (as `nas arch` writes both) must describe them: which to follow is the user's call.
+        held = Parent.of(parent_config(args.parent)).kind_counts(tuple(data["layers"]))
+        if wrong := {k: v for k, v in counts.items() if held.get(k) != v}:
+            raise NasError(f"--arch {args.arch}: {', '.join(f'{k}={v}' for k, v in wrong.items())} but its 'layers' "
+                           f"holds {', '.join(f'{held.get(k, 0)}' for k in wrong)}: drop 'layers' and "
+                           f"'num_hidden_layers' to keep each kind's best layers by importance, or make them agree")
     if "layers" not in data and ("num_hidden_layers" in data or any(k.startswith(KIND_AXIS) for k in data)):
         # Chosen by importance: overall, or each kind's own best (`layers.<kind>`: counts of a hybrid's kinds).
         data["layers"] = kept_layers(data, parent_config(args.parent), importances, args.layer_method)

@@ -95,8 +95,8 @@ def plan(space: SearchSpace, config: Any, cluster: Cluster = Cluster()) -> list[
     rows = enumerate_candidates(space, config)
     if not rows:
         raise ConfigError(f"{space.name}: {infeasible_hint(space, config)}")
-    largest = architecture_of(rows[0], config, tuple(range(int(rows[0]["num_hidden_layers"]))))
-    child = Parent.of(config).child_config(largest)
+    # With its own count of each kind of layer, where the parent's layers differ in size by kind.
+    child = Parent.of(config).child_config(architecture_of(rows[0], config))
     res = space.resources
     gpu = max(res.gpus_per_trial, res.gpus_per_worker) > 0
     trials = len(rows) if space.search.sampler == "grid" else min(len(rows), space.search.max_trials)
@@ -135,7 +135,7 @@ def importance_stage(space: SearchSpace, config: Any) -> Stage:
     share = max(1, math.ceil(gpus)) if on_gpu else 1
     memory = {"weights": n * nbytes // share, "activations": layer, "logits": logits}
     imp = space.importance
-    passes = imp.samples + imp.drop_samples * (1 + config.num_hidden_layers * (1 + len(_block_sizes(space, config))))
+    passes = imp.samples + imp.drop_samples * (1 + config.num_hidden_layers * (1 + len(block_sizes(space, config))))
     topk_tokens = space.short_retrain.tokens if space.short_retrain.teacher_topk else 0
     tokens = passes * space.seq_len + topk_tokens
     return Stage("importance", 1, gpus, "cuda" if on_gpu else "cpu", memory, tokens,
@@ -287,22 +287,39 @@ def _layer_params(config: Any) -> int:
     return max(parent.family.layer_parameters(config, parent.architecture, i) for i in range(config.num_hidden_layers))
 
 
-def _block_sizes(space: SearchSpace, config: Any) -> set[int]:
+def block_sizes(space: SearchSpace, config: Any) -> tuple[int, ...]:
+    """The sizes of the contiguous layer blocks importance scores (`importance.layer_method: block`)."""
     if space.importance.layer_method != "block":
-        return set()
-    return {config.num_hidden_layers - n for n in space.axes.num_hidden_layers} - {0}
+        return ()
+    return tuple(sorted({config.num_hidden_layers - n for n in space.axes.num_hidden_layers} - {0}))
 
 
 def forward_flops_per_token(config: Any, seq_len: int) -> float:
     """2 x the parameters a token multiplies (all but the embedding lookup; in a mixture of experts only the experts
-    it is routed to), plus causal attention's 2 x seq_len x heads x head_dim per attention layer (QK^T and AV over
-    half the sequence on average, 2 FLOPs a MAC). A hybrid's recurrent layers add no term that grows with the
+    it is routed to), plus 4 x heads x head_dim per key a token attends in each attention layer (QK^T and AV, 2
+    FLOPs a MAC), averaged over the sequence. A hybrid's recurrent layers add no term that grows with the
     sequence; their scans' own FLOPs (per token, a multiple of the state size and the scan's chunk) are left out."""
     parent = Parent.of(config)
     n = parent.active_parameters() - \
         config.vocab_size * config.hidden_size * (0 if getattr(config, "tie_word_embeddings", False) else 1)
-    attention = sum(parent.family.is_attention(config, i) for i in range(config.num_hidden_layers))
-    return 2 * n + 2 * seq_len * parent.architecture.num_attention_heads * parent.architecture.head_dim * attention
+    keys = sum(_keys_attended(seq_len, _window(config, i)) for i in range(config.num_hidden_layers)
+               if parent.family.is_attention(config, i))
+    return 2 * n + 4 * parent.architecture.num_attention_heads * parent.architecture.head_dim * keys
+
+
+def _window(config: Any, layer: int) -> int | None:
+    """The sliding window of the attention layer `layer` (None: full attention), as HF's masks read the config: a
+    "sliding_attention" entry of `layer_types`, or, without them, a `sliding_window` on every layer (Mistral)."""
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return config.sliding_window if types[layer] == "sliding_attention" else None
+    return getattr(config, "sliding_window", None)
+
+
+def _keys_attended(seq_len: int, window: int | None) -> float:
+    """The keys a token attends on average over a causal sequence: min(position + 1, window) at each position."""
+    span = min(window or seq_len, seq_len)
+    return (span * (span + 1) / 2 + (seq_len - span) * span) / seq_len
 
 
 _TRACE_ATTENTION = "nas_plan_fused"  # (a name with "flash" in it makes transformers look for a kernel)

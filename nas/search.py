@@ -54,7 +54,7 @@ from nas.files import atomic_dir, write_json
 from nas.importance import ImportanceSettings, Importances, cached_importance, lm_loss
 from nas.latency import measure_candidates
 from nas.parents import load_parent, parent_config, resolve_parent
-from nas.plan import Cluster, Stage, check_fits, checkpoint_tokens, plan
+from nas.plan import Cluster, Stage, block_sizes, check_fits, checkpoint_tokens, plan
 from nas.prune import prune
 from nas.space import AXES, MEASURED, RetrainSpec, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, \
     infeasible_hint, kept_layers, row_axes
@@ -204,7 +204,7 @@ def parent_work(space: SearchSpace, storage: RunStorage, calibration_rows: np.nd
     imp = space.importance
     settings = ImportanceSettings(seq_agg=imp.seq_agg, batch_agg=imp.batch_agg, neuron_source=imp.neuron_source,
                                   head_source=imp.head_source, drop_samples=imp.drop_samples,
-                                  block_sizes=_block_sizes(space, config))
+                                  block_sizes=block_sizes(space, config))
     calibration = TokenSet(folder, calibration_rows)[:]
     _kept_in(storage, "importance.safetensors", lambda path: cached_importance(parent, calibration, path, settings))
     plan = _cache_part(parent, space, storage, train_rows, 0, cache_parts)
@@ -272,12 +272,6 @@ def _kept_in(storage: RunStorage, rel: str, load_or_compute: Callable[[Path], An
         load_or_compute(path)
         if path.stat().st_mtime_ns != before:
             storage.upload(path, rel)
-
-
-def _block_sizes(space: SearchSpace, config: Any) -> tuple[int, ...]:
-    if space.importance.layer_method != "block":
-        return ()
-    return tuple(sorted({config.num_hidden_layers - n for n in space.axes.num_hidden_layers} - {0}))
 
 
 def _sequences_needed(spec: RetrainSpec, seq_len: int) -> int:

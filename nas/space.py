@@ -1,4 +1,5 @@
-"""Search spaces: a YAML file of values, validated against typed dataclasses, and its feasible candidates.
+"""Search spaces: a YAML file of values, validated against typed dataclasses (`nas.spec`), and its feasible
+candidates.
 
 A candidate is named by its label (`Architecture.short()` form, e.g. "L30-H6-KV3-M1024-E576"); the kept layers
 are chosen from importance scores when the candidate is pruned, so enumeration needs only the parent's config.
@@ -7,253 +8,82 @@ are chosen from importance scores when the candidate is pruned, so enumeration n
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from nas.architecture import Architecture, axis_keys, short_label
+from nas.architecture import KIND_AXIS, Architecture, axis_keys, short_label
 from nas.errors import ArchitectureError, ConfigError
-from nas.architecture import KIND_AXIS
 from nas.families import Parent, family_of
 from nas.importance import AGGREGATIONS, HEAD_SOURCES, LAYER_METHODS, NEURON_SOURCES, select_layers
-
-AXES = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
-#: A mixture of experts' axes (`nas.blocks.MoE`), named as its config names them; `num_experts` and
-#: `num_local_experts` are two families' names of one axis, the experts kept per layer.
-EXPERT_AXES = ("num_experts", "num_local_experts", "num_experts_per_tok", "moe_intermediate_size",
-               "shared_expert_intermediate_size")
-#: A hybrid's recurrent mixer's axes (`nas.blocks.Mamba2`, `nas.blocks.GatedDeltaNet`), as its config names them.
-RECURRENT_AXES = ("mamba_num_heads", "mamba_head_dim", "mamba_n_heads", "mamba_d_head", "linear_num_value_heads",
-                  "linear_num_key_heads")
-UNIT_AXES = (*EXPERT_AXES, *RECURRENT_AXES)
-BUDGET_KINDS = ("total", "non_embedding", "active")
-#: What a search can optimise beside the validation loss (a candidate's figure), and in which direction.
-OBJECTIVES = {"latency_ms": "minimize", "prefill_ms": "minimize", "throughput": "maximize",
-              "memory_bytes": "minimize", "params": "minimize", "active_params": "minimize"}
-MEASURED = ("latency_ms", "prefill_ms", "throughput")  # what needs the candidates timed (`nas.latency`)
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Target size. `params` (absolute) or `fraction` (of the parent's count); candidates within ±tolerance.
-
-    `kind` is "total", "non_embedding" (ignores embedding and LM-head matrices) or "active" (the parameters one
-    token uses: in a mixture of experts, all but the experts it is not routed to).
-    `max_weight_gb` caps the weights' memory at `bytes_per_param` (2 for bf16); `memory_gb` caps what serving the
-    child holds: its weights plus the KV cache of `batch` sequences of `context` tokens at `cache_bytes` an element
-    (`nas.families.Parent.cache_bytes`).
-
-    `latency_ms` (per decoded token at `batch` after a prefill of `context`), `prefill_ms` (caps) and `throughput`
-    (decoded tokens a second over the batch, a floor) are measured on `device` ("cpu" or "cuda"; a GPU type is the
-    Ray resource label `device_resource`, e.g. "accelerator_type:L4") in `serve_dtype` (default bf16 on CUDA,
-    fp32 on the CPU), `repeats` runs after `warmup` ones timing `decode_tokens` tokens (`nas.latency`).
-
-    A parameter band (`params` or `fraction`) is optional when a memory or speed cap is given; every budget given
-    is enforced.
-    """
-
-    params: float | None = None
-    fraction: float | None = None
-    tolerance: float = 0.05
-    kind: str = "total"
-    max_weight_gb: float | None = None
-    bytes_per_param: int = 2
-    memory_gb: float | None = None
-    context: int = 4096
-    batch: int = 1
-    cache_bytes: int = 2
-    latency_ms: float | None = None
-    prefill_ms: float | None = None
-    throughput: float | None = None
-    device: str = "cpu"
-    device_resource: str | None = None
-    serve_dtype: str | None = None
-    decode_tokens: int = 16
-    warmup: int = 1
-    repeats: int = 5
-
-    @property
-    def speed_caps(self) -> dict[str, float]:
-        return {k: getattr(self, k) for k in ("latency_ms", "prefill_ms", "throughput") if getattr(self, k) is not None}
-
-
-@dataclass(frozen=True)
-class Axes:
-    """Values to search. `mlp_expansion` (multiples of hidden_size) may replace `intermediate_size`.
-    An axis left empty keeps the parent's value. A mixture of experts adds `EXPERT_AXES`: the experts kept per
-    layer (`num_experts` or `num_local_experts`, either name), experts per token, the expert width
-    (`moe_intermediate_size`; Mixtral, OLMoE and gpt-oss call it `intermediate_size`) and the shared expert's.
-    A hybrid adds `RECURRENT_AXES`: Mamba2's heads (a multiple of its groups) and head width (Nemotron-H's
-    `mamba_num_heads`/`mamba_head_dim`, Bamba's and Falcon-H1's `mamba_n_heads`/`mamba_d_head`), or Gated
-    DeltaNet's value and key heads. Where a parent's layers differ in size (a hybrid's kinds, or a mixture of experts' dense
-    and sparse layers) its depth is `kept_layers`, the layers kept of each kind (`nas arch --parent` lists them,
-    e.g. {full_attention: [4], linear_attention: [20, 24]}; a kind left out keeps all its layers); each kind keeps
-    its own best layers by importance."""
-
-    num_hidden_layers: list[int] = field(default_factory=list)
-    num_attention_heads: list[int] = field(default_factory=list)
-    num_key_value_heads: list[int] = field(default_factory=list)
-    intermediate_size: list[int] = field(default_factory=list)
-    mlp_expansion: list[float] = field(default_factory=list)
-    hidden_size: list[int] = field(default_factory=list)
-    num_experts: list[int] = field(default_factory=list)
-    num_local_experts: list[int] = field(default_factory=list)
-    num_experts_per_tok: list[int] = field(default_factory=list)
-    moe_intermediate_size: list[int] = field(default_factory=list)
-    shared_expert_intermediate_size: list[int] = field(default_factory=list)
-    mamba_num_heads: list[int] = field(default_factory=list)
-    mamba_head_dim: list[int] = field(default_factory=list)
-    mamba_n_heads: list[int] = field(default_factory=list)
-    mamba_d_head: list[int] = field(default_factory=list)
-    linear_num_value_heads: list[int] = field(default_factory=list)
-    linear_num_key_heads: list[int] = field(default_factory=list)
-    kept_layers: dict[str, list[int]] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ImportanceSpec:
-    """The calibration pass (paper §2.2). `sampling`: "random" draws the `samples` calibration sequences from the
-    whole corpus with `search.seed`; "first" takes its first ones (the corpus order)."""
-
-    samples: int = 64
-    sampling: str = "random"
-    seq_agg: str = "mean"
-    batch_agg: str = "l2"
-    neuron_source: str = "pre"
-    head_source: str = "output"
-    drop_samples: int = 0
-    layer_method: str = "bi"
-
-
-@dataclass(frozen=True)
-class RetrainSpec:
-    """A distillation budget (short retrain per trial, or full for promoted candidates). `workers`: Ray Train
-    workers of one promoted candidate's full distillation (a trial's come from `resources.workers_per_trial`).
-    `grad_checkpointing`: recompute each layer's activations in backward instead of keeping them.
-    `checkpoint_tokens`: training tokens between DCP checkpoints in the run folder, from which a retried trial, a
-    restarted worker or a re-run search resumes; unset, `nas plan` sizes it so that writing one costs under 2% of
-    the run's time."""
-
-    tokens: int = 4096
-    batch_size: int = 4
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_steps: int = 2
-    reports: int = 4
-    teacher_topk: int = 0
-    workers: int = 1
-    grad_checkpointing: bool = False
-    checkpoint_tokens: int | None = None
-
-
-@dataclass(frozen=True)
-class SearchSpec:
-    """How trials are chosen and run. `sampler`: "grid" (every feasible candidate, the paper's choice),
-    "tpe" (Optuna TPE for `max_trials`), "nsga2" (Optuna NSGA-II, for several objectives) or "auto" (grid up to
-    `max_trials` candidates, else TPE).
-
-    `objectives`: `val_loss` first, then any of `OBJECTIVES` (e.g. `[val_loss, latency_ms]`): with more than one
-    the study is multi-objective (one Optuna direction each, named in the dashboard) and its result is a Pareto
-    front. `promotion` picks what is fully distilled: "loss" (the `promote` lowest losses) or "front" (`promote`
-    points spread along the front of loss against the second objective)."""
-
-    sampler: str = "auto"
-    max_trials: int = 32
-    asha: bool = False
-    retries: int = 1
-    seed: int = 0
-    objectives: list[str] = field(default_factory=lambda: ["val_loss"])
-    promotion: str = "loss"
-
-    @property
-    def directions(self) -> list[str]:
-        return ["minimize", *(OBJECTIVES[k] for k in self.objectives[1:])]
-
-
-@dataclass(frozen=True)
-class Resources:
-    """What a trial takes. One worker (the default) trains in the Tune trial's own process with `cpus_per_trial`
-    CPUs and `gpus_per_trial` GPUs; with `workers_per_trial > 1` the trial runs a Ray Train job of that many
-    FSDP2 workers, each with `cpus_per_trial` CPUs and `gpus_per_worker` GPUs (promotion: `full_retrain.workers`).
-    `cache_workers`: Ray tasks that write the teacher's top-K cache in parallel, each with its own parent.
-    `parent_gpus`: GPUs of each task that holds the whole parent (importance, the cache; default: a trial's); the
-    parent is spread over them in bf16 (accelerate's `device_map="auto"`).
-    `gpu_memory_gb`: memory of one of the cluster's GPUs, for the check that a search fits before it starts."""
-
-    cpus_per_trial: int = 1
-    gpus_per_trial: float = 0
-    max_concurrent: int = 1
-    workers_per_trial: int = 1
-    gpus_per_worker: float = 0
-    cache_workers: int = 1
-    parent_gpus: float = 0
-    gpu_memory_gb: float = 80
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    name: str
-    parent: str
-    budget: Budget
-    axes: Axes
-    data: str = "shakespeare"
-    text_field: str = "text"
-    seq_len: int = 128
-    val_fraction: float = 0.05
-    val_sequences: int = 16
-    parent_config: dict[str, Any] | None = None
-    importance: ImportanceSpec = field(default_factory=ImportanceSpec)
-    short_retrain: RetrainSpec = field(default_factory=RetrainSpec)
-    promote: int = 1
-    full_retrain: RetrainSpec = field(default_factory=lambda: RetrainSpec(tokens=16384))
-    search: SearchSpec = field(default_factory=SearchSpec)
-    resources: Resources = field(default_factory=Resources)
-    storage: str | None = None
-    study_name: str | None = None
-
-    @property
-    def study(self) -> str:
-        return self.study_name or self.name
-
+# The file's fields (and MEASURED, which the search reads from here).
+from nas.spec import AXES, BUDGET_KINDS, MEASURED, OBJECTIVES, UNIT_AXES, Axes, Budget, ImportanceSpec, Resources, \
+    RetrainSpec, SearchSpace, SearchSpec
 
 _SECTIONS = {"budget": Budget, "axes": Axes, "importance": ImportanceSpec, "short_retrain": RetrainSpec,
              "full_retrain": RetrainSpec, "search": SearchSpec, "resources": Resources}
 _REQUIRED = ("name", "parent", "budget", "axes")
+#: The least value of an integer field where it is not 1: counts that may be none, and the shortest sequence a
+#: next-token loss has. (Budget.warmup stays >= 1: the first timed run compiles and allocates.)
+_AT_LEAST = {"drop_samples": 0, "warmup_steps": 0, "teacher_topk": 0, "retries": 0, "seed": 0, "promote": 0,
+             "seq_len": 2}
+_INVALID = object()  # a value `_coerce` refused (its error recorded): the field keeps its default
 
 
-def _build(cls, data: Any, where: str, errors: list[str]):
+def _build(cls, data: Any, section: str, errors: list[str]):
+    """`cls` from a mapping of the file: `section`, its key ("" for the top level, whose fields are named bare)."""
     if not isinstance(data, dict):
-        errors.append(f"{where}: must be a mapping, got {data!r}")
+        errors.append(f"{section}: must be a mapping, got {data!r}")
         return None
+    prefix = f"{section}." if section else ""
     known = {f.name for f in fields(cls)}
     for key in data:
         if key not in known:
-            errors.append(f"{where}.{key}: unknown field; known: {', '.join(sorted(known))}")
-    kwargs = {k: _coerce(v, f.type, f"{where}.{k}", errors) for f in fields(cls) for k, v in data.items()
-              if k == f.name}
+            errors.append(f"{prefix}{key}: unknown field; known: {', '.join(sorted(known))}")
+    kwargs = {f.name: _coerce(data[f.name], f.type, f"{prefix}{f.name}", errors) for f in fields(cls)
+              if f.name in data}
     try:
-        return cls(**kwargs)
+        return cls(**{k: v for k, v in kwargs.items() if v is not _INVALID})
     except TypeError as e:
-        errors.append(f"{where}: {e}")
+        errors.append(f"{section or 'space'}: {e}")
         return None
 
 
 def _coerce(value: Any, hint: str, where: str, errors: list[str]) -> Any:
-    """Numbers for numeric fields: PyYAML reads `8.18e9` (no sign in the exponent) as a string."""
-    numeric = hint.split(" | ")[0] in ("int", "float")
-    if numeric and isinstance(value, str):
+    """Numbers for numeric fields (PyYAML reads `8.18e9`, no sign in the exponent, as a string), whole ones for
+    integer fields; a list field given one value (`num_attention_heads: 6`, a kind's count in `kept_layers`) holds
+    that value, and given none (YAML null) is empty. `_INVALID`, its error recorded, where none of these fits."""
+    kind = hint.split(" | ")[0]
+    if kind.startswith("list["):
+        return [] if value is None else value if isinstance(value, (list, dict)) else [value]
+    if kind == "dict[str, list[int]]" and isinstance(value, dict):
+        return {k: v if isinstance(v, list) else [v] for k, v in value.items()}
+    if kind not in ("int", "float") or value is None:
+        return value
+    if isinstance(value, str):
         try:
-            number = float(value)
+            value = float(value)
         except ValueError:
-            errors.append(f"{where}={value!r}: must be a number")
-            return None
-        return int(number) if hint.startswith("int") and number.is_integer() else number
-    if numeric and value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         errors.append(f"{where}={value!r}: must be a number")
-        return None
+        return _INVALID
+    if kind == "int":
+        if not float(value).is_integer():
+            errors.append(f"{where}={value!r}: must be an integer")
+            return _INVALID
+        return int(value)
     return value
+
+
+def _at_least(section: Any, where: str, errors: list[str]) -> None:
+    """Each integer field of `section` at its least value (`_AT_LEAST`, else 1), or an error naming it."""
+    for f in fields(section):
+        value, least = getattr(section, f.name), _AT_LEAST.get(f.name, 1)
+        if f.type.split(" | ")[0] == "int" and value is not None and value < least:
+            errors.append(f"{where}{f.name}={value}: must be >= {least}")
 
 
 def _check(space: SearchSpace, errors: list[str]) -> None:
@@ -271,14 +101,14 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
     need(b.device in ("cpu", "cuda"), f"budget.device={b.device!r}: must be 'cpu' or 'cuda'")
     need(b.serve_dtype is None or b.serve_dtype in ("float32", "bfloat16", "float16"),
          f"budget.serve_dtype={b.serve_dtype!r}: must be 'float32', 'bfloat16' or 'float16'")
-    need(b.decode_tokens >= 1 and b.repeats >= 1 and b.warmup >= 1,
-         "budget: decode_tokens, repeats and warmup must be >= 1 (the first run compiles and allocates)")
     need(b.memory_gb is None or b.memory_gb > 0, f"budget.memory_gb={b.memory_gb}: must be > 0")
-    need(b.context >= 1 and b.batch >= 1, f"budget.context={b.context}, budget.batch={b.batch}: must be >= 1")
     need(b.params is None or b.params > 0, f"budget.params={b.params}: must be > 0")
     need(b.fraction is None or 0 < b.fraction < 1, f"budget.fraction={b.fraction}: must be in (0, 1)")
     need(0 <= b.tolerance < 1, f"budget.tolerance={b.tolerance}: must be in [0, 1)")
     need(b.kind in BUDGET_KINDS, f"budget.kind={b.kind!r}: must be one of {', '.join(map(repr, BUDGET_KINDS))}")
+    _at_least(space, "", errors)
+    for section in _SECTIONS:
+        _at_least(getattr(space, section), f"{section}.", errors)
     a = space.axes
     for name in (*AXES, *UNIT_AXES, "mlp_expansion"):
         values = getattr(a, name)
@@ -300,7 +130,6 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
          "importance.layer_method='block' drops one contiguous block of layers, which cannot keep a number of each "
          "kind (axes.kept_layers); use 'bi' or 'drop'")
     imp = space.importance
-    need(imp.samples >= 1, f"importance.samples={imp.samples}: must be >= 1")
     for key, allowed in (("sampling", ("random", "first")), ("seq_agg", AGGREGATIONS), ("batch_agg", AGGREGATIONS),
                          ("neuron_source", NEURON_SOURCES), ("head_source", HEAD_SOURCES),
                          ("layer_method", LAYER_METHODS)):
@@ -310,23 +139,14 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
          f"importance.layer_method={imp.layer_method!r} needs importance.drop_samples > 0")
     for section in ("short_retrain", "full_retrain"):
         r = getattr(space, section)
-        need(r.tokens >= 1 and r.batch_size >= 1, f"{section}: tokens and batch_size must be >= 1")
         need(r.tokens >= r.batch_size * r.grad_accum * space.seq_len,
              f"{section}.tokens={r.tokens}: below one step of batch_size*grad_accum*seq_len="
              f"{r.batch_size * r.grad_accum * space.seq_len}")
-        need(r.reports >= 1, f"{section}.reports={r.reports}: must be >= 1")
-        need(r.checkpoint_tokens is None or r.checkpoint_tokens >= 1,
-             f"{section}.checkpoint_tokens={r.checkpoint_tokens}: must be >= 1 (or left out: sized by `nas plan`)")
         workers = space.resources.workers_per_trial if section == "short_retrain" else r.workers
         need(workers < 1 or r.batch_size % workers == 0,
              f"{section}.batch_size={r.batch_size}: must be a multiple of the {workers} workers that split it")
     need(space.short_retrain.workers == 1, "short_retrain.workers: a trial's workers are resources.workers_per_trial")
-    need(space.full_retrain.workers >= 1, f"full_retrain.workers={space.full_retrain.workers}: must be >= 1")
-    need(space.resources.workers_per_trial >= 1,
-         f"resources.workers_per_trial={space.resources.workers_per_trial}: must be >= 1")
     need(space.resources.parent_gpus >= 0, f"resources.parent_gpus={space.resources.parent_gpus}: must be >= 0")
-    need(space.resources.cache_workers >= 1,
-         f"resources.cache_workers={space.resources.cache_workers}: must be >= 1")
     s = space.search
     need(s.sampler in ("auto", "grid", "tpe", "nsga2"), f"search.sampler={s.sampler!r}: "
                                                         "must be 'auto', 'grid', 'tpe' or 'nsga2'")
@@ -338,12 +158,6 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
          "search.promotion=front needs a second objective in search.objectives")
     need(not (s.asha and len(s.objectives) > 1), "search.asha: ASHA stops trials on their loss alone, which a "
                                                  "multi-objective search does not rank by; turn one of them off")
-    need(space.search.retries >= 0, f"search.retries={space.search.retries}: must be >= 0")
-    need(space.promote >= 0, f"promote={space.promote}: must be >= 0")
-    need(space.seq_len >= 2, f"seq_len={space.seq_len}: must be >= 2")
-    need(space.val_sequences >= 1, f"val_sequences={space.val_sequences}: must be >= 1")
-    need(space.resources.cpus_per_trial >= 1, f"resources.cpus_per_trial={space.resources.cpus_per_trial}: "
-                                              "must be >= 1")
     need(str(space.name).replace("-", "").replace("_", "").replace(".", "").isalnum(),
          f"name={space.name!r}: use letters, digits, '-', '_' and '.' (it names the study folder)")
 
@@ -373,7 +187,7 @@ def parse_space(data: Any, where: str = "space") -> SearchSpace:
         elif (section := _build(_SECTIONS[key], value or {}, key, errors)) is not None:
             kwargs[key] = section  # a section that could not be built keeps its defaults; its error is recorded
     # Unknown fields are reported and left out, so every other problem in the file is found in the same pass.
-    space = _build(SearchSpace, kwargs, "space", errors) if not missing else None
+    space = _build(SearchSpace, kwargs, "", errors) if not missing else None
     if space is not None:
         _check(space, errors)
     if errors:
@@ -383,16 +197,8 @@ def parse_space(data: Any, where: str = "space") -> SearchSpace:
 
 # -- enumeration ------------------------------------------------------------------------------------
 
-def target_range(space: SearchSpace, config: Any) -> tuple[float, float]:
-    """The budget's [low, high] in its own kind of count: a `fraction` is of the parent's count of that kind."""
-    return _range(space, Parent.of(config))
-
-
-def counted_params(space: SearchSpace, config: Any, arch: Architecture) -> int:
-    return _counted(space, Parent.of(config), arch)
-
-
 def _range(space: SearchSpace, parent: Parent) -> tuple[float, float]:
+    """The budget's [low, high] in its own kind of count: a `fraction` is of the parent's count of that kind."""
     b = space.budget
     if b.params is None and b.fraction is None:
         return 0.0, float("inf")  # a memory cap alone
@@ -557,18 +363,23 @@ def infeasible_hint(space: SearchSpace, config: Any) -> str:
     else:
         return (f"candidates span {min(counts):,}..{max(counts):,} but none falls in [{low:,.0f}, {high:,.0f}]; "
                 f"add intermediate values to the axes or raise budget.tolerance")
-    # The axis whose range moves the count most is the one worth widening first.
+    # The axis whose range moves the count most is the one worth widening first. Where the layers' kinds are axes,
+    # the depth is their sum, not an axis of the file.
+    values = [axes_of(parent, a) for a in grid]
     sensitivity = {}
     for name in axis_names(parent):
-        if len({a.get(name) for a in grid}) > 1:
-            by_value: dict[int, list[int]] = {}
-            for a, c in zip(grid, counts):
-                by_value.setdefault(a.get(name), []).append(c)
+        by_value: dict[int, list[int]] = {}
+        for axes, c in zip(values, counts):
+            by_value.setdefault(axes[name], []).append(c)
+        if len(by_value) > 1 and not (name == "num_hidden_layers" and parent.family.mixes_layers(parent.config)):
             means = [sum(v) / len(v) for v in by_value.values()]
             sensitivity[name] = max(means) - min(means)
     axis = max(sensitivity, key=sensitivity.get) if sensitivity else "hidden_size"
+    # Named as the file spells it.
     if axis == "intermediate_size" and space.axes.mlp_expansion:
-        axis = "mlp_expansion"  # name the axis as the file spells it
+        axis = "mlp_expansion"
+    if axis.startswith(KIND_AXIS):
+        axis = f"kept_layers.{axis[len(KIND_AXIS):]}"
     moe = parent.family.moe
     if moe and axis == moe.count_key:
         axis = next((n for n in ("num_experts", "num_local_experts") if getattr(space.axes, n)), axis)

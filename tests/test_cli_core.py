@@ -113,3 +113,30 @@ def test_tokenize_writes_shards_that_any_data_flag_reads(capsys, tiny_parent_dir
 
     a, b = load_file(str(from_text)), load_file(str(from_shards))
     assert all(torch.equal(a[k], b[k]) for k in a)  # the same tokens, so the same scores
+
+
+def test_prune_refuses_kind_counts_that_disagree_with_the_layers_beside_them(capsys, tmp_path, tiny_tokenizer,
+                                                                            text_file):
+    """`nas arch` writes a hybrid's `layers` and its count of each kind; a count edited while `layers` stays is
+    refused in one line (before, `layers` silently won and every layer was kept), and dropping `layers` makes the
+    counts pick each kind's best layers."""
+    from conftest import tiny_model
+
+    tiny_model("nemotron_h").save_pretrained(tmp_path / "parent")
+    tiny_tokenizer.save_pretrained(tmp_path / "parent")
+    p, scores = tmp_path / "parent", tmp_path / "imp.safetensors"
+    assert main(["arch", "--parent", str(p), "--out", str(tmp_path / "keep.json")]) == 0
+    assert _importance(capsys, p, text_file, scores) == (0, "")
+    arch = json.loads((tmp_path / "keep.json").read_text())
+    assert arch["layers.linear_attention"] == 2
+    arch["layers.linear_attention"] = 1
+    (tmp_path / "cut.json").write_text(json.dumps(arch))
+    args = ["prune", "--parent", p, "--arch", tmp_path / "cut.json", "--importance", scores]
+    code, err = _run(capsys, *args, "--out", tmp_path / "refused")
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "layers.linear_attention=1" in err and "holds 2" in err and "drop 'layers'" in err
+    assert not (tmp_path / "refused").exists()
+    (tmp_path / "cut.json").write_text(json.dumps({k: v for k, v in arch.items() if k != "layers"}))
+    assert _run(capsys, *args, "--out", tmp_path / "child") == (0, "")
+    assert json.loads((tmp_path / "child" / "config.json").read_text())["layers_block_type"].count(
+        "linear_attention") == 1

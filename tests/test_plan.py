@@ -190,3 +190,53 @@ def test_search_refuses_a_plan_that_cannot_fit_before_it_starts(tmp_path, tiny_t
     lines = err.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, err[-3000:]
     assert "does not fit: " in lines[0] and "GiB of node memory" in lines[0]
+
+
+@pytest.mark.parametrize("name, kept", [("qwen3_moe", {"dense": [0]}), ("nemotron_h", {"linear_attention": [1]})])
+def test_the_plan_trains_the_largest_candidates_child(name, kept):
+    """Where the parent's layers differ in size by kind, the largest candidate keeps its own count of each kind: the
+    plan's trained parameters are those of the child a trial builds (pruned with the layers importance keeps of
+    each kind), not of the parent's first layers (here: a dense layer, or a second recurrent one, instead)."""
+    from nas.families import Parent
+    from nas.space import kept_layers
+
+    parent = tiny_model(name)
+    config = parent.config
+    space = parse_space({"name": "s", "parent": "x", "seq_len": 32, "budget": {"fraction": 0.9, "tolerance": 0.3},
+                         "axes": {"kept_layers": kept}})
+    row = enumerate_candidates(space, config)[0]
+    tokens = torch.randint(0, 320, (8, 32), generator=torch.Generator().manual_seed(0))
+    importances = compute_importance(parent, tokens, ImportanceSettings(drop_samples=0))
+    layers = kept_layers(row, config, importances, "bi")
+    first = architecture_of(row, config, tuple(range(len(layers))))
+    assert Parent.of(config).num_parameters(first) != row["params"]  # the parent's first layers would differ
+    child = prune(parent, importances, architecture_of(row, config, layers))
+    n = sum(p.numel() for p in child.parameters())
+    stages = {s.name: s for s in plan(space, config, Cluster())}
+    for stage in ("short_retrain", "full_distillation"):  # one worker each; the child is as wide as the parent
+        assert stages[stage].memory["weights"] == 4 * n, stage
+
+
+def _attended(config, seq_len: int) -> int:
+    """(head, query, key) pairs attended in a forward of `seq_len` tokens, over all layers: the nonzero attention
+    weights HF's own eager attention returns (masked keys get exactly 0)."""
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(input_ids=torch.randint(3, 320, (1, seq_len)), output_attentions=True)
+    return sum(int((a[0] != 0).sum()) for a in out.attentions)
+
+
+@pytest.mark.parametrize("seq_len", [32, 6])
+def test_planned_flops_count_the_keys_each_layer_attends(seq_len):
+    """A sliding-window layer attends min(window, position) keys, a full one every earlier key: the planned FLOPs a
+    token are 2 per parameter it multiplies and 4 per attended key and head channel (QK^T and AV, 2 FLOPs a MAC),
+    counted against the attention weights of HF's own model (Gemma 3: window 8, sliding and full layers)."""
+    from conftest import FAMILY_CONFIGS
+    from nas.plan import forward_flops_per_token
+
+    config = FAMILY_CONFIGS["gemma3_text"]()
+    assert config.tie_word_embeddings  # the embedding multiplies once, as the LM head
+    model = AutoModelForCausalLM.from_config(config)
+    multiplied = sum(p.numel() for p in model.parameters())
+    expected = 2 * multiplied + 4 * config.head_dim * _attended(config, seq_len) / seq_len
+    assert forward_flops_per_token(config, seq_len) == pytest.approx(expected, rel=1e-12)

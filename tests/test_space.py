@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from conftest import ROOT
@@ -177,7 +178,7 @@ def test_loading_reports_every_error_at_once(tmp_path):
     assert "3 problem(s)" in message and "axes.colour: unknown field" in message
     assert "budget.fraction=1.5: must be in (0, 1)" in message and "search.sampler='random'" in message
     path.write_text("name: x\nparent: p\nbudget: {fraction: 0.5}\naxes: {hidden_size: [64]}\ncolour: red\n")
-    with pytest.raises(ConfigError, match=r"1 problem\(s\): space.colour: unknown field"):
+    with pytest.raises(ConfigError, match=r"1 problem\(s\): colour: unknown field"):
         load_space(path)
     path.write_text("name: x\nparent: p\nbudget: {fraction: 1.5, tolerance: 0.1}\naxes: {hidden_size: [64]}\n"
                     "search: {sampler: random}\nshort_retrain: {tokens: 2}\n")
@@ -243,3 +244,46 @@ def _raw(space):
 
     return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
             for k, v in ((f.name, getattr(space, f.name)) for f in dataclasses.fields(space))}
+
+
+@pytest.mark.parametrize("name, kept", [("nemotron_h", {"linear_attention": [1, 2]}), ("qwen3_moe", {"sparse": [2, 3]})])
+def test_an_infeasible_budget_over_layer_kinds_is_one_line_naming_the_kind(name, kept, tmp_path, capsys):
+    """A hybrid's pattern kinds, and a mixture of dense and sparse layers, are axes of their own (`layers.<kind>`):
+    `nas candidates` under a budget no child meets prints the hint, naming the axis as the file spells it."""
+    from conftest import ALL_CONFIGS
+
+    ALL_CONFIGS[name]().save_pretrained(tmp_path / "parent")
+    space = {"name": "s", "parent": str(tmp_path / "parent"), "budget": {"params": 1000}, "axes": {"kept_layers": kept}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(space))
+    assert main(["candidates", str(tmp_path / "s.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "(total parameters): the smallest has " in err[0], err
+    assert err[0].endswith(f"add smaller values to axes.kept_layers.{next(iter(kept))}")
+
+
+_BASE = {"name": "s", "parent": "x", "budget": {"fraction": 0.5}}
+
+
+def test_a_single_value_or_an_empty_entry_is_an_axis_of_one_value_or_none():
+    """`num_attention_heads: 6` reads as [6] (and a kind's count likewise); an entry left empty (YAML null) keeps the
+    parent's value, as an empty list does."""
+    scalar = parse_space({**_BASE, "axes": yaml.safe_load("{num_attention_heads: 6, hidden_size:, "
+                                                          "kept_layers: {sparse: 2}}")})
+    listed = parse_space({**_BASE, "axes": {"num_attention_heads": [6], "kept_layers": {"sparse": [2]}}})
+    assert scalar.axes == listed.axes
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"search": {"max_trials": 0}}, "search.max_trials=0: must be >= 1"),
+    ({"seq_len": 100.5}, "seq_len=100.5: must be an integer"),
+    ({"short_retrain": {"batch_size": 2.5}}, "short_retrain.batch_size=2.5: must be an integer"),
+    ({"full_retrain": {"grad_accum": 0}}, "full_retrain.grad_accum=0: must be >= 1"),
+    ({"resources": {"max_concurrent": 0}}, "resources.max_concurrent=0: must be >= 1"),
+    ({"budget": {"fraction": 0.5, "bytes_per_param": 0}}, "budget.bytes_per_param=0: must be >= 1"),
+    ({"short_retrain": {"teacher_topk": -1}}, "short_retrain.teacher_topk=-1: must be >= 0"),
+    ({"seq_len": "long"}, "seq_len='long': must be a number"),
+])
+def test_a_bad_integer_field_is_one_problem_naming_the_field(change, message):
+    with pytest.raises(ConfigError) as e:
+        parse_space({**_BASE, "axes": {}, **change})
+    assert str(e.value) == f"space: 1 problem(s): {message}"
