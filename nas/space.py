@@ -8,7 +8,7 @@ are chosen from importance scores when the candidate is pruned, so enumeration n
 from __future__ import annotations
 
 import itertools
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -190,6 +190,9 @@ def parse_space(data: Any, where: str = "space") -> SearchSpace:
     space = _build(SearchSpace, kwargs, "", errors) if not missing else None
     if space is not None:
         _check(space, errors)
+        if Path(space.parent).is_dir() and not Path(space.parent).is_absolute():
+            # Ray's workers run in folders of their own, where a relative path would be read as a hub id.
+            space = replace(space, parent=str(Path(space.parent).resolve()))
     if errors:
         raise ConfigError(f"{where}: {len(errors)} problem(s): " + "; ".join(errors))
     return space

@@ -161,12 +161,6 @@ def test_a_plain_8b_plus_minus_5_percent_differs_as_the_readme_says():
     assert {k: billions(k) for k in PAPER_8B - ours} == {"31/32/16128/4608": 8.43, "32/32/12800/5120": 8.49}
 
 
-def _raw(space):
-    import yaml
-
-    return yaml.safe_load((ROOT / "search_spaces" / "nemotron-15b-to-8b.yaml").read_text())
-
-
 def test_loading_reports_every_error_at_once(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\nparent: p\nbudget: {fraction: 1.5, tolerance: 0.1}\n"
@@ -287,3 +281,19 @@ def test_a_bad_integer_field_is_one_problem_naming_the_field(change, message):
     with pytest.raises(ConfigError) as e:
         parse_space({**_BASE, "axes": {}, **change})
     assert str(e.value) == f"space: 1 problem(s): {message}"
+
+
+def test_a_relative_parent_directory_is_read_where_the_file_was_loaded(tmp_path, monkeypatch):
+    """Ray's trial workers run in folders of their own: a parent given as a relative path must still name the same
+    checkpoint there, not a hub id."""
+    (tmp_path / "models" / "mine").mkdir(parents=True)
+    AutoConfig.for_model("llama", hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         vocab_size=64).save_pretrained(tmp_path / "models" / "mine")
+    monkeypatch.chdir(tmp_path)
+    space = parse_space({"name": "rel", "parent": "models/mine", "budget": {"fraction": 0.5},
+                         "axes": {"hidden_size": [8, 16]}})
+    monkeypatch.chdir(tmp_path / "models")  # where a worker would be
+    from nas.parents import parent_config
+
+    assert Path(space.parent) == tmp_path / "models" / "mine"
+    assert parent_config(space.parent).hidden_size == 16
