@@ -5,6 +5,8 @@
 #        latency, KD under FSDP2 over NCCL in bf16, a tiny search on the GPU), with the slowest durations;
 #        about 3 to 5 minutes on one H100, most of it compiling the latency test's two models and starting Ray.
 # bench: `nas-bench gpu`, where this checkout's nas-bench has it.
+# `all` fits one 10-minute command: the tests are stopped after TESTS_TIMEOUT (420) seconds, the bench after
+# BENCH_TIMEOUT (170); run `tests` and `bench` as two commands to give either longer.
 # Everything it prints and writes goes to $OUT (default ./gpu-check): env.txt, pytest-gpu.log, pytest-gpu.xml,
 # bench-gpu.log, bench-gpu.json.
 #
@@ -48,7 +50,7 @@ rc=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
   # The whole tests/ folder, so that a gpu test anywhere runs; a module whose imports this machine lacks is
   # reported and passed over.
-  timeout "${TESTS_TIMEOUT:-480}" "$py" -m pytest -m gpu -rs -v --durations=15 -p no:cacheprovider \
+  timeout "${TESTS_TIMEOUT:-420}" "$py" -m pytest -m gpu -rs -v --durations=15 -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$out/pytest-gpu.xml" tests 2>&1 | tee "$out/pytest-gpu.log"
   rc=${PIPESTATUS[0]}
   if ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
@@ -65,7 +67,7 @@ if [ "$what" = all ] || [ "$what" = bench ]; then
   if grep -qw gpu <<<"$usage"; then
     args=(gpu)
     grep -q -- --out <<<"$usage" && args+=(--out "$out/bench-gpu.json")
-    timeout "${BENCH_TIMEOUT:-300}" "$py" "${bench[@]}" "${args[@]}" 2>&1 | tee "$out/bench-gpu.log"
+    timeout "${BENCH_TIMEOUT:-170}" "$py" "${bench[@]}" "${args[@]}" 2>&1 | tee "$out/bench-gpu.log"
     bench_rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] && rc=$bench_rc
   else
