@@ -61,8 +61,11 @@ fi
 
 if [ "$what" = all ] || [ "$what" = bench ]; then
   # nas-bench as pyproject.toml names it (this checkout need not be pip-installed there).
-  entry=$("$py" -c "import tomllib; print(tomllib.load(open('pyproject.toml', 'rb'))['project']['scripts']['nas-bench'])")
-  bench=(-c "import importlib, sys; m, f = '$entry'.split(':'); sys.exit(getattr(importlib.import_module(m), f)(sys.argv[1:]))")
+  entry=$("$py" -c "import tomllib
+print(tomllib.load(open('pyproject.toml', 'rb'))['project']['scripts']['nas-bench'])")
+  bench=(-c "import importlib, sys
+m, f = '$entry'.split(':')
+sys.exit(getattr(importlib.import_module(m), f)(sys.argv[1:]))")
   usage=$("$py" "${bench[@]}" --help 2>/dev/null)
   if grep -qw gpu <<<"$usage"; then
     args=(gpu)
