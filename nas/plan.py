@@ -102,12 +102,12 @@ def plan(space: SearchSpace, config: Any, cluster: Cluster = Cluster()) -> list[
     trials = len(rows) if space.search.sampler == "grid" else min(len(rows), space.search.max_trials)
 
     def short(workers: int) -> Stage:
-        gpus = (res.gpus_per_worker or res.gpus_per_trial) if workers > 1 else res.gpus_per_trial
+        gpus = retrain_gpus(res, workers, promoted=False)
         return retrain_stage("short_retrain", space, config, child, workers, gpus, gpu, space.short_retrain,
                              cached=bool(space.short_retrain.teacher_topk), runs=trials, at_once=res.max_concurrent)
 
     def full(workers: int) -> Stage:
-        gpus = max(res.gpus_per_worker, res.gpus_per_trial) if gpu else 0
+        gpus = retrain_gpus(res, workers, promoted=True)
         return retrain_stage("full_distillation", space, config, child, workers, gpus, gpu, space.full_retrain,
                              cached=False, runs=space.promote)
 
@@ -115,6 +115,15 @@ def plan(space: SearchSpace, config: Any, cluster: Cluster = Cluster()) -> list[
     for stage, build in zip(stages, (None, short, full)):
         _check(stage, space, cluster, build)
     return stages
+
+
+def retrain_gpus(res, workers: int, promoted: bool) -> float:
+    """GPUs of each worker of a retrain (what the search asks Ray for): a trial in one process takes
+    `gpus_per_trial`; a trial's several workers `gpus_per_worker` each, else `gpus_per_trial`; a promotion's
+    workers, one or several, the larger of the two."""
+    if promoted:
+        return max(res.gpus_per_worker, res.gpus_per_trial)
+    return (res.gpus_per_worker or res.gpus_per_trial) if workers > 1 else res.gpus_per_trial
 
 
 def importance_stage(space: SearchSpace, config: Any) -> Stage:

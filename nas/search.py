@@ -54,7 +54,7 @@ from nas.files import atomic_dir, write_json
 from nas.importance import ImportanceSettings, Importances, cached_importance, lm_loss
 from nas.latency import measure_candidates
 from nas.parents import load_parent, parent_config, resolve_parent
-from nas.plan import Cluster, Stage, block_sizes, check_fits, checkpoint_tokens, plan
+from nas.plan import Cluster, Stage, block_sizes, check_fits, checkpoint_tokens, plan, retrain_gpus
 from nas.prune import prune
 from nas.space import AXES, MEASURED, RetrainSpec, SearchSpace, architecture_of, candidate_problem, enumerate_candidates, \
     infeasible_hint, kept_layers, row_axes
@@ -364,10 +364,11 @@ def _retrain(shared: Shared, label: str, rel: str, spec, on_eval: Callable[[dict
                                         shared.checkpoint_tokens[stage]), str(out),
                          save_model=promoted, threads=res.cpus_per_trial,
                          on_checkpoint=functools.partial(_upload_checkpoint, storage, rel) if remote else None)
+        gpus = retrain_gpus(res, workers, promoted)
         if workers == 1:
-            result = run_here(job, _device(shared.space), on_eval)
+            result = run_here(job, torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"), on_eval)
         else:
-            result = run_on_workers(job, workers, res.gpus_per_worker, res.cpus_per_trial, shared.space.search.retries,
+            result = run_on_workers(job, workers, gpus, res.cpus_per_trial, shared.space.search.retries,
                                     storage_path=f"{storage.uri}/ray_train", name=f"{rel.replace('/', '-')}-{int(time.time())}",
                                     report_to_tune=report_to_tune)
         if promoted:
@@ -888,7 +889,7 @@ def _promote_best(space: SearchSpace, shared: Shared, study, echo: Callable[[str
         for n, label in enumerate(todo, 1):
             done(n, promote(shared, label))
         return
-    task = ray.remote(promote).options(num_cpus=res.cpus_per_trial, num_gpus=res.gpus_per_trial,
+    task = ray.remote(promote).options(num_cpus=res.cpus_per_trial, num_gpus=retrain_gpus(res, 1, promoted=True),
                                        max_retries=space.search.retries)
     pending = [task.remote(shared, label) for label in todo]
     while pending:

@@ -175,3 +175,14 @@ def tiny_space(folder: Path, tokenizer, name: str = "tiny", **overrides) -> dict
     for key, value in overrides.items():
         spec[key] = {**spec[key], **value} if isinstance(value, dict) and key in spec else value
     return spec
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` are collected everywhere and skipped, with the reason, where CUDA is missing: `pytest -m
+    gpu` lists them on any machine and runs them on a GPU one."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs CUDA: torch {torch.__version__} sees no GPU on this machine")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)

@@ -240,3 +240,34 @@ def test_planned_flops_count_the_keys_each_layer_attends(seq_len):
     multiplied = sum(p.numel() for p in model.parameters())
     expected = 2 * multiplied + 4 * config.head_dim * _attended(config, seq_len) / seq_len
     assert forward_flops_per_token(config, seq_len) == pytest.approx(expected, rel=1e-12)
+
+
+def test_retrains_ask_for_the_gpus_their_plan_counted(tmp_path, tiny_tokenizer, monkeypatch):
+    """A retrain on several workers asks Ray Train for the GPUs per worker that `nas plan` counted (and sized its
+    memory by): a trial's take `gpus_per_trial` each when `gpus_per_worker` is unset, a promotion's the larger of
+    the two. Not, as they did, `gpus_per_worker` alone: a promotion over 4 GPUs after 1-GPU trials ran on the CPU."""
+    from nas.search import prepare, promote, replay_trial
+
+    class Asked(Exception):
+        pass
+
+    asked = []
+
+    def run_on_workers(job, workers, gpus_per_worker=0, *args, **kwargs):
+        asked.append((workers, gpus_per_worker))
+        raise Asked  # what it would be given is all this test needs
+
+    monkeypatch.setattr("nas.search.run_on_workers", run_on_workers)
+    for n, resources in enumerate(({"gpus_per_trial": 1}, {"gpus_per_trial": 1, "gpus_per_worker": 2},
+                                   {"gpus_per_trial": 2, "gpus_per_worker": 1})):
+        space = parse_space(tiny_space(tmp_path, tiny_tokenizer, name=f"gpus{n}", full_retrain={"workers": 4},
+                                       resources={**resources, "workers_per_trial": 2}))
+        stages = {s.name: s for s in plan(space, parent_config(space.parent))}
+        shared = prepare(space, tmp_path / "runs")
+        label = next(iter(shared.rows))
+        asked.clear()
+        for retrain in (replay_trial, promote):
+            with pytest.raises(Asked):
+                retrain(shared, label)
+        assert asked == [(2, stages["short_retrain"].gpus_per_worker),
+                         (4, stages["full_distillation"].gpus_per_worker)], resources
