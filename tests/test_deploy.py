@@ -57,6 +57,39 @@ def test_the_counted_kv_cache_is_the_one_generate_builds(name, new_tokens):
         assert built < 2 * 3 * context * 2 * arch.num_key_value_heads * arch.head_dim * 4
 
 
+def test_a_layer_holding_a_sliding_window_and_a_recurrent_state_counts_both():
+    """A `hybrid_sliding` layer (attention in a window beside linear attention's state) holds both; the count
+    matches the tensors of the static cache `generate` builds. (Falcon-H1 with its layers declared
+    hybrid_sliding: no stock family of the units declares them yet.)"""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    class SlidingFalcon(FalconH1Config):
+        @property
+        def layers_block_type(self):
+            return ["hybrid_sliding"] * self.num_hidden_layers
+
+    config = SlidingFalcon(**{**ALL_CONFIGS["falcon_h1"]().to_dict(), "sliding_window": 64})
+    torch.manual_seed(0)
+    model = FalconH1ForCausalLM(config).eval()
+    out = model.generate(TOKENS, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
+                         cache_implementation="static", return_dict_in_generate=True)
+    assert {type(layer).__name__ for layer in out.past_key_values.layers} == \
+        {"LinearAttentionAndStaticSlidingWindowAttentionLayer"}
+    built = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in _cache_tensors(layer))
+    parent = Parent.of(config)
+    assert parent.cache_bytes(parent.architecture, TOKENS.shape[1] + 2, TOKENS.shape[0], nbytes=4) == built
+
+
+def test_layers_with_several_recurrent_states_are_refused_not_undercounted():
+    """A config whose linear-attention layers keep several states (`number_of_conv_states`) is refused in one
+    line, not counted as one state."""
+    from nas.errors import UnsupportedModelError
+
+    parent = Parent.of(ALL_CONFIGS["qwen3_next"](number_of_conv_states=2))
+    with pytest.raises(UnsupportedModelError, match="number_of_conv_states"):
+        parent.cache_bytes(parent.architecture, 16, 1)
+
+
 def test_a_memory_budget_enforces_weights_plus_cache_and_candidates_list_it(tmp_path, capsys):
     """A memory cap alone is a budget: the candidates are those whose weights and KV cache at the budget's context
     and batch fit, and `nas candidates` lists each one's memory (the same count `--json` gives in bytes)."""
