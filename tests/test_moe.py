@@ -234,6 +234,32 @@ def test_planned_activations_equal_a_real_layers_saved_bytes(name):
         assert saved_bytes_per_layer(config, 3, 24, torch.float32, i) == _real_saved_bytes(config, 3, 24, i), i
 
 
+def test_the_plans_stand_in_for_grouped_mm_holds_in_its_own_thread_only():
+    """While the plan traces a layer on the meta device (its stand-in for the experts' grouped products entered),
+    a model running in another thread computes its real experts: the stand-in is not process-wide."""
+    import threading
+
+    from nas.plan import _grouped_mm_on_meta
+
+    model = tiny_model("qwen3_moe")
+    reference = _logits(model)
+    entered, done = threading.Event(), threading.Event()
+
+    def trace():
+        with _grouped_mm_on_meta():
+            entered.set()
+            done.wait(60)
+
+    tracer = threading.Thread(target=trace)
+    tracer.start()
+    try:
+        assert entered.wait(60)
+        assert torch.equal(_logits(model), reference)
+    finally:
+        done.set()
+        tracer.join()
+
+
 def test_the_router_load_balancing_loss_is_kept_as_the_config_asks_and_logged(tmp_path):
     """With `output_router_logits` the student's loss adds `router_aux_loss_coef` x the router's load-balancing
     loss, as HF's own forward with labels does; without it the loss is KD alone."""
