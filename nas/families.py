@@ -363,11 +363,9 @@ class Parent:
         full-attention layer and min(window, context) in a sliding-window one, and a hybrid's recurrent state in
         each linear-attention layer (beside the keys and values where a layer holds both), whose size does not grow
         with the context (the layers are HF's own static cache for the child's config)."""
-        tokens, states = 0, 0
-        for held, recurrent in _static_cache_layers(self.child_config(arch), context, self.family.model_type):
-            tokens += held
-            states += recurrent
-        recurrent = states and states * self.family.recurrent.cache_bytes(self.config, arch, nbytes)
+        layers = _static_cache_layers(self.child_config(arch), context, self.family.model_type)
+        tokens, states = sum(held for held, _ in layers), sum(kept for _, kept in layers)
+        recurrent = states * self.family.recurrent.cache_bytes(self.config, arch, nbytes) if states else 0
         return (2 * tokens * arch.num_key_value_heads * arch.head_dim * nbytes + recurrent) * batch
 
     def layers_by_kind(self) -> dict[str, tuple[int, ...]]:
@@ -401,6 +399,15 @@ class Parent:
         windows), ascending."""
         held = [tokens for tokens, _ in _static_cache_layers(self.config, context, self.family.model_type)]
         return tuple(sorted(sorted(range(len(held)), key=lambda i: (-held[i], i))[:count]))
+
+    def served(self, arch: Architecture, context: int) -> Architecture:
+        """`arch` keeping the layers whose caches hold the most at `context` where the parent mixes sliding-window
+        and full-attention layers of one size: the worst case of those importance may keep, which a memory budget
+        counts and a speed budget times."""
+        if arch.num_hidden_layers < self.architecture.num_hidden_layers and not self.family.mixes_layers(self.config):
+            # (where kinds differ, the child's layers already have the kinds it keeps, and any of a kind will do)
+            return arch.replace(layers=self.largest_cache_layers(arch.num_hidden_layers, context))
+        return arch
 
     def embedding_parameters(self, arch: Architecture | None = None) -> int:
         """Those of the embedding and a separate LM head (what a "non_embedding" budget leaves out)."""

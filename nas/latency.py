@@ -166,19 +166,18 @@ def measure_candidates(space, config, rows: list[dict[str, Any]], storage, echo=
     with its measured figures. Each candidate is measured once per (shape, settings, machine), kept in the run
     folder `storage` under latency/; as Ray tasks on one node with the budget's device when Ray is up
     (`_timing_node`), one at a time so that no two timings share a machine, else in this process. A candidate is
-    timed with the layers its memory figure counts (`space.served_architecture`): the worst case of those it may
-    keep."""
+    timed with the layers its memory figure counts (`Parent.served`): the worst case of those it may keep."""
     import ray
 
     from nas.families import Parent
-    from nas.space import architecture_of, served_architecture
+    from nas.space import architecture_of
 
     budget = space.budget
     # On a CPU the thread count is part of the figure: a trial's CPUs, here and in a task alike.
     cpus = 1 if budget.device == "cuda" else space.resources.cpus_per_trial
     settings = settings_of(budget, cpus)
     parent = Parent.of(config)
-    shapes = {r["label"]: parent.child_config(served_architecture(space, parent, architecture_of(r, config)))
+    shapes = {r["label"]: parent.child_config(parent.served(architecture_of(r, config), budget.context))
               for r in rows}
     task = None
     if ray.is_initialized():

@@ -507,18 +507,8 @@ def memory_bytes(space: SearchSpace, parent: Parent, arch: Architecture) -> int:
     parent mixes sliding-window and full-attention layers, the cache is counted for the kept layers that would
     hold the most (a cap must hold whichever are kept)."""
     b = space.budget
-    arch = served_architecture(space, parent, arch)
+    arch = parent.served(arch, b.context)
     return parent.num_parameters(arch) * b.bytes_per_param + parent.cache_bytes(arch, b.context, b.batch, b.cache_bytes)
-
-
-def served_architecture(space: SearchSpace, parent: Parent, arch: Architecture) -> Architecture:
-    """`arch` keeping the layers whose caches hold the most at the budget's context, where the parent mixes
-    sliding-window and full-attention layers of one size: the worst case of those importance may keep, which the
-    memory figure counts and the speed figure times."""
-    if arch.num_hidden_layers < parent.architecture.num_hidden_layers and not parent.family.mixes_layers(parent.config):
-        # (where kinds differ, the child's layers already have the kinds it keeps, and any of a kind will do)
-        return arch.replace(layers=parent.largest_cache_layers(arch.num_hidden_layers, space.budget.context))
-    return arch
 
 
 def _memory_problem(space: SearchSpace, parent: Parent, arch: Architecture) -> str | None:

@@ -322,14 +322,15 @@ def test_mxfp4_experts_are_dequantised_as_the_format_says():
     expected = torch.tensor([[[fp4[(int(blocks[e, r, k // 32, k % 32 // 2]) >> 4 * (k % 2)) & 15] *
                                2.0 ** (int(scales[e, r, k // 32]) - 127) for r in range(3)] for k in range(64)]
                              for e in range(2)])
-    stored = {"model.layers.0.mlp.experts.down_proj_blocks": blocks, "model.layers.0.mlp.experts.down_proj_scales": scales}
+    name = "model.layers.0.mlp.experts.down_proj"
+    stored = {f"{name}_blocks": blocks, f"{name}_scales": scales}
 
     class Read(dict):
         def __call__(self, name):
             return self[name]
 
     moe = family_of(MOE_CONFIGS["gpt_oss"]()).moe
-    got = moe.read_stored("model.layers.0.mlp.experts.down_proj", Read(stored), 2, torch.float32)
+    got = moe.read_stored(name, Read(stored), 2, torch.float32)
     assert torch.equal(got, expected), "transformers' private convert_moe_packed_tensors no longer dequantises MXFP4 " \
                                        "as the format says"
 

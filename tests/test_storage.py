@@ -187,7 +187,8 @@ def test_two_processes_converting_a_named_parent_at_once_both_succeed(tmp_path, 
         from_config = staticmethod(AutoModelForCausalLM.from_config)
 
     monkeypatch.setattr(nas.parents, "AutoModelForCausalLM", GGUFLoader)
-    monkeypatch.setattr(nas.parents, "AutoTokenizer", type("T", (), {"from_pretrained": lambda *a, **k: tiny_tokenizer}))
+    tokenizer = type("Tokenizer", (), {"from_pretrained": lambda *_a, **_k: tiny_tokenizer})
+    monkeypatch.setattr(nas.parents, "AutoTokenizer", tokenizer)
     monkeypatch.setitem(nas.parents.NAMED_PARENTS, "tiny",
                         nas.parents.NamedParent("nas", "-", lambda _package, scratch: scratch / "tiny.gguf"))
     context = multiprocessing.get_context("fork")
