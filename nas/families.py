@@ -361,21 +361,11 @@ class Parent:
         """Bytes of the cache the child `arch` holds for `batch` sequences of `context` tokens at `nbytes` an
         element, as HF's static cache allocates it: keys and values of every attention layer, `context` tokens in a
         full-attention layer and min(window, context) in a sliding-window one, and a hybrid's recurrent state in
-        each linear-attention layer, whose size does not grow with the context (the layer types are HF's own
-        reading of the child's config)."""
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        layer_types, settings = get_layer_types_and_kwargs(self.child_config(arch))
-        tokens, recurrent = 0, 0
-        for kind, setting in zip(layer_types, settings):
-            if kind in ("full_attention", "hybrid"):  # (hybrid: Falcon-H1's attention beside Mamba2)
-                tokens += context
-            elif "sliding_window" in setting:  # sliding and chunked attention
-                tokens += min(setting["sliding_window"], context)
-            elif kind not in ("linear_attention", "dummy"):  # dummy: no cache (KV shared, or no attention)
-                raise UnsupportedModelError(f"{self.family.model_type}: no cache size for {kind} layers yet")
-            if kind in ("linear_attention", "hybrid"):
-                recurrent += self.family.recurrent.cache_bytes(self.config, arch, nbytes)
+        each linear-attention layer (beside the keys and values where a layer holds both), whose size does not grow
+        with the context (the layers are HF's own static cache for the child's config)."""
+        layers = _static_cache_layers(self.child_config(arch), context, self.family.model_type)
+        tokens, states = sum(held for held, _ in layers), sum(kept for _, kept in layers)
+        recurrent = states * self.family.recurrent.cache_bytes(self.config, arch, nbytes) if states else 0
         return (2 * tokens * arch.num_key_value_heads * arch.head_dim * nbytes + recurrent) * batch
 
     def layers_by_kind(self) -> dict[str, tuple[int, ...]]:
@@ -407,12 +397,17 @@ class Parent:
     def largest_cache_layers(self, count: int, context: int) -> tuple[int, ...]:
         """The `count` parent layers whose caches hold the most tokens at `context` (full attention before sliding
         windows), ascending."""
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        layer_types, settings = get_layer_types_and_kwargs(self.config)
-        held = [context if kind == "full_attention" else min(s.get("sliding_window", 0), context)
-                for kind, s in zip(layer_types, settings)]
+        held = [tokens for tokens, _ in _static_cache_layers(self.config, context, self.family.model_type)]
         return tuple(sorted(sorted(range(len(held)), key=lambda i: (-held[i], i))[:count]))
+
+    def served(self, arch: Architecture, context: int) -> Architecture:
+        """`arch` keeping the layers whose caches hold the most at `context` where the parent mixes sliding-window
+        and full-attention layers of one size: the worst case of those importance may keep, which a memory budget
+        counts and a speed budget times."""
+        if arch.num_hidden_layers < self.architecture.num_hidden_layers and not self.family.mixes_layers(self.config):
+            # (where kinds differ, the child's layers already have the kinds it keeps, and any of a kind will do)
+            return arch.replace(layers=self.largest_cache_layers(arch.num_hidden_layers, context))
+        return arch
 
     def embedding_parameters(self, arch: Architecture | None = None) -> int:
         """Those of the embedding and a separate LM head (what a "non_embedding" budget leaves out)."""
@@ -431,6 +426,28 @@ class Parent:
             layers = self.first_layers(counts) if counts else \
                 tuple(range(int(widths.get("num_hidden_layers", self.architecture.num_hidden_layers))))
         return self.architecture.replace(**{**widths, "num_hidden_layers": len(layers)}, layers=layers)
+
+
+def _static_cache_layers(config: Any, context: int, model_type: str) -> list[tuple[int, int]]:
+    """(tokens of keys and values, recurrent states) that each layer of HF's static cache for `config` holds at
+    `context`, read from transformers' public `StaticCache`, whose layers allocate nothing until first used."""
+    from transformers import StaticCache, StaticLayer, StaticSlidingWindowLayer
+
+    try:
+        layers = StaticCache(config=config, max_cache_len=context).layers
+    except KeyError as e:  # a layer type the static cache has no class for
+        raise UnsupportedModelError(f"{model_type}: no cache size for {e.args[0]} layers yet") from None
+    out = []
+    for layer in layers:
+        keys = isinstance(layer, StaticLayer)
+        states = getattr(layer, "number_of_states", 0)  # linear attention's conv and recurrent states
+        if keys and not states and type(layer) not in (StaticLayer, StaticSlidingWindowLayer):
+            raise UnsupportedModelError(f"{model_type}: no cache size for {type(layer).__name__} layers yet")
+        if states > 1:  # (the recurrent units size one state a layer; others may differ in shape)
+            raise UnsupportedModelError(f"{model_type}: its layers keep {states} conv and recurrent states each "
+                                        f"(number_of_conv_states), whose cache size nas cannot count yet")
+        out.append((layer.max_cache_len if keys else 0, states))
+    return out
 
 
 def logit_map(config: Any) -> tuple[float, float | None]:

@@ -50,6 +50,26 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp)
 
 
+@contextlib.contextmanager
+def first_dir(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary directory beside `path` that becomes `path` in one rename unless another process put its
+    own there first, which is then kept (and this one discarded): for a cache entry that several tasks may build
+    at once, each building the same thing."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, path)  # (replaces an empty folder; fails on one with files)
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
 def _install(new: Path, path: Path) -> None:
     """Move `new` to `path`; whatever was at `path` is left at `new` (for the caller to remove)."""
     if not path.exists():  # nothing to replace: one rename puts it there

@@ -11,14 +11,18 @@ Each is the median of `repeats` timed runs after `warmup` untimed ones (at least
 compiles the decoding step on first use), with the spread (min, max) beside it. On a CPU the model runs with
 `threads` threads (a trial's CPUs), which are part of the cached figure's key.
 
-Measurements run as Ray tasks on a node with the device (`budget.device`; a GPU type is a Ray resource label,
-`budget.device_resource`), and are cached by (shape, device, settings) in the run folder's `latency/`.
+Measurements run as Ray tasks on one node with the device (`budget.device`; a GPU type is a Ray resource label,
+`budget.device_resource`): the driver's own node where it has what a timing needs, else the first such node by
+id, so that the figures of one search compare. They are cached by (shape, settings, machine) in the run folder's
+`latency/`, the machine being what a figure depends on beside them (`machine`): a figure from another machine is
+never reused.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import statistics
 import time
@@ -43,11 +47,12 @@ class SpeedSettings:
     device_resource: str | None = None
     threads: int = 1
 
-    def key(self, config: dict[str, Any]) -> str:
-        """The cache key: the child's shape (its config, without bookkeeping entries) and these settings."""
+    def key(self, config: dict[str, Any], machine: str) -> str:
+        """The cache key: the child's shape (its config, without bookkeeping entries), these settings and the
+        `machine` that times it."""
         shape = {k: v for k, v in config.items() if k not in ("transformers_version", "architectures", "dtype",
                                                              "torch_dtype", "_name_or_path")}
-        text = json.dumps({"shape": shape, "settings": asdict(self)}, sort_keys=True, default=str)
+        text = json.dumps({"shape": shape, "settings": asdict(self), "machine": machine}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -57,14 +62,46 @@ def device_name(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
 
 
-@torch.no_grad()
+def machine(device: str) -> str:
+    """What a timing on `device` depends on beside the shape and settings: the GPU's model (and CUDA's version),
+    or the CPU's model and core count, and the versions of torch and transformers, which run the model."""
+    import transformers
+
+    if device == "cuda":
+        hardware = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+    else:
+        hardware = f"{_cpu_model()} x {os.cpu_count()} cores"
+    return f"{hardware}; torch {torch.__version__}; transformers {transformers.__version__}"
+
+
+def _cpu_model() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what `platform` knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def measure(config: dict[str, Any], settings: SpeedSettings) -> dict[str, Any]:
     """Time a random model of `config` (a child's config as a dict) as the module's docstring says."""
+    threads = torch.get_num_threads()
+    if settings.device == "cpu":
+        torch.set_num_threads(settings.threads)
+    try:
+        return _timed(config, settings)
+    finally:  # the caller's own thread count (a search times in its driver when Ray is not up)
+        torch.set_num_threads(threads)
+
+
+@torch.no_grad()
+def _timed(config: dict[str, Any], settings: SpeedSettings) -> dict[str, Any]:
     from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessorList
 
     device = torch.device(settings.device)
-    if device.type == "cpu":
-        torch.set_num_threads(settings.threads)
     data = dict(config)
     model_type = data.pop("model_type")
     child = AutoConfig.for_model(model_type, **data)
@@ -100,7 +137,7 @@ def measure(config: dict[str, Any], settings: SpeedSettings) -> dict[str, Any]:
     return {"prefill_ms": statistics.median(prefill), "prefill_ms_spread": [min(prefill), max(prefill)],
             "latency_ms": latency, "latency_ms_spread": [min(decode), max(decode)],
             "throughput": settings.batch * 1000 / latency,
-            "device_name": device_name(device), "settings": asdict(settings)}
+            "device_name": device_name(device), "machine": machine(settings.device), "settings": asdict(settings)}
 
 
 def over_cap(figures: dict[str, Any], caps: dict[str, float | None]) -> str | None:
@@ -126,9 +163,10 @@ def settings_of(budget, threads: int = 1) -> SpeedSettings:
 def measure_candidates(space, config, rows: list[dict[str, Any]], storage, echo=lambda line: None
                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(the rows within the space's speed caps, the rows outside them with their `infeasible` reason), each row
-    with its measured figures. Each candidate is measured once per (shape, device, settings), kept in the run
-    folder `storage` under latency/; as Ray tasks on the budget's device when Ray is up, one at a time so that no
-    two timings share a machine, else in this process."""
+    with its measured figures. Each candidate is measured once per (shape, settings, machine), kept in the run
+    folder `storage` under latency/; as Ray tasks on one node with the budget's device when Ray is up
+    (`_timing_node`), one at a time so that no two timings share a machine, else in this process. A candidate is
+    timed with the layers its memory figure counts (`Parent.served`): the worst case of those it may keep."""
     import ray
 
     from nas.families import Parent
@@ -139,25 +177,32 @@ def measure_candidates(space, config, rows: list[dict[str, Any]], storage, echo=
     cpus = 1 if budget.device == "cuda" else space.resources.cpus_per_trial
     settings = settings_of(budget, cpus)
     parent = Parent.of(config)
-    shapes = {r["label"]: parent.child_config(architecture_of(r, config))
+    shapes = {r["label"]: parent.child_config(parent.served(architecture_of(r, config), budget.context))
               for r in rows}
-    resources = {budget.device_resource: 0.001} if budget.device_resource else {}
     task = None
     if ray.is_initialized():
-        have = ray.cluster_resources()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
         needs = {"GPU": 1} if budget.device == "cuda" else {"CPU": cpus}
-        missing = [k for k in (*needs, *resources) if have.get(k, 0) < needs.get(k, 0.001)]
-        if missing:  # Ray would keep the task pending for ever
+        resources = {budget.device_resource: 0.001} if budget.device_resource else {}
+        node = _timing_node({**needs, **resources})
+        if node is None:  # Ray would keep the task pending for ever
             raise ConfigError(f"budget.device={budget.device}"
-                              f"{f', budget.device_resource={budget.device_resource}' if resources else ''}: the Ray "
-                              f"cluster has no {', '.join(missing)} to measure on; add such a node or change the budget")
+                              f"{f', budget.device_resource={budget.device_resource}' if resources else ''}: no "
+                              f"node of the Ray cluster has {', '.join(f'{k} {v:g}' for k, v in needs.items())}"
+                              f"{f' and {budget.device_resource}' if resources else ''} to measure on; add such a node "
+                              f"or change the budget")
+        options = dict(num_cpus=cpus, num_gpus=1 if budget.device == "cuda" else 0, resources=resources,
+                       scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
         # A fresh worker each (max_calls=1): no compiled step or CUDA graph of one candidate stays for the next.
-        task = ray.remote(max_calls=1)(measure).options(num_cpus=cpus, num_gpus=1 if budget.device == "cuda" else 0,
-                                                        resources=resources)
+        task = ray.remote(max_calls=1)(measure).options(**options)
+        where = ray.get(ray.remote(machine).options(**options).remote(settings.device))
+    else:
+        where = machine(settings.device)
     within, outside = [], []
     for n, row in enumerate(rows, 1):
         data = shapes[row["label"]].to_dict()
-        rel = f"latency/{settings.key(data)}.json"
+        rel = f"latency/{settings.key(data, where)}.json"
         figures = storage.read_json(rel)
         if figures is None:
             figures = ray.get(task.remote(data, settings)) if task else measure(data, settings)
@@ -169,3 +214,14 @@ def measure_candidates(space, config, rows: list[dict[str, Any]], storage, echo=
         problem = over_cap(figures, budget.speed_caps)
         (outside if problem else within).append({**measured, "infeasible": problem} if problem else measured)
     return within, outside
+
+
+def _timing_node(needs: dict[str, float]) -> str | None:
+    """The id of the node every timing of a search runs on, so that its figures compare: the driver's own where it
+    has the resources a timing `needs`, else the first such node by id; None where no live node has them."""
+    import ray
+
+    able = sorted(node["NodeID"] for node in ray.nodes()
+                  if node["Alive"] and all(node["Resources"].get(k, 0) >= v for k, v in needs.items()))
+    here = ray.get_runtime_context().get_node_id()
+    return here if here in able else next(iter(able), None)

@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from nas.errors import NasError, UnsupportedModelError
 from nas.families import TEXT_DECODERS, family_of
-from nas.files import atomic_dir, cache_dir
+from nas.files import cache_dir, first_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +73,8 @@ def _named_dir(name: str) -> Path:
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict())
-    with atomic_dir(target) as tmp:
+    # Two tasks converting on a fresh node at once each write a whole copy; the first one in place is kept.
+    with first_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target

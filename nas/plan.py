@@ -24,7 +24,6 @@ The rest follows from how `nas.distill` and `nas.sharding` hold a run (per worke
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import math
 import os
@@ -359,11 +358,13 @@ def saved_bytes_per_layer(config: Any, batch: int, seq_len: int, dtype: torch.dt
     _register_trace_attention()
     one = one_layer_config(config, layer)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(one, dtype=dtype)
-        # Where SDPA cannot run the family's attention (Gemma 2's logit softcap), transformers picks eager attention,
-        # which keeps the seq_len^2 scores: trace what a real run takes.
-        if model.config._attn_implementation != "eager":
+        # Where SDPA cannot run the family's attention (Gemma 2's logit softcap), transformers refuses it when asked
+        # and runs eager attention, which keeps the seq_len^2 scores: trace what a real run takes.
+        try:
+            AutoModelForCausalLM.from_config(one, dtype=dtype, attn_implementation="sdpa")
             model = AutoModelForCausalLM.from_config(one, dtype=dtype, attn_implementation=_TRACE_ATTENTION)
+        except ValueError:
+            model = AutoModelForCausalLM.from_config(one, dtype=dtype, attn_implementation="eager")
     model.train()
     decoder = model.model
     x = torch.empty(batch, seq_len, config.hidden_size, dtype=dtype, device="meta", requires_grad=True)
@@ -373,21 +374,20 @@ def saved_bytes_per_layer(config: Any, batch: int, seq_len: int, dtype: torch.dt
         return saved_bytes(model, lambda: decoder.layers[0](x, attention_mask=None, position_ids=positions, **rotary))
 
 
-@contextlib.contextmanager
-def _grouped_mm_on_meta():
+class _grouped_mm_on_meta(torch.overrides.TorchFunctionMode):
     """A mixture of experts runs its experts as grouped matrix products over the (token, expert) pairs sorted by
-    expert (transformers' default `grouped_mm` experts), whose meta kernel accepts bf16 only. While tracing, one
-    expert's product of the same shapes stands in and saves what grouped_mm saves (its input, the weights, which
-    are parameters and not counted, and the group offsets). Routing is data-dependent, but the pairs' count
-    (tokens x top-k) is not."""
-    from transformers.integrations import moe
+    expert (transformers' default `grouped_mm` experts, through torch's `grouped_mm`), whose meta kernel accepts
+    bf16 only. Within this mode, one expert's product of the same shapes stands in and saves what grouped_mm saves
+    (its input, the weights, which are parameters and not counted, and the group offsets). Routing is
+    data-dependent, but the pairs' count (tokens x top-k) is not. A torch function mode holds in the thread that
+    enters it only: a model running in another thread meanwhile computes its real products."""
 
-    real = moe._grouped_mm
-    moe._grouped_mm = lambda input, weight, offs: _GroupedMatmulShapes.apply(input.to(weight.dtype), weight, offs)
-    try:
-        yield
-    finally:
-        moe._grouped_mm = real
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.nn.functional.grouped_mm, torch._grouped_mm):
+            input, weight = args
+            return _GroupedMatmulShapes.apply(input.to(weight.dtype), weight, kwargs["offs"])
+        return func(*args, **kwargs)
 
 
 class _GroupedMatmulShapes(torch.autograd.Function):

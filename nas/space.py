@@ -316,9 +316,7 @@ def memory_bytes(space: SearchSpace, parent: Parent, arch: Architecture) -> int:
     parent mixes sliding-window and full-attention layers, the cache is counted for the kept layers that would
     hold the most (a cap must hold whichever are kept)."""
     b = space.budget
-    if arch.num_hidden_layers < parent.architecture.num_hidden_layers and not parent.family.mixes_layers(parent.config):
-        # (where kinds differ, the child's layers already have the kinds it keeps, and any of a kind will do)
-        arch = arch.replace(layers=parent.largest_cache_layers(arch.num_hidden_layers, b.context))
+    arch = parent.served(arch, b.context)
     return parent.num_parameters(arch) * b.bytes_per_param + parent.cache_bytes(arch, b.context, b.batch, b.cache_bytes)
 
 

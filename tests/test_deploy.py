@@ -57,6 +57,39 @@ def test_the_counted_kv_cache_is_the_one_generate_builds(name, new_tokens):
         assert built < 2 * 3 * context * 2 * arch.num_key_value_heads * arch.head_dim * 4
 
 
+def test_a_layer_holding_a_sliding_window_and_a_recurrent_state_counts_both():
+    """A `hybrid_sliding` layer (attention in a window beside linear attention's state) holds both; the count
+    matches the tensors of the static cache `generate` builds. (Falcon-H1 with its layers declared
+    hybrid_sliding: no stock family of the units declares them yet.)"""
+    from transformers import FalconH1Config, FalconH1ForCausalLM
+
+    class SlidingFalcon(FalconH1Config):
+        @property
+        def layers_block_type(self):
+            return ["hybrid_sliding"] * self.num_hidden_layers
+
+    config = SlidingFalcon(**{**ALL_CONFIGS["falcon_h1"]().to_dict(), "sliding_window": 64})
+    torch.manual_seed(0)
+    model = FalconH1ForCausalLM(config).eval()
+    out = model.generate(TOKENS, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0,
+                         cache_implementation="static", return_dict_in_generate=True)
+    assert {type(layer).__name__ for layer in out.past_key_values.layers} == \
+        {"LinearAttentionAndStaticSlidingWindowAttentionLayer"}
+    built = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in _cache_tensors(layer))
+    parent = Parent.of(config)
+    assert parent.cache_bytes(parent.architecture, TOKENS.shape[1] + 2, TOKENS.shape[0], nbytes=4) == built
+
+
+def test_layers_with_several_recurrent_states_are_refused_not_undercounted():
+    """A config whose linear-attention layers keep several states (`number_of_conv_states`) is refused in one
+    line, not counted as one state."""
+    from nas.errors import UnsupportedModelError
+
+    parent = Parent.of(ALL_CONFIGS["qwen3_next"](number_of_conv_states=2))
+    with pytest.raises(UnsupportedModelError, match="number_of_conv_states"):
+        parent.cache_bytes(parent.architecture, 16, 1)
+
+
 def test_a_memory_budget_enforces_weights_plus_cache_and_candidates_list_it(tmp_path, capsys):
     """A memory cap alone is a budget: the candidates are those whose weights and KV cache at the budget's context
     and batch fit, and `nas candidates` lists each one's memory (the same count `--json` gives in bytes)."""
@@ -116,6 +149,112 @@ def test_speed_caps_and_the_measurement_cache(tmp_path):
         assert row["throughput"] == pytest.approx(2 * 1000 / row["latency_ms"])
     again, lines = measure_candidates(space, config, rows, storage, lines.append)[0], []
     assert [r["latency_ms"] for r in again] == [r["latency_ms"] for r in within] and not lines
+
+
+def _speed_space(layers, **budget):
+    return parse_space({"name": "s", "parent": "x", "axes": {"num_hidden_layers": layers},
+                        "budget": {"latency_ms": 1e6, "context": 16, "batch": 1, "decode_tokens": 1, "repeats": 1,
+                                   **budget}})
+
+
+def test_timing_leaves_the_callers_thread_count_as_it_was():
+    from nas.latency import SpeedSettings, measure
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        measure({**ALL_CONFIGS["llama"]().to_dict(), "num_hidden_layers": 1},
+                SpeedSettings(context=4, decode_tokens=1, warmup=0, repeats=1, threads=1))
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_figure_timed_on_another_machine_is_not_reused(tmp_path, monkeypatch):
+    """The cache key holds the machine: the same shapes and settings on another CPU model are measured again,
+    and each machine's figures stay side by side."""
+    import nas.latency
+    from nas.storage import RunStorage
+
+    config, space = ALL_CONFIGS["llama"](), _speed_space([2])
+    rows, storage, lines = enumerate_candidates(space, config), RunStorage(tmp_path, "s"), []
+    nas.latency.measure_candidates(space, config, rows, storage, lines.append)
+    nas.latency.measure_candidates(space, config, rows, storage, lines.append)
+    assert len(lines) == 1  # the second pass read the figure
+    monkeypatch.setattr(nas.latency, "_cpu_model", lambda: "another CPU")
+    nas.latency.measure_candidates(space, config, rows, storage, lines.append)
+    assert len(lines) == 2 and len(storage.listdir("latency")) == 2
+    assert {storage.read_json(f"latency/{name}")["machine"].startswith("another CPU")
+            for name in storage.listdir("latency")} == {True, False}
+
+
+def test_timings_run_on_the_drivers_node_when_it_can_time_them(tmp_path, monkeypatch):
+    """Under Ray, without budget.device_resource, every timing task (and the probe of the machine that keys the
+    cache) is pinned to the driver's node, not left to land on any node; where the driver's node lacks the CPUs
+    they go to one other node, always the same."""
+    import ray
+
+    import nas.latency
+    from nas.storage import RunStorage
+
+    worker, driver, other = "a" * 56, "b" * 56, "c" * 56  # (node ids are hex)
+    nodes = [{"NodeID": node, "Alive": True, "Resources": {"CPU": cpus}} for node, cpus in
+             ((worker, 8.0), (driver, 2.0), (other, 8.0))]
+    scheduled = []
+
+    class Remote:  # runs the task here, noting the options it was submitted with
+        def __init__(self, fn):
+            self.fn = fn
+
+        def options(self, **options):
+            scheduled.append(options["scheduling_strategy"].node_id if "scheduling_strategy" in options else None)
+            return self
+
+        def remote(self, *args):
+            return self.fn(*args)
+
+    class Context:
+        def get_node_id(self):
+            return driver
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 18.0})
+    monkeypatch.setattr(ray, "get_runtime_context", Context)
+    monkeypatch.setattr(ray, "remote", lambda *a, **k: Remote(a[0]) if a and callable(a[0]) else Remote)
+    monkeypatch.setattr(ray, "get", lambda ref: ref)
+    config, space = ALL_CONFIGS["llama"](), _speed_space([1, 2])
+    rows = enumerate_candidates(space, config)
+    nas.latency.measure_candidates(space, config, rows, RunStorage(tmp_path, "s"))
+    assert scheduled and set(scheduled) == {driver}
+    nodes[1]["Resources"]["CPU"] = 0.0  # a driver on a head node that runs no tasks
+    scheduled.clear()
+    nas.latency.measure_candidates(space, config, rows, RunStorage(tmp_path, "t"))
+    assert scheduled and set(scheduled) == {worker}
+
+
+def test_the_timed_child_holds_the_layers_its_memory_figure_counts(tmp_path, monkeypatch):
+    """Gemma-style sliding/full layers (window 8, context 16): a 2-layer child's memory figure counts the worst
+    case, two full-attention layers, so the child timed holds two full-attention layers too (not the first two
+    layers, one of each)."""
+    from transformers import AutoConfig
+
+    import nas.latency
+    from nas.storage import RunStorage
+
+    config, space = ALL_CONFIGS["gemma3_text"](), _speed_space([2])
+    timed = []
+    monkeypatch.setattr(nas.latency, "measure", lambda data, settings: timed.append(data) or
+                        {"latency_ms": 1.0, "prefill_ms": 1.0, "throughput": 1.0, "device_name": "x", "machine": "x"})
+    rows = enumerate_candidates(space, config)
+    nas.latency.measure_candidates(space, config, rows, RunStorage(tmp_path, "s"))
+    [data] = timed
+    assert data["layer_types"] == ["full_attention", "full_attention"]
+    child = AutoConfig.for_model(**data)
+    parent = Parent.of(config)
+    weights = parent.num_parameters(parent.architecture.replace(num_hidden_layers=2, layers=(0, 1))) * 2
+    # two layers' keys and values of 16 tokens each, 2 KV heads of 12 dimensions, bf16
+    assert rows[0]["memory_bytes"] - weights == 2 * 2 * 16 * child.num_key_value_heads * child.head_dim * 2
 
 
 @pytest.mark.slow

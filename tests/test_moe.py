@@ -234,6 +234,107 @@ def test_planned_activations_equal_a_real_layers_saved_bytes(name):
         assert saved_bytes_per_layer(config, 3, 24, torch.float32, i) == _real_saved_bytes(config, 3, 24, i), i
 
 
+def test_the_plans_stand_in_for_grouped_mm_holds_in_its_own_thread_only():
+    """While the plan traces a layer on the meta device (its stand-in for the experts' grouped products entered),
+    a model running in another thread computes its real experts: the stand-in is not process-wide."""
+    import threading
+
+    from nas.plan import _grouped_mm_on_meta
+
+    model = tiny_model("qwen3_moe")
+    reference = _logits(model)
+    entered, done = threading.Event(), threading.Event()
+
+    def trace():
+        with _grouped_mm_on_meta():
+            entered.set()
+            done.wait(60)
+
+    tracer = threading.Thread(target=trace)
+    tracer.start()
+    try:
+        assert entered.wait(60)
+        assert torch.equal(_logits(model), reference)
+    finally:
+        done.set()
+        tracer.join()
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_each_expert_computed_for_scoring_is_the_experts_modules_own(name):
+    """Scoring runs one expert at a time (`expert_forward`; gpt-oss's activation through transformers' private
+    `_apply_gate`): on tokens all routed to one expert at weight 1, it gives the experts module's own output."""
+    model = tiny_model(name)
+    i = next(iter(_routers(model)))
+    experts = model.model.layers[i].mlp.experts
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        own = experts(x, torch.full((5, 1), 3), torch.ones(5, 1))
+        *_, ours = family_of(model.config).moe.expert_forward(experts, 3, x)
+    assert torch.allclose(ours, own, atol=1e-5), \
+        f"{type(experts).__name__}: nas's expert_forward no longer computes an expert as transformers does (its " \
+        f"layout, or gpt-oss's private _apply_gate, changed)"
+
+
+def test_the_experts_call_is_read_by_its_parameter_names():
+    """Scoring reads the experts' call (tokens, picked experts, weights) by the forward's parameter names: a forward
+    taking them in another order is read right, one naming them otherwise is refused in one line."""
+    model = tiny_model("qwen3_moe")
+    block = model.model.layers[0].mlp
+    stock = type(block.experts)
+    seen = []
+    hooks = family_of(model.config).moe.hooks(block, lambda e, w, *_: seen.append((e, w.tolist())))
+    x = torch.randn(2, model.config.hidden_size)
+    index, weights = torch.tensor([[1, 4], [4, 6]]), torch.tensor([[0.7, 0.3], [0.6, 0.4]])
+
+    class Reordered(stock):
+        def forward(self, top_k_weights, hidden_states, top_k_index):
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+
+    class Renamed(stock):
+        def forward(self, tokens, picked, weights):
+            return super().forward(tokens, picked, weights)
+
+    try:
+        block.experts.__class__ = Reordered
+        with torch.no_grad():
+            block.experts(weights, x, index)
+        assert sorted(seen) == [(1, pytest.approx([0.7])), (4, pytest.approx([0.3, 0.6])), (6, pytest.approx([0.4]))]
+        block.experts.__class__ = Renamed
+        with pytest.raises(UnsupportedModelError, match=r"Renamed.forward takes \(tokens, picked, weights\); .*"
+                                                       r"\(hidden_states, top_k_index, top_k_weights\)"):
+            with torch.no_grad():
+                block.experts(x, index, weights)
+    finally:
+        block.experts.__class__ = stock
+        for hook in hooks:
+            hook.remove()
+
+
+def test_mxfp4_experts_are_dequantised_as_the_format_says():
+    """Streamed pruning dequantises gpt-oss's MXFP4 experts with transformers' private
+    `convert_moe_packed_tensors`: each byte of `_blocks` holds two FP4 (e2m1) codes, low nibble first, a block of 32
+    values shares the exponent `_scales` - 127, and the stored [E, out, in] comes back as [E, in, out]."""
+    fp4 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (2, 3, 2, 16), dtype=torch.uint8, generator=g)  # 2 experts, 3 rows, 64 inputs
+    scales = torch.randint(120, 134, (2, 3, 2), dtype=torch.uint8, generator=g)
+    expected = torch.tensor([[[fp4[(int(blocks[e, r, k // 32, k % 32 // 2]) >> 4 * (k % 2)) & 15] *
+                               2.0 ** (int(scales[e, r, k // 32]) - 127) for r in range(3)] for k in range(64)]
+                             for e in range(2)])
+    name = "model.layers.0.mlp.experts.down_proj"
+    stored = {f"{name}_blocks": blocks, f"{name}_scales": scales}
+
+    class Read(dict):
+        def __call__(self, name):
+            return self[name]
+
+    moe = family_of(MOE_CONFIGS["gpt_oss"]()).moe
+    got = moe.read_stored(name, Read(stored), 2, torch.float32)
+    assert torch.equal(got, expected), "transformers' private convert_moe_packed_tensors no longer dequantises MXFP4 " \
+                                       "as the format says"
+
+
 def test_the_router_load_balancing_loss_is_kept_as_the_config_asks_and_logged(tmp_path):
     """With `output_router_logits` the student's loss adds `router_aux_loss_coef` x the router's load-balancing
     loss, as HF's own forward with labels does; without it the loss is KD alone."""

@@ -162,3 +162,59 @@ def test_listdir_and_remove(tmp_path, uri):
     storage.remove("run/nothing-here")
     assert storage.listdir("run/checkpoint") == ["step-000010"] and storage.listdir("run") == ["checkpoint"]
     assert (tmp_path / "runs" / "study" / "run" / "checkpoint" / "step-000010" / "state.json").exists()
+
+
+def test_two_processes_converting_a_named_parent_at_once_both_succeed(tmp_path, monkeypatch, tiny_tokenizer):
+    """Two tasks on a fresh node convert the same named parent at once: both reach the final rename together
+    (held at a barrier), one copy is kept whole, and neither fails (ENOTEMPTY) nor leaves a scratch folder."""
+    import multiprocessing
+
+    from transformers import AutoModelForCausalLM
+
+    import nas.parents
+    from conftest import ALL_CONFIGS
+
+    monkeypatch.setenv("NAS_CACHE", str(tmp_path))
+    target = tmp_path / "parents" / "tiny"
+
+    class GGUFLoader:  # the package's GGUF, dequantised: a tiny llama (transformers' GGUF reader is not the point)
+        @staticmethod
+        def from_pretrained(*_args, **_kwargs):
+            model = AutoModelForCausalLM.from_config(ALL_CONFIGS["llama"]())
+            model.config.quantization_config = {}
+            return model
+
+        from_config = staticmethod(AutoModelForCausalLM.from_config)
+
+    monkeypatch.setattr(nas.parents, "AutoModelForCausalLM", GGUFLoader)
+    tokenizer = type("Tokenizer", (), {"from_pretrained": lambda *_a, **_k: tiny_tokenizer})
+    monkeypatch.setattr(nas.parents, "AutoTokenizer", tokenizer)
+    monkeypatch.setitem(nas.parents.NAMED_PARENTS, "tiny",
+                        nas.parents.NamedParent("nas", "-", lambda _package, scratch: scratch / "tiny.gguf"))
+    context = multiprocessing.get_context("fork")
+    barrier, rename = context.Barrier(2), os.rename
+
+    def rename_together(src, dst, *args, **kwargs):
+        if Path(dst) == target:
+            barrier.wait(timeout=60)
+        return rename(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", rename_together)
+
+    def convert():
+        try:
+            nas.parents.resolve_parent("tiny")
+        except BaseException as e:  # noqa: BLE001 (reported by the exit code)
+            print(f"conversion failed: {e!r}", flush=True)
+            os._exit(1)
+        os._exit(0)
+
+    tasks = [context.Process(target=convert) for _ in range(2)]
+    for task in tasks:
+        task.start()
+    for task in tasks:
+        task.join(120)
+    assert [task.exitcode for task in tasks] == [0, 0]
+    assert AutoModelForCausalLM.from_pretrained(target).num_parameters() == \
+        AutoModelForCausalLM.from_config(ALL_CONFIGS["llama"]()).num_parameters()
+    assert sorted(p.name for p in (tmp_path / "parents").iterdir()) == ["tiny"]

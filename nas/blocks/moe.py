@@ -7,7 +7,9 @@ Two stacked layouts exist in transformers 5.24:
 - "stacked" (Qwen2/3-MoE, Mixtral, OLMoE): `gate_up_proj` [E, 2I, H], the gate's rows first, then the up rows;
   `down_proj` [E, H, I]; no biases.
 - "interleaved" (gpt-oss): `gate_up_proj` [E, H, 2I] with gate and up columns alternating, `down_proj` [E, I, H],
-  a bias on each, and on the router; its activation is the experts module's own `_apply_gate`.
+  a bias on each, and on the router; its activation is the experts module's own `_apply_gate` (private: transformers
+  has no public per-expert activation; tests/test_moe.py checks each expert computed here against the module's
+  own forward).
 
 Pruning keeps whole experts (the router's rows with them, so the kept experts' router logits are unchanged) and,
 inside each kept expert, that expert's own best neurons: neurons of different experts are unrelated, so each
@@ -16,6 +18,7 @@ expert keeps its own, the same number in every expert.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from nas.blocks.mlp import MLP
+from nas.errors import UnsupportedModelError
 
 TOP_K = "num_experts_per_tok"
 _SHARED = MLP()  # the shared expert is a dense gated MLP
@@ -148,7 +152,7 @@ class MoE:
         experts = block.experts
 
         def hook(_module, args, kwargs, _out):
-            x, index, weights = (*args, *kwargs.values())[:3]
+            x, index, weights = _routed(experts, args, kwargs)
             with torch.no_grad():
                 for e in index.unique().tolist():
                     if e >= experts.num_experts:  # a padding slot some kernels use
@@ -172,6 +176,8 @@ class MoE:
             return None
         prefix, inner = self._stored(name)
         if f"{prefix}{inner}_blocks" in read:
+            # (transformers' own MXFP4 dequantiser, which its loader runs; it has no public one. tests/test_moe.py
+            # checks it against the MXFP4 format itself.)
             from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
             return convert_moe_packed_tensors(read(f"{prefix}{inner}_blocks"), read(f"{prefix}{inner}_scales"),
@@ -203,3 +209,19 @@ class _Width:
 
     hidden_size: int
     intermediate_size: int
+
+
+#: The parameter names of transformers' experts forward: the routed tokens, the experts each picked and their
+#: weights (gpt-oss's own experts forward names the last two otherwise).
+_ROUTED = (("hidden_states", "top_k_index", "top_k_weights"), ("hidden_states", "router_indices", "routing_weights"))
+
+
+def _routed(experts: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """(tokens [T, H], the experts each picked [T, k], their weights [T, k]) of a call of `experts`, read by its
+    forward's parameter names, so that a reordered forward is read right and a renamed one refused, not misread."""
+    bound = inspect.signature(experts.forward).bind(*args, **kwargs).arguments
+    for names in _ROUTED:
+        if all(name in bound for name in names):
+            return tuple(bound[name] for name in names)
+    raise UnsupportedModelError(f"{type(experts).__name__}.forward takes ({', '.join(bound)}); nas reads the experts' "
+                                f"call by the names ({', '.join(_ROUTED[0])}), which this transformers version changed")
