@@ -7,7 +7,8 @@ master weights, the teacher in bf16):
     and at a GPU-sized one: model FLOPs a token = 3 x the student's forward (forward and backward) + the teacher's
     forward (`nas.plan.forward_flops_per_token`, what `nas plan` sizes a retrain by), over the measured step time
     and the GPU's dense bf16 peak (`PEAK_BF16_TFLOPS`, by device name).
-About a minute on one H100 once the parent and the plays are in the cache (a few more the first time)."""
+Not yet run on a GPU: estimated at 1-2 minutes on one H100, most of it converting the parent and tokenising the plays
+into the cache the first time."""
 
 from __future__ import annotations
 

@@ -43,3 +43,13 @@ def test_gpu_benchmark_without_cuda_is_one_line_and_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("nas-bench gpu: no CUDA device")
     assert not out.exists()  # nothing measured, nothing written
+
+
+@pytest.mark.parametrize("name, peak", [("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0),
+                                        ("NVIDIA H100 NVL", 835.0), ("NVIDIA H200", 989.0),
+                                        ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA L4", None)])
+def test_gpu_peak_by_device_name(name, peak):
+    """NVIDIA's dense bf16 figures (data sheets: the sparse figure halved); an H100 PCIe is not an SXM part."""
+    from benchmarks.gpu import peak_bf16_tflops
+
+    assert peak_bf16_tflops(name) == peak
