@@ -125,7 +125,7 @@ def test_chunked_logit_losses_equal_unchunked_values_and_gradients(kd, cached, c
 
 def test_chunked_loss_peak_memory_drops_by_the_chunking_factor():
     """Peak resident memory of loss + backward on 2048 tokens of a 32k vocabulary, each in a fresh process."""
-    from nas.bench import loss_peak_kib
+    from benchmarks.distill import loss_peak_kib
 
     factor = 4
     unchunked, chunked = loss_peak_kib(0), loss_peak_kib(2048 // factor)
