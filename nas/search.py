@@ -867,14 +867,14 @@ class ArchitectureSearch(Searcher):
 
         with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": ours is _Heartbeat
             warnings.simplefilter("ignore", UserWarning)
-            taken = _taken(self.study)
             for attempt in itertools.count():
+                taken = _taken(self.study)  # afresh: another driver may take a label at any time
                 free = sorted(set(self.rows) - set(taken))
                 if not free:
                     return Searcher.FINISHED
                 if attempt >= REJECTIONS:
-                    # TPE keeps proposing taken or infeasible ones: take a free one at random, until one is this
-                    # driver's (each loss to another driver takes a label from those free)
+                    # TPE keeps proposing taken or infeasible ones: a free one at random, until one is this driver's
+                    # (each lost to another driver leaves one fewer free)
                     _enqueue(self.study, self.rows[free[self.rng.integers(len(free))]])
                 trial = self.study.ask(self.distributions)
                 storage_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
@@ -892,8 +892,6 @@ class ArchitectureSearch(Searcher):
                     return params
                 trial.set_user_attr("pruned_reason", problem)
                 self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                if attempt + 1 >= REJECTIONS:
-                    taken = _taken(self.study)
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self._report(trial_id, self.live[trial_id], result)
