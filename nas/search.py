@@ -568,7 +568,7 @@ def _distributions(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     greatest common difference. Not a categorical over those values: Optuna refuses to change a categorical's
     choices within a study, and they change whenever the budget, the axes or a cap does, while an integer
     distribution's range may differ from one run of a study to the next (Optuna checks its kind and log scale
-    only; tests/test_trial_states.py holds it to that). The dashboard reads integer axes in numeric order."""
+    only; tests/test_search_driver.py holds it to that). The dashboard reads integer axes in numeric order."""
     import optuna
 
     values: dict[str, set[int]] = {}

@@ -225,7 +225,7 @@ def test_a_study_re_runs_under_a_tighter_budget_that_promotes_and_under_other_ax
                                                                                  tiny_tokenizer):
     """A search with promote 0; then the same study under a tighter budget (other values of hidden_size are
     feasible) with promote 1, whose candidates were all trained: it promotes the best of them, and the study holds
-    that full distillation; then under another axes list, which trains its new candidates."""
+    that full distillation; then under another axes list, which trains its new candidate."""
     spec = tiny_space(tmp_path / "inputs", tiny_tokenizer, name="rerun", promote=0)
     run_search(parse_space(spec), tmp_path)
     tighter = parse_space({**spec, "promote": 1, "budget": {"fraction": 0.6, "tolerance": 0.1}})
@@ -240,7 +240,8 @@ def test_a_study_re_runs_under_a_tighter_budget_that_promotes_and_under_other_ax
     assert full.state == optuna.trial.TrialState.COMPLETE and _label(full) == best
     assert full.value == pytest.approx(json.loads((tmp_path / "rerun" / "promoted" / best / "result.json")
                                                   .read_text())["val_loss"])
-    other = parse_space({**spec, "promote": 1, "axes": {"num_hidden_layers": [4, 3, 2], "hidden_size": [48, 36, 24]}})
+    other = parse_space({**spec, "promote": 1, "axes": {"num_hidden_layers": [3], "intermediate_size": [60, 40],
+                                                         "hidden_size": [36]}})  # a value no earlier run had
     run_search(other, tmp_path)
     labels = {r["label"] for r in enumerate_candidates(other, space_config(other))}
     done = {_label(t) for t in _trials(other, tmp_path) if t.state == optuna.trial.TrialState.COMPLETE}
