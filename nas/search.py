@@ -2,10 +2,11 @@
 candidates with Optuna choosing them, promotion of the best to full distillation, a study summary.
 
 Ray and Optuna sit behind this module only. An Optuna trial's parameters are the architecture axes
-(`nas.space.AXES`, and a mixture of experts' expert axes), so the dashboard's slice, contour and importance plots
-read them; its user attributes hold the candidate's label, exact parameter count (and active count), share of the
-parent and stage. A trial is a plain function
-of those axes and the shared inputs, so it can be replayed from its parameters alone (`replay_trial`).
+(`nas.space.AXES`, a family's unit axes, the layers kept of each kind, whose sum is the depth), as integers so
+that a study re-runs after any change to its space (`_distributions`), and so the dashboard's slice, contour and
+importance plots read them; its user attributes hold the candidate's label, exact parameter count (and active
+count), share of the parent and stage. A trial is a plain function of those axes and the shared inputs, so it can
+be replayed from its parameters alone (`replay_trial`). A study holds one set of retrain settings (`_check_study`).
 
 Files live in the run folder (`nas.storage.RunStorage`: a local path or a URI every node reaches):
     importance.safetensors, teacher_topk/               computed once (in Ray tasks), read by every trial
@@ -17,7 +18,8 @@ Files live in the run folder (`nas.storage.RunStorage`: a local path or a URI ev
 
 Trial states: COMPLETE (trained to the end), PRUNED (never trained: no candidate, or its label is taken; or
 stopped by ASHA, with its curve), FAIL (failed after its retries, or its driver died), RUNNING (its driver
-records a heartbeat, so another driver on the same study leaves it running while that driver lives).
+records a heartbeat, so another driver on the same study leaves it running while that driver lives). A
+promotion is a trial of stage full_distillation, RUNNING while it trains: the claim on its label (`_claim`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import shutil
 import socket
@@ -46,7 +49,7 @@ from ray import tune
 from ray.tune.search import Searcher
 
 from nas import sharding
-from nas.architecture import FIGURES, short_label as label_of
+from nas.architecture import FIGURES, KIND_AXIS, short_label as label_of
 from nas.data import load_tokens, shuffled_rows, validation_size
 from nas.distill import DistillConfig
 from nas.errors import ConfigError, NasError
@@ -424,25 +427,26 @@ def _upload_checkpoint(storage: RunStorage, rel: str, out: Path) -> None:
 
 
 def run_trial(config: dict[str, Any], shared: Shared, report: Callable[[dict], None] | None = None) -> None:
-    """One trial: prune the candidate with these axes, distil it briefly, report validation loss by tokens."""
+    """One trial: prune the candidate with these axes, distil it briefly, report validation loss by tokens. The
+    final evaluation is reported once result.json is written: on its last report ASHA stops a trial that reached
+    its end, which would leave the one trained to the end without its 'finished' marker."""
     in_tune = report is None
     report = report or tune.report
-    reported = []
+    final = final_tokens(shared.space.short_retrain, shared.space.seq_len)
 
     def on_eval(m: dict) -> None:
-        reported.append(m["tokens"])
-        report({METRIC: m["val_loss"], "val_kd": m.get("val_kd"), "tokens": m["tokens"], "step": m["step"]})
+        if m["tokens"] < final:
+            report({METRIC: m["val_loss"], "val_kd": m.get("val_kd"), "tokens": m["tokens"], "step": m["step"]})
 
-    result = _retrain(shared, label_of(config), label_of(config), shared.space.short_retrain, on_eval, False,
-                      report_to_tune=in_tune)
-    if not reported:  # finished by an earlier, killed run: report its result once so Optuna records it
-        report({METRIC: result["val_loss"], "val_kd": result.get("val_kd"), "tokens": result["tokens"],
-                "step": result["steps"]})
+    label = label_of(_axes(config))
+    result = _retrain(shared, label, label, shared.space.short_retrain, on_eval, False, report_to_tune=in_tune)
+    report({METRIC: result["val_loss"], "val_kd": result.get("val_kd"), "tokens": result["tokens"],
+            "step": result["steps"]})
 
 
 def replay_trial(shared: Shared, label: str) -> None:
     """Run one trial in this process, outside Ray and Optuna (debugging, benchmarks)."""
-    run_trial(row_axes(shared.rows[label]), shared, report=lambda m: None)
+    run_trial(_params(shared.rows[label]), shared, report=lambda m: None)
 
 
 def promote(shared: Shared, label: str) -> dict:
@@ -527,17 +531,49 @@ def _objectives(space: SearchSpace, row: dict[str, Any], loss: float) -> float |
     return [loss, *(float(row[k]) for k in space.search.objectives[1:])]
 
 
+def _enqueue(study, row: dict[str, Any]) -> None:
+    """Queue a candidate for the next `ask`, its label beside it (what a resumed run reads as queued)."""
+    study.enqueue_trial(_params(row), user_attrs={"enqueued": row["label"]})
+
+
 def _stage(trial) -> str:
     return trial.user_attrs.get("stage", SHORT)
 
 
 def _label(trial) -> str | None:
-    return label_of(trial.params) if set(AXES) <= set(trial.params) else None
+    axes = _axes(trial.params)
+    return label_of(axes) if set(AXES) <= set(axes) else None
 
 
-def _choices(rows: dict[str, dict[str, Any]]) -> dict[str, list[int]]:
-    names = row_axes(next(iter(rows.values()))) if rows else AXES
-    return {name: sorted({int(r[name]) for r in rows.values()}) for name in names}
+def _params(row: dict[str, Any]) -> dict[str, int]:
+    """A candidate's Optuna parameters: its axes, less the depth where the layers kept of each kind are axes (the
+    depth is their sum: as a parameter of its own, a sampler would propose depths they disagree with)."""
+    axes = row_axes(row)
+    if any(k.startswith(KIND_AXIS) for k in axes):
+        del axes["num_hidden_layers"]
+    return axes
+
+
+def _axes(params: dict[str, Any]) -> dict[str, Any]:
+    """A candidate's axes from its Optuna parameters (`_params`): the depth added back as the sum of the kinds'."""
+    kinds = [v for k, v in params.items() if k.startswith(KIND_AXIS)]
+    return {**params, "num_hidden_layers": sum(kinds)} if kinds and "num_hidden_layers" not in params else params
+
+
+def _distributions(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Each parameter over this run's candidates: integers from the least value to the largest, in steps of their
+    greatest common difference. Not a categorical over those values: Optuna refuses to change a categorical's
+    choices within a study, and they change whenever the budget, the axes or a cap does, while an integer
+    distribution's range may differ from one run of a study to the next (Optuna checks its kind and log scale
+    only; tests/test_search_driver.py holds it to that). The dashboard reads integer axes in numeric order."""
+    import optuna
+
+    values: dict[str, set[int]] = {}
+    for row in rows.values():
+        for k, v in _params(row).items():
+            values.setdefault(k, set()).add(v)
+    return {k: optuna.distributions.IntDistribution(min(v), max(v), step=math.gcd(*(x - min(v) for x in v)) or 1)
+            for k, v in values.items()}
 
 
 # -- who runs a trial: this driver, another live one, or a dead one ---------------------------------------------
@@ -552,23 +588,34 @@ def _process_start(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
-DRIVER = f"{socket.gethostname()}:{os.getpid()}:{_process_start(os.getpid())}"
+def _pid_space() -> str:
+    """Which processes a pid names here: this boot of the kernel and this pid namespace (containers that share a
+    hostname each have their own); empty where /proc does not say (macOS: the hostname names the machine)."""
+    try:
+        return f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}.{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return ""
+
+
+DRIVER = f"{socket.gethostname()}:{_pid_space()}:{os.getpid()}:{_process_start(os.getpid())}"
 
 
 def _dead_driver(driver: str) -> bool:
-    """Whether `driver` (a trial's "driver" attribute) is a process of this machine that has ended."""
-    host, pid, start = driver.rsplit(":", 2)
-    if host != socket.gethostname():
+    """Whether `driver` (a trial's "driver" attribute) is a process of this machine and pid namespace that has
+    ended. Another's (or one named in an earlier form) is judged by its heartbeat alone."""
+    parts = driver.rsplit(":", 3)
+    if len(parts) != 4 or parts[:2] != [socket.gethostname(), _pid_space()]:
         return False
+    pid, start = int(parts[2]), parts[3]
     if not Path("/proc/self/stat").exists():  # no /proc (macOS): the pid alone says it
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return True
         except PermissionError:
             pass
         return False
-    return _process_start(int(pid)) != start
+    return _process_start(pid) != start
 
 
 def _register_driver(study) -> None:
@@ -629,11 +676,11 @@ class _Heartbeat:
 
     def _beat(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
-            for trial_id in self.trial_ids():
-                try:
+            try:  # (the ids too are read from the database)
+                for trial_id in self.trial_ids():
                     self.storage.record_heartbeat(trial_id)
-                except Exception as e:  # a locked or dropped database: the next beat tries again
-                    log.warning("heartbeat of trial %s not recorded: %s", trial_id, e)
+            except Exception as e:  # a locked or dropped database: the next beat tries again
+                log.warning("heartbeats not recorded: %s", e)
 
     def __enter__(self) -> "_Heartbeat":
         self.thread.start()
@@ -651,9 +698,8 @@ def _plan(space: SearchSpace, study, labels: list[str]) -> tuple[str, list[str],
     _fail_dead_trials(study)
     taken = _taken(study)
     # Candidates a killed run enqueued but never started: the next run's Tune trials take them first.
-    waiting = [label_of(t.system_attrs["fixed_params"])
-               for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-               if set(AXES) <= set(t.system_attrs.get("fixed_params", {}))]
+    waiting = [t.user_attrs["enqueued"] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+               if "enqueued" in t.user_attrs]
     sampler = space.search.sampler
     if sampler == "auto":
         sampler = "grid" if len(labels) <= space.search.max_trials else "tpe"
@@ -678,11 +724,14 @@ def run_search(space: SearchSpace, root: str | Path = "trials", address: str | N
     # A private Ray would run on this machine: the plan is checked against it before anything starts.
     private = not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
     stages = check_fits(space, config, this_machine(space)) if private else None
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    storage = study_storage(url)
+    study = open_study(space, storage=storage)
+    _check_study(space, study)  # before Ray starts and `prepare` rewrites the teacher cache
     reached = init_ray(address, Path(RunStorage(root, space.study).uri))
     stages = stages or check_fits(space, config, ray_cluster(space))
     shared = prepare(space, root, stages, echo)
-    storage = study_storage(url)
-    study = open_study(space, storage=storage)
     study.set_user_attr("parent", space.parent)
     _register_driver(study)
     sampler, enqueue, n_trials = _plan(space, study, list(shared.rows))
@@ -691,8 +740,38 @@ def run_search(space: SearchSpace, root: str | Path = "trials", address: str | N
     echo(f"watch: optuna-dashboard {url}")
     if n_trials:
         _tune(space, shared, study, storage, enqueue, n_trials, trial_fn, echo)
-    _promote_best(space, shared, study, echo)
+    _promote_best(space, shared, study, storage, echo)
     return summarize(space, root)
+
+
+def _retrain_settings(space: SearchSpace) -> dict[str, Any]:
+    """What decides each stage's runs, by the space's field: all that a resumed run's checkpoint must match (its
+    DistillConfig but how often it evaluates and checkpoints), the sequence length and the teacher cache's K."""
+    out = {"seq_len": space.seq_len, "short_retrain.teacher_topk": space.short_retrain.teacher_topk}
+    spec_fields = {f.name for f in dataclasses.fields(RetrainSpec)} | {"seed"}
+    for section in ("short_retrain", "full_retrain"):
+        cfg = dataclasses.asdict(retrain_config(getattr(space, section), space.seq_len, space.search.seed, 1))
+        out |= {"search.seed" if k == "seed" else f"{section}.{k}": v for k, v in cfg.items()
+                if k in spec_fields and k not in ("eval_every", "checkpoint_every")}
+    return out
+
+
+def _check_study(space: SearchSpace, study) -> None:
+    """A study holds the runs of one set of retrain settings (`_retrain_settings`), which its losses compare: a
+    re-run under others is refused, saying what changed, before anything runs. So is a study whose axes are
+    categorical parameters (made before they were integers), which Optuna cannot extend."""
+    import optuna
+
+    now, before = _retrain_settings(space), study.user_attrs.get("retrain_settings")
+    changed = [f"{k}={v} (was {before.get(k)})" for k, v in now.items() if before is not None and before.get(k) != v]
+    if changed:
+        raise ConfigError(f"{', '.join(changed)}: study {space.study} holds runs trained with the earlier settings; "
+                          f"set them back, or give the space another study_name to search under the new ones")
+    made = next((t for t in study.get_trials(deepcopy=False) if t.distributions), None)
+    if made and any(isinstance(d, optuna.distributions.CategoricalDistribution) for d in made.distributions.values()):
+        raise ConfigError(f"study_name: study {space.study} was made by an earlier nas, whose axes Optuna cannot "
+                          f"extend; give the space another study_name")
+    study.set_user_attr("retrain_settings", now)
 
 
 def this_machine(space: SearchSpace) -> Cluster:
@@ -722,7 +801,7 @@ class Progress(tune.Callback):
         self.done += 1
         elapsed = time.time() - self.start
         eta = elapsed / self.done * max(0, self.total - self.done)
-        label = label_of(trial.config)
+        label = label_of(_axes(trial.config))
         r = trial.last_result or {}
         self.echo(f"[{self.done}/{self.total}] {label} {self.rows[label]['params'] / 1e6:.1f}M {what} "
                   f"{_fmt(r.get(METRIC), '.4f')}, {_fmt(r.get('tokens'), ',')} tokens, "
@@ -736,7 +815,7 @@ class Progress(tune.Callback):
         self.line(trial, "FAILED after retries; last val loss")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self.echo(f"[retry] {label_of(trial.config)} failed (failure {trial.num_failures}); retrying")
+        self.echo(f"[retry] {label_of(_axes(trial.config))} failed (failure {trial.num_failures}); retrying")
 
 
 def _fmt(value, spec: str) -> str:
@@ -749,52 +828,64 @@ class ArchitectureSearch(Searcher):
     the budget, not a valid child) or whose label is taken (`_taken`) is recorded as pruned with the reason and never
     trained, and does not use up a Tune trial; a trial ASHA stops is recorded as pruned, with its curve."""
 
-    def __init__(self, space: SearchSpace, rows: dict[str, dict[str, Any]], study, storage, enqueue: list[str]):
-        import optuna
-
+    def __init__(self, space: SearchSpace, rows: dict[str, dict[str, Any]], study, storage, enqueue: list[str],
+                 outside: set[str] = frozenset()):
         super().__init__(metric=METRIC, mode="min")
-        self.space, self.rows, self.study, self.storage = space, rows, study, storage
+        self.space, self.rows, self.study, self.storage, self.outside = space, rows, study, storage, outside
         self.config = parent_config(space.parent)
         self.final = final_tokens(space.short_retrain, space.seq_len)
-        self.distributions = {k: optuna.distributions.CategoricalDistribution(v) for k, v in _choices(rows).items()}
+        self.distributions = _distributions(rows)
+        self.study_id = storage.get_study_id_from_name(study.study_name)
         self.live: dict[str, Any] = {}  # Tune trial id -> its Optuna trial
+        self.ids: dict[str, int] = {}  # Tune trial id -> its Optuna trial's id in the storage (for heartbeats)
         self.reported: dict[str, set[int]] = {}
         self.rng = np.random.default_rng(space.search.seed)
         for label in enqueue:
-            study.enqueue_trial(row_axes(rows[label]))
+            _enqueue(study, rows[label])
 
     def set_search_properties(self, metric, mode, config, **spec) -> bool:
         return True  # the metric, mode and space are this searcher's own
 
     def live_trial_ids(self) -> list[int]:
-        # Optuna has no public accessor for a trial's storage id; its own heartbeat thread reads `_trial_id` too.
-        return [trial._trial_id for trial in list(self.live.values())]
+        return list(self.ids.values())
+
+    def _problem(self, params: dict[str, int], taken: dict[str, str]) -> str | None:
+        """Why a proposal is not trained (None: it is a free candidate)."""
+        axes = _axes(params)
+        label = label_of(axes)
+        if label in self.rows:
+            return taken.get(label)
+        return candidate_problem(self.space, self.config, axes) or \
+            ("measured outside the speed budget (infeasible.json)" if label in self.outside else
+             "not among this run's candidates (not in the product of its axes' values)")
 
     def suggest(self, trial_id: str):
         import optuna
 
         with warnings.catch_warnings():  # "heartbeat is supposed to be used with Study.optimize": ours is _Heartbeat
             warnings.simplefilter("ignore", UserWarning)
-            taken = _taken(self.study)
-            free = sorted(set(self.rows) - set(taken))
-            if not free:
-                return Searcher.FINISHED
             for attempt in itertools.count():
-                if attempt == REJECTIONS:  # TPE keeps proposing taken or infeasible ones: take a free one at random
-                    pick = free[self.rng.integers(len(free))]
-                    self.study.enqueue_trial(row_axes(self.rows[pick]))
+                taken = _taken(self.study)  # afresh: another driver may take a label at any time
+                free = sorted(set(self.rows) - set(taken))
+                if not free:
+                    return Searcher.FINISHED
+                if attempt >= REJECTIONS:
+                    # TPE keeps proposing taken or infeasible ones: a free one at random, until one is this driver's
+                    # (each lost to another driver leaves one fewer free)
+                    _enqueue(self.study, self.rows[free[self.rng.integers(len(free))]])
                 trial = self.study.ask(self.distributions)
-                self.storage.record_heartbeat(trial._trial_id)
+                storage_id = self.storage.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
+                self.storage.record_heartbeat(storage_id)
                 trial.set_user_attr("driver", DRIVER)
-                params, label = trial.params, label_of(trial.params)
-                problem = candidate_problem(self.space, self.config, params) or taken.get(label) or \
-                    (None if label in self.rows else "measured outside the speed budget (infeasible.json)")
+                params = trial.params
+                problem = self._problem(params, taken)
                 if problem is None:
+                    row = self.rows[label_of(_axes(params))]
                     for key in ("label", *FIGURES, "share_of_parent"):
-                        if key in self.rows[label]:
-                            trial.set_user_attr(key, self.rows[label][key])
+                        if key in row:
+                            trial.set_user_attr(key, row[key])
                     trial.set_user_attr("stage", SHORT)
-                    self.live[trial_id] = trial
+                    self.live[trial_id], self.ids[trial_id] = trial, storage_id
                     return params
                 trial.set_user_attr("pruned_reason", problem)
                 self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
@@ -813,7 +904,7 @@ class ArchitectureSearch(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         import optuna
 
-        trial = self.live.pop(trial_id, None)
+        trial, _ = self.live.pop(trial_id, None), self.ids.pop(trial_id, None)
         if trial is None:
             return
         if error or not result or METRIC not in result:
@@ -849,7 +940,9 @@ def _tune(space: SearchSpace, shared: Shared, study, storage, enqueue: list[str]
     resources = {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial} if res.workers_per_trial == 1 \
         else {"cpu": 0, "memory": 1}
     trainable = tune.with_resources(tune.with_parameters(trial_fn, shared=shared), resources)
-    search = ArchitectureSearch(space, shared.rows, study, storage, enqueue)
+    measured = space.budget.speed_caps or set(MEASURED) & set(space.search.objectives)
+    outside = {r["label"] for r in shared.storage.read_json("infeasible.json") or []} if measured else set()
+    search = ArchitectureSearch(space, shared.rows, study, storage, enqueue, outside)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=search, scheduler=scheduler, num_samples=n_trials, metric=METRIC,
@@ -863,7 +956,7 @@ def _tune(space: SearchSpace, shared: Shared, study, storage, enqueue: list[str]
         tuner.fit()
 
 
-def _promote_best(space: SearchSpace, shared: Shared, study, echo: Callable[[str], None]) -> None:
+def _promote_best(space: SearchSpace, shared: Shared, study, storage, echo: Callable[[str], None]) -> None:
     import optuna
     import ray
 
@@ -872,80 +965,117 @@ def _promote_best(space: SearchSpace, shared: Shared, study, echo: Callable[[str
                 if _stage(t) == SHORT and _label(t) in shared.rows]
     best = _front_picks(space, complete) if space.search.promotion == "front" else \
         sorted(complete, key=_loss)[: space.promote]
-    recorded = {_label(t) for t in study.get_trials(deepcopy=False) if _stage(t) == FULL}
-    todo = [_label(t) for t in best if _label(t) not in recorded]
-    if not todo:
+    claims = _claim(study, storage, shared, [_label(t) for t in best])
+    if not claims:
         return
+    todo = list(claims)
     res = space.resources
     echo(f"promoting {', '.join(todo)} to full distillation ({space.full_retrain.tokens:,} tokens each)")
     start = time.time()
 
     def done(n: int, result: dict) -> None:
-        _record_promoted(study, shared, result)
+        _record_promoted(study, storage, shared, claims.pop(result["label"]), result)
         echo(f"[promoted {n}/{len(todo)}] {result['label']} val loss {result['val_loss']:.4f} "
              f"after {result['tokens']:,} tokens; elapsed {time.time() - start:.0f} s")
 
-    if space.full_retrain.workers > 1:  # each one a Ray Train job of its own, in turn
-        for n, label in enumerate(todo, 1):
-            done(n, promote(shared, label))
-        return
-    task = ray.remote(promote).options(num_cpus=res.cpus_per_trial, num_gpus=retrain_gpus(res, 1, promoted=True),
-                                       max_retries=space.search.retries)
-    pending = [task.remote(shared, label) for label in todo]
-    while pending:
-        ready, pending = ray.wait(pending)
-        done(len(todo) - len(pending), ray.get(ready[0]))
+    try:
+        with _Heartbeat(storage, lambda: [storage_id for _, storage_id in list(claims.values())]):
+            if space.full_retrain.workers > 1:  # each one a Ray Train job of its own, in turn
+                for n, label in enumerate(todo, 1):
+                    done(n, promote(shared, label))
+                return
+            task = ray.remote(promote).options(num_cpus=res.cpus_per_trial,
+                                               num_gpus=retrain_gpus(res, 1, promoted=True),
+                                               max_retries=space.search.retries)
+            pending = [task.remote(shared, label) for label in todo]
+            while pending:
+                ready, pending = ray.wait(pending)
+                done(len(todo) - len(pending), ray.get(ready[0]))
+    finally:  # a promotion that failed gives up its claim (a re-run promotes it again, from its checkpoint)
+        for number, _ in claims.values():
+            study.tell(number, state=optuna.trial.TrialState.FAIL, skip_if_finished=True)
+
+
+def _claim(study, storage, shared: Shared, labels: list[str]) -> dict[str, tuple[int, int]]:
+    """Claim the promotion of each label that no driver has promoted or is promoting, as a trial claims its label:
+    a RUNNING full-distillation trial of this driver (failed by `_fail_dead_trials` once the driver is gone, and
+    promoted again then). Of two drivers that claim one label at once, the earlier trial keeps it and the later is
+    pruned. Returns label -> (trial number, id in the storage) of this driver's claims."""
+    import optuna
+
+    state = optuna.trial.TrialState
+    _fail_dead_trials(study)
+
+    def promotions() -> list:
+        return [t for t in study.get_trials(deepcopy=False, states=(state.COMPLETE, state.RUNNING))
+                if _stage(t) == FULL]
+
+    held = {t.user_attrs.get("label") for t in promotions()}
+    distributions = _distributions(shared.rows)
+    for label in (label for label in labels if label not in held):
+        row = shared.rows[label]
+        study.add_trial(optuna.trial.create_trial(
+            state=state.RUNNING, params=_params(row), distributions={k: distributions[k] for k in _params(row)},
+            user_attrs={"label": label, **{k: row[k] for k in (*FIGURES, "share_of_parent") if k in row},
+                        "stage": FULL, "driver": DRIVER}))
+    study_id, claims, first = storage.get_study_id_from_name(study.study_name), {}, {}
+    for t in sorted(promotions(), key=lambda t: t.number):
+        label, mine = t.user_attrs.get("label"), t.state == state.RUNNING and t.user_attrs.get("driver") == DRIVER
+        storage_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number) if mine else None
+        if label in first and mine:  # another driver claimed it first
+            storage.set_trial_user_attr(storage_id, "pruned_reason",
+                                        f"duplicate: {label} is promoted in trial {first[label].number}")
+            study.tell(t.number, state=state.PRUNED, skip_if_finished=True)
+        elif label not in first:
+            first[label] = t
+            if mine and label not in held:
+                storage.record_heartbeat(storage_id)
+                claims[label] = (t.number, storage_id)
+    return claims
 
 
 def _front_picks(space: SearchSpace, trials: list) -> list:
     """`promote` trials spread along the Pareto front of loss against the second objective (all of it when it
     has no more points), from the lowest loss on."""
-    sign = 1 if space.search.directions[1] == "minimize" else -1
-    points = [(sign * t.values[1], t.values[0], t) for t in trials]
-    front = [t for x, loss, t in points if not any(x2 <= x and l2 <= loss and (x2, l2) != (x, loss)
-                                                   for x2, l2, _ in points)]
+    front = [trials[i] for i in _pareto_front([(t.values[1], t.values[0]) for t in trials],
+                                              space.search.directions[1])]
     front.sort(key=_loss)
     if len(front) <= space.promote:
         return front
     return [front[round(i * (len(front) - 1) / max(1, space.promote - 1))] for i in range(space.promote)]
 
 
-def _record_promoted(study, shared: Shared, result: dict) -> None:
-    """Record a full distillation as a trial of its own (Optuna freezes finished trials), stage 'full_distillation',
-    with the candidate's axes as parameters and its validation curve by tokens."""
-    import optuna
-
-    label = result["label"]
-    row = shared.rows[label]
-    curve = shared.storage.read_text(f"promoted/{label}/metrics.jsonl") or ""
-    evals = [json.loads(line) for line in curve.splitlines() if '"val_loss"' in line]
-    choices = _choices(shared.rows)
-    study.add_trial(optuna.trial.create_trial(
-        params=row_axes(row),
-        distributions={k: optuna.distributions.CategoricalDistribution(choices[k]) for k in row_axes(row)},
-        **({"value": result["val_loss"], "intermediate_values": {int(e["tokens"]): e["val_loss"] for e in evals}}
-           if len(shared.space.search.objectives) == 1 else {"values": _objectives(shared.space, row, result["val_loss"])}),
-        user_attrs={"label": label, **{k: row[k] for k in (*FIGURES, "share_of_parent") if k in row},
-                    "stage": FULL}))
+def _record_promoted(study, storage, shared: Shared, claim: tuple[int, int], result: dict) -> None:
+    """Record a full distillation on its claim (`_claim`): stage 'full_distillation', the candidate's axes as
+    parameters, its validation curve by tokens."""
+    number, storage_id = claim
+    if len(shared.space.search.objectives) == 1:  # (Optuna keeps no intermediate values with several)
+        for tokens, loss in _evals(shared.storage, f"promoted/{result['label']}"):
+            storage.set_trial_intermediate_value(storage_id, tokens, loss)
+    study.tell(number, _objectives(shared.space, shared.rows[result["label"]], result["val_loss"]))
 
 
 # -- summary and export -----------------------------------------------------------------------------
 
 def summarize(space: SearchSpace, root: str | Path = "trials"):
     """A table of every trial (architecture, params, losses, tokens, wall time) saved as parquet, CSV and plots."""
+    import optuna
     import pandas as pd
 
     study = open_study(space, root)
     storage = RunStorage(root, space.study)
-    promoted = {_label(t): _loss(t) for t in study.get_trials(deepcopy=False) if _stage(t) == FULL}
+    trials = study.get_trials(deepcopy=False)
+    complete = optuna.trial.TrialState.COMPLETE
+    promoted = {_label(t): _loss(t) for t in trials if _stage(t) == FULL and t.state == complete}
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    for t in trials:
         if _stage(t) == FULL:
             continue
         label = _label(t)
-        result = (storage.read_json(f"{label}/result.json") or {}) if label else {}
+        # The label's run, on the trial that trained it (not on a duplicate proposal of it)
+        result = (storage.read_json(f"{label}/result.json") or {}) if label and t.state == complete else {}
         rows.append({"trial": t.number, "state": t.state.name, "label": label,
-                     **t.params, **{k: t.user_attrs.get(k) for k in FIGURES},
+                     **_axes(t.params), **{k: t.user_attrs.get(k) for k in FIGURES},
                      "share_of_parent": t.user_attrs.get("share_of_parent"), METRIC: _loss(t),
                      "val_kd": result.get("val_kd"), "tokens": result.get("tokens"),
                      "wall_s": result.get("wall_s") or (t.duration.total_seconds() if t.duration else None),
@@ -961,10 +1091,13 @@ def summarize(space: SearchSpace, root: str | Path = "trials"):
     parent = storage.read_json("parent.json") or {}
     # By label and stage: a promoted candidate has its short retrain's curve and its full distillation's (read
     # from the trials' metrics.jsonl where the study keeps no intermediate values: a multi-objective one).
-    several = len(space.search.objectives) > 1
-    curves = {(_label(t), _stage(t)): sorted(t.intermediate_values.items()) or (_curve(storage, t) if several else [])
-              for t in study.get_trials(deepcopy=False) if _label(t)}
-    curves = {k: v for k, v in curves.items() if v}
+    # A proposal pruned as a duplicate has no curve, and does not replace the curve of the trial that trained.
+    several, curves = len(space.search.objectives) > 1, {}
+    for t in trials:
+        curve = sorted(t.intermediate_values.items()) or (_evals(storage, f"promoted/{_label(t)}" if _stage(t) == FULL
+                                                                 else _label(t)) if several and t.state == complete else [])
+        if curve and _label(t):
+            curves[(_label(t), _stage(t))] = curve
     with tempfile.TemporaryDirectory() as tmp:  # written whole, then each replaces the run folder's in one step
         out = Path(tmp)
         frame.to_parquet(out / "summary.parquet", index=False)
@@ -998,14 +1131,15 @@ def _save_contour(study) -> None:
     save_plotly_graph_object(study, figure, graph_object_id="contour")
 
 
-def _pareto_front(points: list[tuple[float, float]], direction: str = "minimize") -> list[tuple[float, float]]:
-    """The (x, loss) points no other point beats on both (x minimised, or maximised), in the order of x."""
+def _pareto_front(points: list[tuple[float, float]], direction: str = "minimize") -> list[int]:
+    """The indices of the (x, loss) points no other point beats on both (x minimised, or maximised), in the order
+    of x; of equal points, the first. One rule for pareto.json and the promotion ("front")."""
     sign = 1 if direction == "minimize" else -1
     front, best = [], float("inf")
-    for x, loss in sorted(points, key=lambda p: (sign * p[0], p[1])):
-        if loss < best:
-            front.append((x, loss))
-            best = loss
+    for i in sorted(range(len(points)), key=lambda i: (sign * points[i][0], points[i][1], i)):
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
     return front
 
 
@@ -1030,7 +1164,7 @@ def _plot_pareto(frame, parent: dict[str, Any], out: Path, x: str = "params", di
         name = name.replace("measured", f"measured on {', '.join(sorted(set(done['device_name'].dropna())))}")
     fig, ax = plt.subplots(figsize=(8, 5))
     points = list(zip(done[x] * scale, done[METRIC])) if len(done) else []
-    front = _pareto_front(points, direction)
+    front = [points[i] for i in _pareto_front(points, direction)]
     if len(done):
         ax.scatter(done[x] * scale, done[METRIC], label="short retrain", color="tab:blue")
         for _, r in done.iterrows():
@@ -1055,9 +1189,8 @@ def _plot_pareto(frame, parent: dict[str, Any], out: Path, x: str = "params", di
     plt.close(fig)
 
 
-def _curve(storage: RunStorage, trial) -> list[tuple[int, float]]:
-    """A trial's validation curve (tokens, loss) from its metrics.jsonl."""
-    rel = f"promoted/{_label(trial)}" if _stage(trial) == FULL else _label(trial)
+def _evals(storage: RunStorage, rel: str) -> list[tuple[int, float]]:
+    """A run's validation curve (tokens, loss): the evaluation lines of its metrics.jsonl."""
     lines = (storage.read_text(f"{rel}/metrics.jsonl") or "").splitlines()
     evals = [json.loads(line) for line in lines if '"val_loss"' in line]
     return [(int(e["tokens"]), float(e["val_loss"])) for e in evals]

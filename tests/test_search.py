@@ -209,6 +209,9 @@ def test_asha_stopped_trials_are_pruned_with_their_curves_and_not_retrained(ray_
         assert not (tmp_path / "asha" / _label(t) / "result.json").exists()
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete and all(max(t.intermediate_values) == final for t in complete)
+    for t in complete:  # trained to the end, and finished: its 'finished' marker, a re-run's to reuse
+        assert json.loads((tmp_path / "asha" / _label(t) / "result.json").read_text())["val_loss"] == \
+            pytest.approx(t.value)
     assert set(frame[frame["state"] == "COMPLETE"]["label"]) == {_label(t) for t in complete}
     assert set(frame[frame["state"] == "PRUNED"]["label"]) == {_label(t) for t in stopped}
 
@@ -216,6 +219,33 @@ def test_asha_stopped_trials_are_pruned_with_their_curves_and_not_retrained(ray_
     run_search(space, tmp_path, echo=lines.append)  # the resume trains nothing: stopped trials are not redone
     assert lines[0].startswith(f"asha: {len(trials)} feasible candidates, 0 trials to run (grid)")
     assert [(t.number, t.state) for t in _trials(space, tmp_path)] == [(t.number, t.state) for t in trials]
+
+
+def test_a_study_re_runs_under_a_tighter_budget_that_promotes_and_under_other_axes(ray_session, tmp_path,
+                                                                                 tiny_tokenizer):
+    """A search with promote 0; then the same study under a tighter budget (other values of hidden_size are
+    feasible) with promote 1, whose candidates were all trained: it promotes the best of them, and the study holds
+    that full distillation; then under another axes list, which trains its new candidate."""
+    spec = tiny_space(tmp_path / "inputs", tiny_tokenizer, name="rerun", promote=0)
+    run_search(parse_space(spec), tmp_path)
+    tighter = parse_space({**spec, "promote": 1, "budget": {"fraction": 0.6, "tolerance": 0.1}})
+    run_search(tighter, tmp_path)
+    short = {_label(t): t for t in _trials(tighter, tmp_path) if t.state == optuna.trial.TrialState.COMPLETE}
+    from nas.space import enumerate_candidates, space_config
+
+    feasible = {r["label"] for r in enumerate_candidates(tighter, space_config(tighter))}
+    assert feasible < set(short)  # (nothing new to train: the promotion alone ran)
+    [full] = _trials(tighter, tmp_path, "full_distillation")
+    best = min(feasible, key=lambda label: short[label].value)
+    assert full.state == optuna.trial.TrialState.COMPLETE and _label(full) == best
+    assert full.value == pytest.approx(json.loads((tmp_path / "rerun" / "promoted" / best / "result.json")
+                                                  .read_text())["val_loss"])
+    other = parse_space({**spec, "promote": 1, "axes": {"num_hidden_layers": [3], "intermediate_size": [60, 40],
+                                                         "hidden_size": [36]}})  # a value no earlier run had
+    run_search(other, tmp_path)
+    labels = {r["label"] for r in enumerate_candidates(other, space_config(other))}
+    done = {_label(t) for t in _trials(other, tmp_path) if t.state == optuna.trial.TrialState.COMPLETE}
+    assert labels <= done and len(_trials(other, tmp_path, "full_distillation")) >= 1
 
 
 _DRIVER = """

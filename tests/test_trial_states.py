@@ -14,7 +14,8 @@ import yaml
 
 from conftest import tiny_space
 from nas.errors import ConfigError, UnsupportedModelError
-from nas.search import AXES, DRIVER, _choices, _plan, _process_start, open_study, run_search, study_storage
+from nas.search import AXES, DRIVER, _distributions, _pid_space, _plan, _process_start, open_study, run_search, \
+    study_storage
 from nas.space import enumerate_candidates, parse_space, space_config
 
 
@@ -28,7 +29,7 @@ def _ask(study, space, label, driver):
     before naming itself leaves it)."""
     rows = {r["label"]: r for r in enumerate_candidates(space, space_config(space))}
     study.enqueue_trial({k: rows[label][k] for k in AXES})
-    trial = study.ask({k: optuna.distributions.CategoricalDistribution(v) for k, v in _choices(rows).items()})
+    trial = study.ask(_distributions(rows))
     for key, value in (("label", label), ("stage", "short_retrain"), ("driver", driver)):
         if value is not None:
             trial.set_user_attr(key, value)
@@ -41,7 +42,7 @@ def test_resume_fails_dead_drivers_trials_and_leaves_live_ones(space, tmp_path):
     storage = study_storage(url)
     study = open_study(space, storage=storage)
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead = f"{socket.gethostname()}:{ended.pid}:{_process_start(ended.pid)}"
+    dead = f"{socket.gethostname()}:{_pid_space()}:{ended.pid}:{_process_start(ended.pid)}"
     ended.wait()
     live_here = _ask(study, space, labels[0], DRIVER)  # this process: alive
     storage.record_heartbeat(live_here._trial_id)
@@ -71,7 +72,7 @@ def test_a_trial_whose_driver_died_before_naming_itself_is_failed_once_no_other_
     labels = [r["label"] for r in enumerate_candidates(space, space_config(space))]
     study = open_study(space, storage=study_storage(f"sqlite:///{tmp_path / 'study.db'}"))
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead = f"{socket.gethostname()}:{ended.pid}:{_process_start(ended.pid)}"
+    dead = f"{socket.gethostname()}:{_pid_space()}:{ended.pid}:{_process_start(ended.pid)}"
     ended.wait()
     study.set_user_attr(f"driver {dead}", "2026-01-01T00:00:00")  # as the dead driver registered itself
     unnamed = _ask(study, space, labels[0], driver=None)
