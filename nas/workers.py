@@ -107,17 +107,25 @@ def _worker_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     job: DistillJob = config["job"]
-    # Every worker reports (Ray Train expects all to); the Tune callback forwards rank 0's to the trial.
-    run_here(job, ray.train.torch.get_device(), on_eval=lambda record: ray.train.report(record))
+    held_from = config.get("held_from")
+
+    def report(record: dict) -> None:
+        # Every worker reports the same evaluations (Ray Train expects all to); the Tune callback forwards rank 0's
+        # to the trial. Those from `held_from` tokens on are the caller's to report once its result is written: on
+        # the final one ASHA stops the trial, before its marker would be written.
+        if held_from is None or record["tokens"] < held_from:
+            ray.train.report(record)
+
+    run_here(job, ray.train.torch.get_device(), on_eval=report)
 
 
 def run_on_workers(job: DistillJob, workers: int, gpus_per_worker: float = 0, cpus_per_worker: float = 1,
                    max_failures: int = 1, storage_path: str | None = None, name: str | None = None,
-                   report_to_tune: bool = False) -> dict[str, Any]:
+                   report_to_tune: bool = False, held_from: int | None = None) -> dict[str, Any]:
     """Run the job on `workers` Ray Train workers (Ray must be initialised) and return its result.json.
 
     With `report_to_tune` (the caller is a Ray Tune trial), rank 0's evaluations are reported to the trial as they
-    happen."""
+    happen, but for those at `held_from` tokens or later, which the caller reports itself."""
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -128,7 +136,7 @@ def run_on_workers(job: DistillJob, workers: int, gpus_per_worker: float = 0, cp
         callbacks.append(TuneReportCallback())
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     trainer = TorchTrainer(
-        _worker_loop, train_loop_config={"job": job},
+        _worker_loop, train_loop_config={"job": job, "held_from": held_from},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name or f"distill-{int(time.time() * 1000)}",
