@@ -1,12 +1,12 @@
 """The search service (paper §2.3, best practice #9): importance once, a Ray Tune run over the feasible
 candidates with Optuna choosing them, promotion of the best to full distillation, a study summary.
 
-Ray and Optuna sit behind this module only. An Optuna trial's parameters are the architecture axes
+Ray and Optuna sit behind this package only. An Optuna trial's parameters are the architecture axes
 (`nas.space.AXES`, a family's unit axes, the layers kept of each kind, whose sum is the depth), as integers so
-that a study re-runs after any change to its space (`_distributions`), and so the dashboard's slice, contour and
+that a study re-runs after any change to its space (`study._distributions`), and so the dashboard's slice, contour and
 importance plots read them; its user attributes hold the candidate's label, exact parameter count (and active
 count), share of the parent and stage. A trial is a plain function of those axes and the shared inputs, so it can
-be replayed from its parameters alone (`replay_trial`). A study holds one set of retrain settings (`_check_study`).
+be replayed from its parameters alone (`trials.replay_trial`). A study holds one set of retrain settings (`study._check_study`).
 
 Files live in the run folder (`nas.storage.RunStorage`: a local path or a URI every node reaches):
     importance.safetensors, teacher_topk/               computed once (in Ray tasks), read by every trial
@@ -19,7 +19,11 @@ Files live in the run folder (`nas.storage.RunStorage`: a local path or a URI ev
 Trial states: COMPLETE (trained to the end), PRUNED (never trained: no candidate, or its label is taken; or
 stopped by ASHA, with its curve), FAIL (failed after its retries, or its driver died), RUNNING (its driver
 records a heartbeat, so another driver on the same study leaves it running while that driver lives). A
-promotion is a trial of stage full_distillation, RUNNING while it trains: the claim on its label (`_claim`).
+promotion is a trial of stage full_distillation, RUNNING while it trains: the claim on its label (`promotion._claim`).
+
+Modules, by job: `preparation` (run folder, parent work, `Shared`), `trials` (a retrain, its checkpoints),
+`cluster` (Ray), `study` (Optuna study, parameters, settings, what to run), `liveness` (drivers, heartbeats),
+`searcher` (Ray Tune), `promotion`, `report` (summary, plots, export), `run` (`run_search`, the whole job).
 """
 
 from nas.architecture import short_label as label_of

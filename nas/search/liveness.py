@@ -13,13 +13,9 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
-
 log = logging.getLogger(__name__)
 
-
 HEARTBEAT_S = 30  # a driver records the heartbeat of each trial it runs this often
-
-
 GRACE_S = 120  # a RUNNING trial whose heartbeat is older belongs to a dead driver
 
 

@@ -27,13 +27,8 @@ from nas.storage import RunStorage, is_uri
 from nas.teacher_cache import ShardPlan, publish, topk_plan, write_part
 from nas.tokens import TokenSet
 
-
 METRIC = "val_loss"
-
-
 TRIAL_FILES = ("architecture.json", "metrics.jsonl", "result.json")
-
-
 SHORT, FULL = "short_retrain", "full_distillation"
 
 

@@ -21,7 +21,7 @@ from nas.storage import RunStorage, is_uri
 
 
 def run_search(space: SearchSpace, root: str | Path = "trials", address: str | None = None,
-               trial_fn: Callable = run_trial, echo: Callable[[str], None] = lambda line: None) -> "Any":
+               trial_fn: Callable = run_trial, echo: Callable[[str], None] = lambda line: None) -> Any:
     """The whole job; re-running it resumes (finished trials and promotions are not redone, interrupted ones go on
     from their checkpoints)."""
     url = storage_url(space, root)

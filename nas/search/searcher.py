@@ -20,7 +20,6 @@ from nas.search.preparation import METRIC, SHORT, Shared, final_tokens, retrain_
 from nas.search.study import _axes, _distributions, _enqueue, _objectives, _taken
 from nas.space import MEASURED, SearchSpace, candidate_problem
 
-
 REJECTIONS = 20  # proposals in a row that are no free candidate, after which the searcher picks one itself
 
 
