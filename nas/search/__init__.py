@@ -6,7 +6,8 @@ Ray and Optuna sit behind this package only. An Optuna trial's parameters are th
 that a study re-runs after any change to its space (`study._distributions`), and so the dashboard's slice, contour and
 importance plots read them; its user attributes hold the candidate's label, exact parameter count (and active
 count), share of the parent and stage. A trial is a plain function of those axes and the shared inputs, so it can
-be replayed from its parameters alone (`trials.replay_trial`). A study holds one set of retrain settings (`study._check_study`).
+be replayed from its parameters alone (`trials.replay_trial`). A study holds one set of retrain settings
+(`study._check_study`).
 
 Files live in the run folder (`nas.storage.RunStorage`: a local path or a URI every node reaches):
     importance.safetensors, teacher_topk/               computed once (in Ray tasks), read by every trial
