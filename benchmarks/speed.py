@@ -14,8 +14,9 @@ def run(settings: tuple[tuple[int, int], ...] = ((512, 1), (128, 8))) -> dict[st
     """The demo space's candidates (and the parent) timed on this machine as a speed budget times them
     (`nas.latency.measure`: a random model of each shape, HF generate with a static cache), ranked by decode latency
     and by parameter count: where the two orders disagree, and what depth and width cuts buy at equal size."""
+    from scipy.stats import kendalltau
+
     from nas.families import Parent
-    from nas.fidelity import kendall_tau
     from nas.latency import SpeedSettings, measure
     from nas.parents import parent_config
     from nas.space import architecture_of, enumerate_candidates, load_space
@@ -46,8 +47,9 @@ def run(settings: tuple[tuple[int, int], ...] = ((512, 1), (128, 8))) -> dict[st
                                                                          figures[b]["latency_ms"]) < 0]
         out[f"batch {batch} after {context} tokens"] = {
             "device": timed["parent"]["device_name"], "candidates": figures,
-            "kendall_tau_latency_vs_params": kendall_tau([figures[k]["latency_ms"] for k in labels],
-                                                         [figures[k]["params"] for k in labels]),
+            # tau-b: candidates of equal size (a depth cut beside a width cut) are tied, not disagreeing
+            "kendall_tau_latency_vs_params": float(kendalltau([figures[k]["latency_ms"] for k in labels],
+                                                              [figures[k]["params"] for k in labels]).statistic),
             "fastest_first": by_latency, "smallest_first": by_params,
             "pairs_where_the_smaller_is_slower": [f"{a} vs {b}" for a, b in disagree]}
     return out

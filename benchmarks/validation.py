@@ -33,8 +33,9 @@ def run(path: Path, short: int = 4096, factor: int = 4, sizes: tuple[int, ...] =
     the longer one (Kendall tau, same top-1)? Each run is saved to `path` when it ends; a re-run resumes."""
     import tempfile
 
+    from scipy.stats import kendalltau
+
     from nas.distill import Distiller
-    from nas.fidelity import kendall_tau
     from nas.search import candidate_inputs, prepare, retrain_config
     from nas.space import load_space
 
@@ -74,7 +75,8 @@ def run(path: Path, short: int = 4096, factor: int = 4, sizes: tuple[int, ...] =
     agreement = {}
     for n in sizes:
         ranked, same_n = mean(short, n), mean(short * factor, n)
-        agreement[n] = {"tau_vs_long_at_max": kendall_tau(ranked, longest), "tau_vs_long_at_n": kendall_tau(ranked, same_n),
+        agreement[n] = {"tau_vs_long_at_max": float(kendalltau(ranked, longest).statistic),
+                        "tau_vs_long_at_n": float(kendalltau(ranked, same_n).statistic),
                         "top1_same": labels[ranked.index(min(ranked))] == labels[longest.index(min(longest))],
                         "eval_s_per_trial_eval": sum(runs[f"{short}/{label}"]["eval_s"] for label in labels)
                         / len(labels) * n / max(sizes)}

@@ -105,7 +105,7 @@ def test_run_in_a_uri_scratch_folder_resumes_from_the_checkpoint_copied_up(tmp_p
     """A search retrain in a URI run folder trains in a scratch folder removed on exit: each checkpoint is copied
     up, and a new attempt in a fresh scratch folder restores it and ends as an uninterrupted run does, its log
     holding every step once."""
-    from nas.search import _restore_checkpoint, _upload_checkpoint
+    from nas.search.trials import _restore_checkpoint, _upload_checkpoint
     from nas.storage import RunStorage
 
     cfg = DistillConfig(**{**CFG.__dict__, "checkpoint_every": 2})

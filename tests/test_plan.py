@@ -257,7 +257,7 @@ def test_retrains_ask_for_the_gpus_their_plan_counted(tmp_path, tiny_tokenizer, 
         asked.append((workers, gpus_per_worker))
         raise Asked  # what it would be given is all this test needs
 
-    monkeypatch.setattr("nas.search.run_on_workers", run_on_workers)
+    monkeypatch.setattr("nas.search.trials.run_on_workers", run_on_workers)
     for n, resources in enumerate(({"gpus_per_trial": 1}, {"gpus_per_trial": 1, "gpus_per_worker": 2},
                                    {"gpus_per_trial": 2, "gpus_per_worker": 1})):
         space = parse_space(tiny_space(tmp_path, tiny_tokenizer, name=f"gpus{n}", full_retrain={"workers": 4},

@@ -52,9 +52,11 @@ def searched(ray_session, space):
     def in_the_driver(*args, **kwargs):
         raise AssertionError("the search driver loaded the parent's weights")
 
-    # Ray workers import nas.search afresh: only this (the driver) process has the trap.
+    # Ray workers import nas.search afresh: only this (the driver) process has the trap. Set where each lookup is:
+    # the parent's work (`preparation`) and a retrain's parent (`trials`).
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("nas.search.load_parent", in_the_driver)
+        patch.setattr("nas.search.preparation.load_parent", in_the_driver)
+        patch.setattr("nas.search.trials.load_parent", in_the_driver)
         frame = run_search(space, root, trial_fn=failing_trial, echo=lines.append)
     return space, root, frame, lines
 

@@ -16,9 +16,12 @@ import pytest
 
 from conftest import tiny_model, tiny_space
 from nas.errors import ConfigError
-from nas.search import DRIVER, METRIC, ArchitectureSearch, _Heartbeat, _check_study, _claim, _dead_driver, \
-    _distributions, _enqueue, _front_picks, _params, _pareto_front, _pid_space, _plan, _process_start, \
-    open_study, run_search, storage_url, study_storage, summarize
+from nas.search import METRIC, open_study, run_search, storage_url, study_storage, summarize
+from nas.search.liveness import DRIVER, _Heartbeat, _dead_driver, _pid_space, _process_start
+from nas.search.promotion import _claim, _front_picks
+from nas.search.report import _pareto_front
+from nas.search.searcher import ArchitectureSearch
+from nas.search.study import _check_study, _distributions, _enqueue, _params, _plan
 from nas.space import enumerate_candidates, parse_space, space_config
 
 State = optuna.trial.TrialState
@@ -166,7 +169,7 @@ def test_summary_keeps_the_trained_curve_and_figures_beside_a_duplicate_proposal
         state=State.PRUNED, params=_params(rows[label]), distributions=_distributions(rows),
         user_attrs={"label": label, "stage": "short_retrain", "pruned_reason": f"duplicate: {label} was trained"}))
     drawn = {}
-    monkeypatch.setattr("nas.search._plot_curves", lambda curves, parent, path: (drawn.update(curves),
+    monkeypatch.setattr("nas.search.report._plot_curves", lambda curves, parent, path: (drawn.update(curves),
                                                                                   path.write_bytes(b"")))
     frame = summarize(space, root)
     assert drawn[(label, "short_retrain")] == sorted(curve.items())
@@ -238,7 +241,7 @@ def test_a_driver_is_judged_by_its_pid_only_in_this_pid_namespace():
 
 
 def test_the_heartbeat_thread_outlives_a_failed_read(monkeypatch):
-    monkeypatch.setattr("nas.search.HEARTBEAT_S", 0.01)
+    monkeypatch.setattr("nas.search.liveness.HEARTBEAT_S", 0.01)
     beats, reads = [], []
 
     def trial_ids():

@@ -14,9 +14,10 @@ import yaml
 
 from conftest import tiny_space
 from nas.errors import ConfigError, UnsupportedModelError
-from nas.search import AXES, DRIVER, _distributions, _pid_space, _plan, _process_start, open_study, run_search, \
-    study_storage
-from nas.space import enumerate_candidates, parse_space, space_config
+from nas.search import open_study, run_search, study_storage
+from nas.search.liveness import DRIVER, _pid_space, _process_start
+from nas.search.study import _distributions, _plan
+from nas.space import AXES, enumerate_candidates, parse_space, space_config
 
 
 @pytest.fixture

@@ -1,0 +1,251 @@
+"""Run preparation (step 1 of a search): the feasible candidates, the token shards, and the parent's work
+(importance scores, the teacher's top-K cache, its own validation loss), computed once into the run folder; and
+`Shared`, what every trial reads. Also the retrain settings each stage's runs follow."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from nas.data import load_tokens, shuffled_rows, validation_size
+from nas.distill import DistillConfig
+from nas.errors import ConfigError, NasError
+from nas.importance import ImportanceSettings, cached_importance, lm_loss
+from nas.latency import measure_candidates
+from nas.parents import load_parent, parent_config, resolve_parent
+from nas.plan import Stage, block_sizes, checkpoint_tokens, plan
+from nas.space import MEASURED, RetrainSpec, SearchSpace, enumerate_candidates, infeasible_hint
+from nas.storage import RunStorage, is_uri
+from nas.teacher_cache import ShardPlan, publish, topk_plan, write_part
+from nas.tokens import TokenSet
+
+METRIC = "val_loss"
+TRIAL_FILES = ("architecture.json", "metrics.jsonl", "result.json")
+SHORT, FULL = "short_retrain", "full_distillation"
+
+
+def storage_url(space: SearchSpace, root: str | Path = "trials") -> str:
+    """The Optuna database: `storage:` from the space, else SQLite in a local run folder."""
+    if space.storage:
+        return space.storage
+    if is_uri(str(root)):
+        raise ConfigError(f"storage: the run folder {root} is not a local path, so the study cannot be SQLite there; "
+                          f"set `storage:` in the space to a database every node reaches (postgresql://...)")
+    return f"sqlite:///{Path(root).resolve() / space.study / 'study.db'}"
+
+
+@dataclass
+class Shared:
+    """What every trial reads: small, passed once through Ray's object store. The caches and the token shards stay
+    in the run folder, which every node reaches; trials read the training sequences from the shards by row."""
+
+    space: SearchSpace
+    rows: dict[str, dict[str, Any]]
+    storage: RunStorage
+    train_rows: np.ndarray  # rows of the run folder's `tokens/` shards, as many as the full retrain reads
+    val: torch.Tensor
+    has_topk: bool
+    nas_cache: str
+    checkpoint_tokens: dict[str, int]  # by stage: SHORT, FULL
+
+    def train_tokens(self, stage: str) -> TokenSet:
+        """A stage's training sequences, read from the run folder's shards (a local copy of them on a URI root): the
+        short retrains read the first ones only, which are all the teacher cache covers."""
+        rows = self.train_rows if stage == FULL else self.train_rows[:_sequences_needed(self.space.short_retrain,
+                                                                                       self.space.seq_len)]
+        return TokenSet(self.storage.fetch("tokens"), rows)
+
+
+def candidates(space: SearchSpace) -> tuple[Any, list[dict[str, Any]]]:
+    """The parent's config (its family checked) and the feasible candidates, or the one-line reason there are none."""
+    config = parent_config(space.parent)
+    rows = enumerate_candidates(space, config)
+    if not rows:
+        raise ConfigError(f"{space.name}: {infeasible_hint(space, config)}")
+    missing = [k for k in space.search.objectives[1:] if k not in MEASURED and k not in rows[0]]
+    if missing:  # a dense parent has no active count of its own
+        raise ConfigError(f"search.objectives: {', '.join(missing)} does not apply to this parent (every parameter "
+                          f"is active in a dense model); use params")
+    return config, rows
+
+
+def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage] | None = None,
+            echo: Callable[[str], None] = lambda line: None) -> Shared:
+    """Step 1: candidates, data, importance and the teacher cache (computed once, kept in the run folder).
+    `stages`: the plan checked against the cluster (default: planned for one 8-GPU node), which sizes the
+    checkpoint intervals the space leaves unset.
+
+    This process reads only the parent's config and tokenizer: the work on its weights runs in a Ray task when
+    Ray is up (on a GPU node when trials take GPUs), else here."""
+    from transformers import AutoTokenizer
+
+    config, rows = candidates(space)
+    stages = {s.name: s for s in stages or plan(space, config)}
+    storage = RunStorage(root, space.study)
+    if space.budget.speed_caps or set(MEASURED) & set(space.search.objectives):
+        # Measured before anything is trained; those outside the budget are recorded, and never trained.
+        rows, outside = measure_candidates(space, config, rows, storage, echo)
+        storage.write_json("infeasible.json", outside)
+        for row in outside:
+            echo(f"[infeasible] {row['label']}: {row['infeasible']}")
+        if not rows:
+            raise ConfigError(f"{space.name}: no candidate is within the speed budget ({outside[0]['label']}: "
+                              f"{outside[0]['infeasible']}; all {len(outside)} in {storage.uri}/infeasible.json)")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_parent(space.parent))
+    imp = space.importance
+    tokens = load_tokens(space.data, tokenizer, space.seq_len, space.text_field, min_sequences=imp.samples + 2)
+    _share_tokens(storage, tokens)
+    # Calibration sequences: a seeded sample of the whole corpus (or its first ones); then, from the rest in a seeded
+    # order, the validation sequences and after them the training ones. The order is computed for the positions
+    # drawn only (no array of the corpus's rows), and each part is a prefix of its own, so what is drawn for one
+    # part does not depend on how much another takes.
+    n, seed, drawn = len(tokens), space.search.seed, imp.sampling == "random"
+    calibration = np.sort(shuffled_rows(n, 0, imp.samples, seed)) if drawn else np.arange(imp.samples)
+
+    def rest(start: int, count: int) -> np.ndarray:
+        """Rows `start` .. of the seeded order of those after calibration."""
+        if drawn:
+            return shuffled_rows(n, imp.samples + start, count, seed)
+        return imp.samples + shuffled_rows(n - imp.samples, start, count, seed)
+
+    n_val = validation_size(n - imp.samples, space.val_fraction)
+    if n_val < space.val_sequences:
+        raise ConfigError(f"val_sequences={space.val_sequences}: the validation split ({space.val_fraction:g} of "
+                          f"{space.data}) has only {n_val} sequences; lower val_sequences or raise val_fraction")
+    needed = max(_sequences_needed(spec, space.seq_len) for spec in (space.short_retrain, space.full_retrain))
+    val = tokens[rest(0, space.val_sequences)]
+    train = tokens.select(rest(n_val, min(needed, n - imp.samples - n_val)))  # (the training part may be short)
+    nas_cache = os.environ.get("NAS_CACHE", "")
+    short_rows = train.rows[:_sequences_needed(space.short_retrain, space.seq_len)]
+    args = (space, storage, calibration, short_rows, val, nas_cache)
+    parts = space.resources.cache_workers if space.short_retrain.teacher_topk else 1
+    import ray
+
+    if ray.is_initialized():
+        # The parent's work, and the other parts of the teacher cache, as tasks queued together (so they wait for
+        # resources in turn rather than one holding them while waiting for another).
+        res = space.resources
+        options = {"num_cpus": res.cpus_per_trial, "num_gpus": parent_gpus(space)}
+        plans = ray.get([ray.remote(parent_work).options(**options).remote(*args, parts),
+                         *[ray.remote(cache_part).options(**options).remote(space, storage, short_rows, part, parts,
+                                                                            nas_cache) for part in range(1, parts)]])
+    else:
+        plans = [parent_work(*args)]  # one process: all of the cache
+    if plans[0] is not None:
+        if any(p != plans[0] for p in plans):
+            raise NasError(f"parent {space.parent}: its tasks loaded different weights (did it change during the "
+                           f"run?); re-run the search")
+        publish(storage, "teacher_topk", plans[0])
+    intervals = {stage: spec.checkpoint_tokens or checkpoint_tokens(stages[name], spec, space.seq_len)
+                 for stage, name, spec in ((SHORT, "short_retrain", space.short_retrain),
+                                           (FULL, "full_distillation", space.full_retrain))}
+    return Shared(space, {r["label"]: r for r in rows}, storage, train.rows, val, bool(space.short_retrain.teacher_topk),
+                  nas_cache, intervals)
+
+
+def parent_work(space: SearchSpace, storage: RunStorage, calibration_rows: np.ndarray, train_rows: np.ndarray,
+                val: torch.Tensor, nas_cache: str, cache_parts: int = 1) -> ShardPlan | None:
+    """Everything that needs the parent's weights, once: importance scores, part 1 of `cache_parts` of the
+    teacher's top-K cache over `train_rows` (the short retrains' sequences, when the space asks for one: its plan is
+    returned) and the parent's own validation loss, each kept in the run folder (and reused from there when it
+    matches)."""
+    parent = _spread_parent(space, nas_cache)
+    config = parent_config(space.parent)
+    folder = storage.fetch("tokens")
+    imp = space.importance
+    settings = ImportanceSettings(seq_agg=imp.seq_agg, batch_agg=imp.batch_agg, neuron_source=imp.neuron_source,
+                                  head_source=imp.head_source, drop_samples=imp.drop_samples,
+                                  block_sizes=block_sizes(space, config))
+    calibration = TokenSet(folder, calibration_rows)[:]
+    _kept_in(storage, "importance.safetensors", lambda path: cached_importance(parent, calibration, path, settings))
+    plan = _cache_part(parent, space, storage, train_rows, 0, cache_parts)
+    if storage.read_json("parent.json") is None:  # the reference line of the plots
+        storage.write_json("parent.json", {"parent": space.parent, "val_loss": lm_loss(parent, val),
+                                           "params": sum(p.numel() for p in parent.parameters())})
+    return plan
+
+
+def cache_part(space: SearchSpace, storage: RunStorage, train_rows: np.ndarray, part: int, parts: int,
+               nas_cache: str) -> ShardPlan:
+    """Another part of the teacher cache, with a parent of its own (a Ray task beside `parent_work`)."""
+    parent = _spread_parent(space, nas_cache)
+    return _cache_part(parent, space, storage, train_rows, part, parts)
+
+
+def _cache_part(parent, space: SearchSpace, storage: RunStorage, train_rows: np.ndarray, part: int,
+                parts: int) -> ShardPlan | None:
+    if not space.short_retrain.teacher_topk:
+        return None
+    train = TokenSet(storage.fetch("tokens"), train_rows)
+    plan = topk_plan(parent, train, space.short_retrain.teacher_topk)
+    write_part(parent, train, storage, "teacher_topk", plan, part, parts)
+    return plan
+
+
+def parent_gpus(space: SearchSpace) -> float:
+    """GPUs of each task that runs the whole parent (importance, the teacher cache): `resources.parent_gpus`, else
+    a trial's."""
+    res = space.resources
+    return res.parent_gpus or max(res.gpus_per_trial, res.gpus_per_worker)
+
+
+def _spread_parent(space: SearchSpace, nas_cache: str):
+    """The parent in a task of its own: on a GPU task, in bf16 and spread over the task's GPUs by accelerate (what
+    does not fit is offloaded to the CPU); else on the CPU in fp32."""
+    if nas_cache:
+        os.environ.setdefault("NAS_CACHE", nas_cache)
+    if parent_gpus(space) > 0 and torch.cuda.is_available():
+        from nas.files import cache_dir
+
+        return load_parent(space.parent, torch.device("cuda"), device_map="auto",
+                           offload_folder=cache_dir() / "offload")[0]
+    return load_parent(space.parent, torch.device("cpu"))[0]
+
+
+def _share_tokens(storage: RunStorage, tokens: TokenSet) -> None:
+    """Copy the token shards (tokenised into this node's cache) into the run folder, unless the same are there."""
+    there = storage.read_json("tokens/index.json")
+    if there is None or there.get("sha256") != tokens.index["sha256"]:
+        storage.upload(tokens.folder, "tokens")
+
+
+def _kept_in(storage: RunStorage, rel: str, load_or_compute: Callable[[Path], Any]) -> None:
+    """Run a cache function (which reuses a matching file at its path, else recomputes it) on a file of the run
+    folder: in place for a local folder, else on a local copy that is uploaded when it changed."""
+    if storage.local is not None:
+        load_or_compute(storage.local / rel)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / Path(rel).name
+        if storage.exists(rel):
+            shutil.copyfile(storage.fetch(rel), path)
+        before = path.stat().st_mtime_ns if path.exists() else None
+        load_or_compute(path)
+        if path.stat().st_mtime_ns != before:
+            storage.upload(path, rel)
+
+
+def _sequences_needed(spec: RetrainSpec, seq_len: int) -> int:
+    return max(spec.batch_size * spec.grad_accum, spec.tokens // seq_len)
+
+
+def retrain_config(spec: RetrainSpec, seq_len: int, seed: int, checkpoint_tokens: int) -> DistillConfig:
+    cfg = DistillConfig(tokens=spec.tokens, batch_size=spec.batch_size, grad_accum=spec.grad_accum, lr=spec.lr,
+                        warmup_steps=spec.warmup_steps, seed=seed, grad_checkpointing=spec.grad_checkpointing)
+    step_tokens = cfg.batch_size * cfg.grad_accum * seq_len
+    return dataclasses.replace(cfg, eval_every=max(1, cfg.steps(seq_len) // spec.reports),
+                               checkpoint_every=max(1, checkpoint_tokens // step_tokens))
+
+
+def final_tokens(spec: RetrainSpec, seq_len: int) -> int:
+    """The training tokens of a retrain run to its end (whole steps)."""
+    step_tokens = spec.batch_size * spec.grad_accum * seq_len
+    return max(1, spec.tokens // step_tokens) * step_tokens
