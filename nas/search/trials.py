@@ -104,9 +104,11 @@ def _retrain(shared: Shared, label: str, rel: str, spec, on_eval: Callable[[dict
         if workers == 1:
             result = run_here(job, torch.device("cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"), on_eval)
         else:
+            # A trial's final evaluation is held back: `run_trial` reports it once result.json is written.
             result = run_on_workers(job, workers, gpus, res.cpus_per_trial, shared.space.search.retries,
-                                    storage_path=f"{storage.uri}/ray_train", name=f"{rel.replace('/', '-')}-{int(time.time())}",
-                                    report_to_tune=report_to_tune)
+                                    storage_path=f"{storage.uri}/ray_train",
+                                    name=f"{rel.replace('/', '-')}-{int(time.time())}", report_to_tune=report_to_tune,
+                                    held_from=final_tokens(spec, shared.space.seq_len) if report_to_tune else None)
         if promoted:
             from transformers import AutoTokenizer
 
