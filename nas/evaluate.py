@@ -20,15 +20,17 @@ def heldout(model: nn.Module, tokens: Tensor, batch_size: int = 8) -> dict[str, 
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(tokens.numel())}
 
 
-def task_manager():
-    """lm-eval's task registry plus the tasks shipped with nas (their data paths made absolute)."""
+def task_manager(tasks: list[str]):
+    """lm-eval's task registry plus the tasks shipped with nas (their data paths made absolute). lm-eval's own
+    thousands of tasks are indexed (tens of seconds on a CPU) only when `tasks` asks for one that nas does not ship."""
     from lm_eval.tasks import TaskManager
 
     folder = cache_dir() / "lm_eval_tasks"
     folder.mkdir(parents=True, exist_ok=True)
     for yaml in TASKS_DIR.glob("*.yaml"):
         (folder / yaml.name).write_text(yaml.read_text().replace("NAS_TASKS_DIR", str(TASKS_DIR.resolve())))
-    return TaskManager(include_path=str(folder))
+    shipped = TaskManager(include_path=str(folder), include_defaults=False)
+    return shipped if set(tasks) <= set(shipped.all_tasks) else TaskManager(include_path=str(folder))
 
 
 def lm_eval_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], limit: int | None = None,
@@ -37,7 +39,7 @@ def lm_eval_tasks(model: nn.Module, tokenizer: Any, tasks: list[str], limit: int
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    manager = task_manager()
+    manager = task_manager(tasks)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise NasError(f"--tasks {','.join(unknown)}: unknown lm-eval task(s); nas ships 'nas_cloze'")

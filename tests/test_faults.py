@@ -21,6 +21,9 @@ pytestmark = pytest.mark.slow
 NAS = [sys.executable, "-m", "nas.cli"]
 STEP_TOKENS = 4 * 32  # batch 4 x seq_len 32
 ONE = {"num_hidden_layers": [3], "num_attention_heads": [6], "intermediate_size": [40], "hidden_size": [48]}
+# Two candidates, not the tiny space's four: the driver is killed after one finished and the rerun does the other;
+# each trial more is a Ray worker's start-up and 40 steps on every undisturbed and disturbed run.
+TWO = {**ONE, "hidden_size": [48, 36]}
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,8 @@ def inputs(tmp_path_factory, tiny_tokenizer):
 def _space(inputs, name, **overrides):
     folder, tokenizer = inputs
     # 40 steps per trial with a checkpoint every 5, one trial at a time: long enough to be caught mid-run.
-    settings = {"promote": 0, "short_retrain": {"tokens": STEP_TOKENS * 40, "reports": 2,
-                                                "checkpoint_tokens": STEP_TOKENS * 5},
+    settings = {"axes": TWO, "promote": 0,
+                "short_retrain": {"tokens": STEP_TOKENS * 40, "reports": 2, "checkpoint_tokens": STEP_TOKENS * 5},
                 "resources": {"max_concurrent": 1}, "search": {"retries": 2}, **overrides}
     spec = tiny_space(folder / "inputs", tokenizer, name=name, **settings)
     path = folder / f"{name}.yaml"

@@ -15,20 +15,24 @@ from nas.importance import lm_loss
 from nas.parents import load_parent
 
 pytestmark = pytest.mark.slow
+SEQ_LEN = 64  # half the demo's 128: every step, evaluation and the teacher cache cost half
 
 
 def test_gemma3_parent_through_importance_prune_kd_and_export(tmp_path):
-    """`nas search` on the Gemma demo space cut down to two candidates and a few hundred tokens: importance, the
-    top-K cache, pruning, short KD, promotion and export, as a user runs it. The exported winner is a stock Gemma 3
-    checkpoint of the winning architecture, it generates, and its held-out loss after KD is below its loss as
-    pruned (the same child before any training)."""
+    """`nas search` on the Gemma demo space cut down to one candidate, 64-token sequences and two steps of full
+    distillation: importance, the top-K cache, pruning, short KD, promotion and export, as a user runs it. The
+    exported winner is a stock Gemma 3 checkpoint of the winning architecture, it generates, and its held-out loss
+    after KD is below its loss as pruned (the same child before any training). One candidate: ranking several is
+    the tiny searches' point (tests/test_search.py); here each costs a Gemma trial (262k-token logits)."""
     spec = yaml.safe_load((ROOT / "search_spaces" / "gemma3-270m-demo.yaml").read_text())
-    spec.update(name="gemma-ci", val_sequences=4)
-    spec["axes"] = {"num_hidden_layers": [18], "num_attention_heads": [4], "intermediate_size": [1536, 1024],
-                    "hidden_size": [640, 512]}
+    spec.update(name="gemma-ci", val_sequences=4, seq_len=SEQ_LEN)
+    # Within the demo's budget (60% +- 10% of the non-embedding parameters), narrower on both width axes: the
+    # hidden size slices the tied 262k-row embedding too.
+    spec["axes"] = {"num_hidden_layers": [18], "num_attention_heads": [4], "intermediate_size": [1536],
+                    "hidden_size": [512]}
     spec["importance"].update(samples=8)
-    spec["short_retrain"].update(tokens=512, reports=1)
-    spec["full_retrain"].update(tokens=1024, reports=1)
+    spec["short_retrain"].update(tokens=4 * SEQ_LEN, reports=1)  # one step of batch 4
+    spec["full_retrain"].update(tokens=2 * 4 * SEQ_LEN, reports=1)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(spec))
     out = subprocess.run([sys.executable, "-m", "nas.cli", "search", str(tmp_path / "space.yaml"), "--root",
                           str(tmp_path / "trials"), "--quiet"], capture_output=True, text=True, cwd=tmp_path)
@@ -43,7 +47,7 @@ def test_gemma3_parent_through_importance_prune_kd_and_export(tmp_path):
     assert {k: getattr(child.config, k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers")} == \
         {k: best[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}
     parent, tokenizer = load_parent("gemma3-270m", device=torch.device("cpu"))
-    held = load_tokens(str(WIKITEXT / "test.txt"), tokenizer, 128)[:8]
+    held = load_tokens(str(WIKITEXT / "test.txt"), tokenizer, SEQ_LEN)[:8]
     from nas.architecture import Architecture
     from nas.importance import Importances
     from nas.prune import prune
