@@ -164,7 +164,8 @@ def _start_distill(train, out, workers):
 
 def test_search_with_two_workers_per_trial_and_promotion(tmp_path, tiny_tokenizer, ray_session):
     """Tune over Train: every trial a 2-worker Ray Train job reporting to Optuna; promotion with 2 workers too. One
-    candidate: the trials run one at a time anyway (each takes both CPUs), and each more is a worker group's start."""
+    candidate: the trials run one at a time anyway (each takes both CPUs), and each more is a worker group's start.
+    Under ASHA, which stops a trial on its final report: the trial trained to the end still writes result.json."""
     import optuna
 
     from conftest import tiny_space
@@ -173,7 +174,8 @@ def test_search_with_two_workers_per_trial_and_promotion(tmp_path, tiny_tokenize
 
     axes = {"num_hidden_layers": [3], "num_attention_heads": [6], "intermediate_size": [40], "hidden_size": [36]}
     space = parse_space(tiny_space(tmp_path, tiny_tokenizer, name="sharded", axes=axes,
-                                   resources={"workers_per_trial": 2}, full_retrain={"workers": 2}))
+                                   resources={"workers_per_trial": 2}, full_retrain={"workers": 2},
+                                   search={"asha": True}))
     lines = []
     frame = run_search(space, tmp_path, echo=lines.append)
     study = optuna.load_study(study_name=space.study, storage=storage_url(space, tmp_path))
