@@ -291,4 +291,6 @@ def test_driver_memory_does_not_grow_with_the_corpus(tmp_path, tiny_tokenizer):
     rows = {mb: json.loads((tmp_path / "runs" / f"c{mb}" / "tokens" / "index.json").read_text())["rows"] for mb in peaks}
     assert rows[60] > 4.5 * rows[12]  # the larger corpus really is tokenised whole
     growth = peaks[60]["peak"] - peaks[12]["peak"]
-    assert growth < 24 * 2**20, (growth / 2**20, peaks)
+    # Below the larger corpus's text alone (45.8 MiB more), with room for the ~20 MiB by which two processes' peaks
+    # differ from run to run (seen: -3.8 and +20.5 MiB between two runs of one pair of corpora).
+    assert growth < 40 * 2**20, (growth / 2**20, peaks)
