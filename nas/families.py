@@ -50,6 +50,8 @@ class Family:
         stored_root: what a checkpoint on disk calls `model` (Nemotron-H's say `backbone`).
         scaled_embedding: the embedding output is multiplied by sqrt(hidden_size) (Gemma), a factor that changes
             with the child's width.
+        per_layer: its decoder layer is Llama's pre-norm one (x + attn(norm(x)), x + mlp(norm(x))) reading its
+            widths from the config, which `nas.loader` builds per layer (`Architecture.per_layer`).
     """
 
     model_type: str
@@ -68,6 +70,7 @@ class Family:
     embeddings: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     stored_root: str = "model"
+    per_layer: bool = False
 
     @property
     def recurrent(self) -> Mamba2 | GatedDeltaNet | None:
@@ -110,6 +113,17 @@ class Family:
         if self.pattern_key and (odd := sorted(set(getattr(config, self.pattern_key)) - kinds)):
             return f"its {self.pattern_key} holds {odd} layers, which no block unit describes yet (the units " \
                    f"cover {sorted(kinds)})"
+        return None
+
+    def per_layer_refusal(self) -> str | None:
+        """Why a child of this family cannot vary its widths layer by layer, or None."""
+        if self.moe:
+            return "its MLPs are mixtures of experts; per-layer KV heads and MLP widths are for dense families"
+        if self.recurrent or self.pattern_key:
+            return "it is a hybrid (recurrent mixers beside attention), whose children stay uniform"
+        if not self.per_layer:
+            supported = ", ".join(t for t, f in FAMILIES.items() if f.per_layer)
+            return f"its decoder layer is not the Llama-style pre-norm layer nas builds per layer ({supported})"
         return None
 
     def is_attention(self, config: Any, layer: int) -> bool:
@@ -251,18 +265,18 @@ _FFN_NORMS = dict(layer_norms=("input_layernorm", "pre_ff_layernorm"), final_nor
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llama"),
-        Family("mistral", attention=Attention(bias_key=None)),
-        Family("qwen2", attention=Attention(bias_key=None, qkv_bias_always=True)),
-        Family("qwen3", attention=Attention(qk_norm="head")),
-        Family("nemotron", mlp=MLP(gated=False), norm=Norm("layernorm_1p")),
+        Family("llama", per_layer=True),
+        Family("mistral", attention=Attention(bias_key=None), per_layer=True),
+        Family("qwen2", attention=Attention(bias_key=None, qkv_bias_always=True), per_layer=True),
+        Family("qwen3", attention=Attention(qk_norm="head"), per_layer=True),
+        Family("nemotron", mlp=MLP(gated=False), norm=Norm("layernorm_1p"), per_layer=True),
         Family("gemma2", **_GEMMA),
         Family("gemma3_text", attention=Attention(qk_norm="head"), **_GEMMA),
         Family("phi3", attention=Attention(fused_qkv=True, bias_key=None), mlp=MLP(fused=True)),
-        Family("smollm3"),
+        Family("smollm3", per_layer=True),
         Family("olmo2", attention=Attention(qk_norm="all"), layer_norms=POST_NORMS),
         Family("olmo3", attention=Attention(qk_norm="all"), layer_norms=POST_NORMS),
-        Family("granite"),
+        Family("granite", per_layer=True),
         # Mixtures of experts.
         Family("qwen3_moe", attention=Attention(qk_norm="head"), moe=MoE("num_local_experts")),
         Family("qwen2_moe", attention=Attention(bias_key="qkv_bias", o_bias=False),
