@@ -13,12 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nas.architecture import KIND_AXIS, Architecture
+from nas.architecture import KIND_AXIS, LAYER_KEYS, PER_LAYER, Architecture, LayerShape
 from nas.blocks.moe import TOP_K
 from nas.blocks import MLP, Attention, GatedDeltaNet, Mamba2, MoE, Norm
 from nas.errors import ArchitectureError, UnsupportedModelError
 
 PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # Llama: before attention, before the MLP
+#: The block each pre-norm sits before: a per-layer child that skips the block has no such norm.
+BLOCK_NORMS = {"attention": "input_layernorm", "mlp": "post_attention_layernorm"}
 SANDWICH_NORMS = (*PRE_NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma 2/3: around both
 POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # OLMo 2/3: on each block's output
 
@@ -158,12 +160,24 @@ class Family:
             return parts[-1] == "weight" and ".".join(parts[3:-1]) in self.layer_norms
         return name == f"{self.final_norm}.weight"
 
-    def layer_parameters(self, config: Any, arch: Architecture, layer: int = 0, active: bool = False) -> int:
-        """Parameters of the child `arch`'s copy of the parent layer `layer`; `active`: those a token uses (a
-        sparse layer's top-k experts, not all)."""
-        units = sum(unit.num_parameters(config, arch, active) if isinstance(unit, MoE) else
-                    unit.num_parameters(config, arch) for _, unit in self.slots(config, layer))
-        return units + len(self.layer_norms) * self.norm.num_parameters(arch.hidden_size)
+    def layer_parameters(self, config: Any, arch: Architecture, layer: int = 0, active: bool = False,
+                         shape: LayerShape | None = None) -> int:
+        """Parameters of the child `arch`'s copy of the parent layer `layer`, at its own widths `shape` (default:
+        the global ones); `active`: those a token uses (a sparse layer's top-k experts, not all). A skipped block
+        counts nothing, nor does the norm before it."""
+        shape = shape or arch.uniform_shape
+        widths = arch if shape == arch.uniform_shape else \
+            arch.replace(per_layer=(), **{k: v for k, v in vars(shape).items() if v})
+        blocks = {"attention": shape.attention, "mlp": shape.mlp}
+        units = sum(unit.num_parameters(config, widths, active) if isinstance(unit, MoE) else
+                    unit.num_parameters(config, widths) for _, unit in self.slots(config, layer)
+                    if blocks.get(self.block_of(unit), True))
+        norms = sum(blocks[block] for block in BLOCK_NORMS) if self.per_layer else len(self.layer_norms)
+        return units + norms * self.norm.num_parameters(arch.hidden_size)
+
+    def block_of(self, unit: Any) -> str | None:
+        """"attention" or "mlp" for a unit a per-layer child may skip, else None."""
+        return "attention" if isinstance(unit, Attention) else "mlp" if unit is self.mlp else None
 
     def num_parameters(self, config: Any, arch: Architecture, active: bool = False) -> int:
         """Exact parameter count of the child `arch` of a parent with `config` (no weights needed); `active`: the
@@ -171,8 +185,8 @@ class Family:
         h = arch.hidden_size
         vocab = config.vocab_size * h
         lm_head = 0 if getattr(config, "tie_word_embeddings", False) else vocab
-        return sum(self.layer_parameters(config, arch, i, active) for i in arch.layers) + vocab + lm_head + \
-            self.norm.num_parameters(h)
+        return sum(self.layer_parameters(config, arch, i, active, arch.layer_shape(j))
+                   for j, i in enumerate(arch.layers)) + vocab + lm_head + self.norm.num_parameters(h)
 
     def check_child(self, config: Any, arch: Architecture) -> None:
         """Raise if `arch` is not a sub-architecture of the parent `config`."""
@@ -207,12 +221,24 @@ class Family:
             )
         if self.recurrent and (problem := self.recurrent.check(config, arch, parent)):
             raise ArchitectureError(problem)
+        if not arch.is_uniform:
+            self.check_layers(arch, parent)
         if self.recurrent and arch.layers and not any(self.is_attention(config, i) for i in arch.layers):
             # With no attention layer HF's hybrid cache has no sequence length, so a cached forward (generation)
             # fails in transformers; a child keeps one at least.
             raise ArchitectureError(f"layers={list(arch.layers)} keeps no attention layer of the parent's "
                                     f"{[i for i in range(parent.num_hidden_layers) if self.is_attention(config, i)]}; "
                                     f"a hybrid child must keep at least one to run with a cache")
+
+    def check_layers(self, arch: Architecture, parent: Architecture) -> None:
+        """Raise if the per-layer widths of `arch` are not this family's or not within the parent's."""
+        if problem := self.per_layer_refusal():
+            raise ArchitectureError(f"{arch.short()}: {self.model_type} takes no per-layer architecture: {problem}")
+        for j, shape in enumerate(arch.per_layer):
+            for key in LAYER_KEYS:
+                if getattr(shape, key) > parent.get(key):
+                    raise ArchitectureError(f"{PER_LAYER}.{j}.{key}={getattr(shape, key)} is larger than the "
+                                            f"parent's {parent.get(key)}; pruning can only shrink it")
 
     def child_config(self, config: Any, arch: Architecture) -> Any:
         """A stock config of the parent's class describing `arch`, with per-layer lists sliced."""

@@ -23,10 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import DummyLayer
 
 from nas.errors import ArchitectureError, NasError
-
-#: The norm that sits before each block of a pre-norm decoder layer (Llama's layout): a skipped block drops it.
-BLOCK_NORMS = {"attention": "input_layernorm", "mlp": "post_attention_layernorm"}
-
+from nas.families import BLOCK_NORMS, family_of
 
 def is_per_layer(config: Any) -> bool:
     """Whether `config` carries per-layer overrides (transformers' heterogeneous config)."""
@@ -48,8 +45,6 @@ def global_config(config: Any) -> Any:
 
 def check_family(config: Any) -> None:
     """Raise `ArchitectureError` if nas cannot build `config`'s family per layer (with the reason)."""
-    from nas.families import family_of
-
     if problem := family_of(config).per_layer_refusal():
         raise ArchitectureError(f"model_type={config.model_type!r}: no per-layer children: {problem}")
 
