@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 
-from conftest import ALL_CONFIGS, tiny_model
+from conftest import ALL_CONFIGS, PER_LAYER_FAMILIES, mixed_child, tiny_model
 from nas.cli import main
 from nas.families import Parent
+from nas.loader import build
 from nas.importance import ImportanceSettings, compute_importance
 from nas.prune import prune
 from nas.space import enumerate_candidates, parse_space
@@ -55,6 +56,26 @@ def test_the_counted_kv_cache_is_the_one_generate_builds(name, new_tokens):
     assert Parent.of(parent.config).cache_bytes(arch, context, TOKENS.shape[0], nbytes=4) == built
     if name in ("gemma2", "gemma3_text", "olmo3", "gpt_oss") and new_tokens == 12:  # past the window: it is used
         assert built < 2 * 3 * context * 2 * arch.num_key_value_heads * arch.head_dim * 4
+
+
+@pytest.mark.parametrize("name", PER_LAYER_FAMILIES)
+@pytest.mark.parametrize("new_tokens", [2, 12])
+def test_the_counted_kv_cache_of_a_per_layer_child_is_the_one_generate_builds(name, new_tokens):
+    """A mixed child (an attention-free layer, an MLP-free one, 1 and 2 KV heads) built by nas's loader: the static
+    cache `generate` fills holds each attention layer's own KV heads and nothing for the attention-free layer, and
+    the count says as much (Mistral with a window of 8 tokens, passed at 12 new tokens)."""
+    config = ALL_CONFIGS[name]()
+    if name == "mistral":
+        config.sliding_window = 8
+    parent = Parent.of(config)
+    arch = mixed_child(parent.architecture)
+    torch.manual_seed(0)
+    child = build(parent.child_config(arch), torch.float32).eval()
+    out = child.generate(TOKENS, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, cache_implementation="static", return_dict_in_generate=True)
+    built = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in _cache_tensors(layer))
+    context = TOKENS.shape[1] + new_tokens - 1
+    assert parent.cache_bytes(arch, context, TOKENS.shape[0], nbytes=4) == built
 
 
 def test_a_layer_holding_a_sliding_window_and_a_recurrent_state_counts_both():
