@@ -191,6 +191,26 @@ def test_timing_leaves_the_callers_thread_count_as_it_was():
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("name", PER_LAYER_FAMILIES)
+def test_a_per_layer_child_is_timed_at_its_own_layer_shapes(name):
+    """The model a per-layer child is timed as is the child itself: its parameters are the child's count, each
+    layer has its own KV heads and MLP width or lacks the block it skips, and it runs `generate` with a static
+    cache (the timing's)."""
+    from nas.latency import SpeedSettings, measure, timed_model
+
+    parent = Parent.of(ALL_CONFIGS[name]())
+    arch = mixed_child(parent.architecture)
+    data = parent.child_config(arch).to_dict()
+    settings = SpeedSettings(context=8, decode_tokens=2, warmup=0, repeats=1)
+    model = timed_model(data, settings)
+    assert sum(p.numel() for p in model.parameters()) == parent.num_parameters(arch)
+    shapes = [(0 if layer.self_attn is None else layer.self_attn.k_proj.out_features // arch.head_dim,
+               0 if layer.mlp is None else layer.mlp.up_proj.out_features) for layer in model.model.layers]
+    assert shapes == [(s.num_key_value_heads, s.intermediate_size) for s in arch.layer_shapes]
+    figures = measure(data, settings)
+    assert figures["latency_ms"] > 0 and figures["prefill_ms"] > 0
+
+
 def test_a_figure_timed_on_another_machine_is_not_reused(tmp_path, monkeypatch):
     """The cache key holds the machine: the same shapes and settings on another CPU model are measured again,
     and each machine's figures stay side by side."""
