@@ -283,6 +283,20 @@ def test_a_per_layer_childs_plan_follows_each_layers_shape(name, alternate, monk
     assert stage.memory["activations"] == sum(real) + outside
     assert len(traced) == (2 if alternate else 4)
     assert stage.memory["weights"] == 4 * sum(p.numel() for p in model.parameters())
+    # On two workers FSDP2 holds two layers of each model whole: the child's largest built layer, the parent's.
+    two = retrain_stage("short_retrain", space, config, child, 2, 0, False, RetrainSpec(batch_size=2 * batch),
+                        cached=False, runs=1)
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(config)
+    def size(module):
+        return sum(p.numel() for p in module.parameters())
+
+    def root(built):  # the embedding and a separate LM head
+        return size(built) - size(built.model.layers) - size(built.model.norm)
+
+    largest = max(size(layer) for layer in model.model.layers)
+    assert two.memory["fsdp_unsharded"] == \
+        root(model) * (4 + 4) + root(teacher) * 4 + 2 * (largest * 4 + size(teacher.model.layers[0]) * 4)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
