@@ -174,6 +174,7 @@ class Architecture:
         # A per-layer config refuses to give a per-layer key's global value as an attribute (transformers'
         # AmbiguousGlobalPerLayerAttributeError); its dict holds them beside the per-layer entry.
         data = config.to_dict() if getattr(config, "is_heterogeneous", False) else {}
+
         def value(key: str) -> Any:
             return data[key] if key in data else getattr(config, key)
 
