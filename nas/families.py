@@ -386,6 +386,9 @@ class Parent:
 
     @classmethod
     def of(cls, config: Any) -> Parent:
+        if getattr(config, "is_heterogeneous", False):
+            raise UnsupportedModelError("the parent is a per-layer child (its config.json has per_layer_config); nas "
+                                        "prunes uniform parents: prune the original parent to the architecture")
         family = family_of(config)
         return cls(config, family, Architecture.of_config(config, family.unit_keys))
 
