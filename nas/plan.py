@@ -34,10 +34,10 @@ from typing import Any
 
 import torch
 
-from nas.architecture import PER_LAYER
+from nas.architecture import PER_LAYER, Architecture
 from nas.distill import DistillConfig, uses_intermediate
 from nas.errors import ConfigError
-from nas.families import Parent
+from nas.families import Parent, family_of
 from nas.space import SearchSpace, architecture_of, enumerate_candidates, infeasible_hint
 
 GIB = 2**30
@@ -201,7 +201,7 @@ def retrain_stage(name: str, space: SearchSpace, parent: Any, child: Any, worker
     # temporaries and one loss chunk's student and teacher logits at a time.
     val_tokens = spec.batch_size * space.seq_len
     held = sum(memory[k] for k in ("weights", "optimizer", "teacher", "compute_copy", "fsdp_unsharded"))
-    widest = max(shape.intermediate_size for shape in Parent.of(child).architecture.layer_shapes)
+    widest = max(shape.intermediate_size for shape in _counted(child).architecture.layer_shapes)
     evaluation = held + val_tokens * (2 * child.hidden_size + 3 * widest) * act_size + \
         3 * 4 * min(val_tokens, 1024) * child.vocab_size
     return Stage(name, workers, gpus_per_worker, "cuda" if gpu else "cpu", memory, spec.tokens, spec.tokens * per_token,
@@ -279,8 +279,15 @@ def check_fits(space: SearchSpace, config: Any, cluster: Cluster) -> list[Stage]
 
 
 # -- what the numbers come from -----------------------------------------------------------------------------
+def _counted(config: Any) -> Parent:
+    """The model of `config` to count by: a parent, or a child, per-layer or not (which `Parent.of` refuses, being
+    no parent to prune)."""
+    family = family_of(config)
+    return Parent(config, family, Architecture.of_config(config, family.unit_keys))
+
+
 def _params(config: Any) -> int:
-    return Parent.of(config).num_parameters()
+    return _counted(config).num_parameters()
 
 
 def _fsdp_unsharded(child: Any, parent: Any, act_size: int, teacher_bytes: int) -> int:
@@ -297,7 +304,7 @@ def _fsdp_unsharded(child: Any, parent: Any, act_size: int, teacher_bytes: int) 
 def _layer_params(config: Any) -> int:
     """Parameters of the largest decoder layer of `config` (a mixture of experts can keep dense layers, a per-layer
     child's layers differ)."""
-    parent = Parent.of(config)
+    parent = _counted(config)
     arch = parent.architecture
     return max(parent.family.layer_parameters(config, arch, i, shape=arch.layer_shape(i))
                for i in range(config.num_hidden_layers))
@@ -316,7 +323,7 @@ def forward_flops_per_token(config: Any, seq_len: int) -> float:
     FLOPs a MAC; a per-layer child's attention-free layers attend none), averaged over the sequence. A hybrid's
     recurrent layers add no term that grows with the sequence; their scans' own FLOPs (per token, a multiple of the
     state size and the scan's chunk) are left out."""
-    parent = Parent.of(config)
+    parent = _counted(config)
     n = parent.active_parameters() - \
         config.vocab_size * config.hidden_size * (0 if getattr(config, "tie_word_embeddings", False) else 1)
     keys = sum(_keys_attended(seq_len, _window(config, i)) for i in range(config.num_hidden_layers)
@@ -345,7 +352,7 @@ _TRACE_ATTENTION = "nas_plan_fused"  # (a name with "flash" in it makes transfor
 def one_layer_config(config: Any, layer: int = 0) -> Any:
     """A config of one decoder layer built as `config`'s layer `layer`: its layer type, a hybrid's kind and, in a
     mixture of experts, dense or sparse; in a per-layer config, that layer's own widths and skipped blocks."""
-    parent = Parent.of(config)
+    parent = _counted(config)
     data = parent.family.layers_data(config, (layer,))
     overrides = parent.architecture.layer_shape(layer).overrides(parent.architecture.uniform_shape)
     data[PER_LAYER] = {"0": overrides} if overrides else None  # (the whole config's table names other layers)
@@ -355,7 +362,7 @@ def one_layer_config(config: Any, layer: int = 0) -> Any:
 def layer_kinds(config: Any) -> list[int]:
     """The first layer of each kind of decoder layer in `config` (its layer type or a hybrid's kind, dense or
     sparse, and in a per-layer config its shape)."""
-    parent, seen = Parent.of(config), {}
+    parent, seen = _counted(config), {}
     for i in range(config.num_hidden_layers):
         kind = ((getattr(config, "layer_types", None) or [None] * (i + 1))[i], *parent.family.kind_size(config, i),
                 parent.architecture.layer_shape(i))
@@ -366,7 +373,7 @@ def layer_kinds(config: Any) -> list[int]:
 def layer_saved_bytes(config: Any, batch: int, seq_len: int, dtype: torch.dtype) -> list[int]:
     """What autograd saves in each decoder layer of `config` (`saved_bytes_per_layer`), each distinct layer traced
     once: every layer counts the largest kind (`layer_kinds`) of its shape."""
-    shapes = Parent.of(config).architecture.layer_shapes
+    shapes = _counted(config).architecture.layer_shapes
     traced = {i: saved_bytes_per_layer(config, batch, seq_len, dtype, i) for i in layer_kinds(config)}
     worst = {shape: max(v for i, v in traced.items() if shapes[i] == shape) for shape in set(shapes)}
     return [worst[shape] for shape in shapes]
