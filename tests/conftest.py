@@ -100,8 +100,8 @@ HYBRID_CONFIGS = {
 ALL_CONFIGS = {**TINY_CONFIGS, **FAMILY_CONFIGS, **MOE_CONFIGS, **HYBRID_CONFIGS}
 
 
-#: The engines' families, whose children may vary their layers (issue 27).
-PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+#: The families whose children may vary their layers (issue 27; `Family.per_layer`), the engines' four first.
+PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "nemotron")
 
 
 def mixed_child(arch):

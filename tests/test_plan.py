@@ -256,7 +256,7 @@ def _per_layer_child(name: str, alternate: bool):
     return parent.config, parent.child_config(arch)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "nemotron"])
 @pytest.mark.parametrize("alternate", [False, True])
 def test_a_per_layer_childs_plan_follows_each_layers_shape(name, alternate, monkeypatch):
     """A per-layer child's planned activations are the saved tensors of each of its layers, built by nas's loader
