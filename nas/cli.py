@@ -60,6 +60,8 @@ def cmd_importance(args) -> None:
 
 
 def cmd_arch(args) -> None:
+    from nas.architecture import LAYER_KEYS, PER_LAYER
+    from nas.errors import ArchitectureError
     from nas.families import Parent
     from nas.parents import parent_config
 
@@ -67,7 +69,12 @@ def cmd_arch(args) -> None:
     # A parent whose layers differ in size by kind (a hybrid) also lists how many of each kind it has: a child's
     # JSON may give those counts instead of `layers`, and `nas prune` keeps each kind's best layers.
     arch = parent.architecture
-    text = json.dumps({**arch.to_dict(), **parent.kind_counts(arch.layers)}, indent=2) + "\n"
+    data = {**arch.to_dict(), **parent.kind_counts(arch.layers)}
+    if args.per_layer:  # every layer listed with its widths, to edit into a per-layer child
+        if problem := parent.family.per_layer_refusal():
+            raise ArchitectureError(f"--per-layer: {parent.family.model_type} takes no per-layer architecture: {problem}")
+        data[PER_LAYER] = {str(j): {k: getattr(shape, k) for k in LAYER_KEYS} for j, shape in enumerate(arch.layer_shapes)}
+    text = json.dumps(data, indent=2) + "\n"
     if args.out:
         from nas.files import atomic_path
 
@@ -149,13 +156,13 @@ def _check_student(path: str, flag: str = "--student") -> None:
 
 def _load_student(path: str, device, flag: str = "--student"):
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from nas.loader import load
     from nas.parents import default_device
 
     _check_student(path, flag)
-    # fp32 master weights; bf16 autocast on CUDA does the fast part.
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device or default_device())
+    # fp32 master weights; bf16 autocast on CUDA does the fast part. A per-layer child needs nas's loader.
+    return load(path, dtype=torch.float32, device=device or default_device())
 
 
 def _check_resume(args) -> None:
@@ -408,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("arch", help="print a parent's own architecture (every layer kept) as `nas prune --arch` JSON")
     p.add_argument("--parent", default="smollm2-135m")
     p.add_argument("--out", default=None, help="also write it to this file, to edit into a child")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also list every layer's KV heads and MLP width (per_layer_config), to edit into a per-layer "
+                        "child (a layer may instead say \"skip\": [\"attention\"] or [\"mlp\"])")
     p.set_defaults(func=cmd_arch)
 
     p = sub.add_parser("prune", help="cut one architecture from a parent")

@@ -78,6 +78,23 @@ def test_per_layer_json_is_the_uniform_json_plus_transformers_per_layer_config()
     assert other.short() != arch.short()
 
 
+def test_a_per_layer_config_reads_back_as_its_architecture():
+    """The architecture of a per-layer child's config (whose per-layer keys transformers refuses to read globally,
+    and whose table it writes with zero-padded indices past 9 layers) is the child's, layer table included."""
+    from nas.architecture import LayerShape
+    from nas.families import Parent
+
+    config = TINY_CONFIGS["llama"]()
+    config.num_hidden_layers = 12
+    parent = Parent.of(config)
+    table = [parent.architecture.uniform_shape] * 12
+    table[3], table[11] = LayerShape(0, 80), LayerShape(1, 40)
+    arch = parent.architecture.replace(per_layer=tuple(table))
+    child = parent.child_config(arch)
+    assert "03" in child.to_dict()["per_layer_config"]
+    assert Architecture.of_config(child) == arch
+
+
 @pytest.mark.parametrize("table, match", [
     ({"4": {}}, r"per_layer_config.4: not a child layer index \(0 to 3\)"),
     ({"1": {"skip": "mlp"}}, r"per_layer_config.1.skip='mlp'"),
