@@ -1,6 +1,6 @@
 """Distillation on N Ray Train workers (FSDP2 over gloo on CPU) against the same run in one process, and a 2-worker
-checkpoint resumed on one worker. (A Ray Train worker killed mid-run and restarted from its checkpoint is
-tests/test_faults.py's, through a search trial.)"""
+checkpoint resumed on one worker. (A search whose trials and promotion run on 2 Ray Train workers, and a Ray
+Train worker killed mid-run and restarted from its checkpoint, are tests/test_faults.py's.)"""
 
 import contextlib
 import json
@@ -117,39 +117,6 @@ def _start_distill(train, out, workers):
     return subprocess.Popen([sys.executable, "-m", "nas.cli", "distill", *train, "--out", str(out), "--workers",
                              str(workers)], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
-
-
-def test_search_with_two_workers_per_trial_and_promotion(tmp_path, tiny_tokenizer, ray_session):
-    """Tune over Train: every trial a 2-worker Ray Train job reporting to Optuna; promotion with 2 workers too. One
-    candidate: the trials run one at a time anyway (each takes both CPUs), and each more is a worker group's start.
-    Under ASHA, which stops a trial on its final report: the trial trained to the end still writes result.json."""
-    import optuna
-
-    from conftest import tiny_space
-    from nas.search import run_search, storage_url
-    from nas.space import parse_space
-
-    axes = {"num_hidden_layers": [3], "num_attention_heads": [6], "intermediate_size": [40], "hidden_size": [36]}
-    space = parse_space(tiny_space(tmp_path, tiny_tokenizer, name="sharded", axes=axes,
-                                   resources={"workers_per_trial": 2}, full_retrain={"workers": 2},
-                                   search={"asha": True}))
-    lines = []
-    frame = run_search(space, tmp_path, echo=lines.append)
-    study = optuna.load_study(study_name=space.study, storage=storage_url(space, tmp_path))
-    trials = study.get_trials()
-    short = [t for t in trials if t.user_attrs.get("stage") == "short_retrain"]
-    assert len(short) == len(frame) == 1 and all(t.state.name == "COMPLETE" for t in short)
-    for t in short:
-        folder = tmp_path / "sharded" / t.user_attrs["label"]
-        evals = [json.loads(line) for line in (folder / "metrics.jsonl").open() if "val_loss" in line]
-        assert t.intermediate_values == {e["tokens"]: e["val_loss"] for e in evals}  # rank 0's reports
-        result = json.loads((folder / "result.json").read_text())
-        assert result["workers"] == 2 and result["val_loss"] == t.value
-    full = [t for t in trials if t.user_attrs.get("stage") == "full_distillation"]
-    assert len(full) == 1
-    model = tmp_path / "sharded" / "promoted" / full[0].user_attrs["label"] / "model"
-    AutoModelForCausalLM.from_pretrained(model)
-    assert any(line.startswith("[promoted 1/1]") for line in lines)
 
 
 def test_smollm2_two_workers_reproduce_one_worker(tmp_path, ray_session):
