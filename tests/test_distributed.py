@@ -21,6 +21,7 @@ from nas.cli import main
 
 pytestmark = pytest.mark.slow
 STEPS = 12  # a checkpoint every 4 steps; the resharding test's kill comes after the first, with steps left
+STEPS_SMOLLM2 = 4  # of 2 x 32 tokens: SmolLM2's 1- and 2-worker runs compared at each and on the weights moved
 
 
 def _steps(run):
@@ -120,9 +121,10 @@ def _start_distill(train, out, workers):
 
 
 def test_smollm2_two_workers_reproduce_one_worker(tmp_path, ray_session):
-    """The real parent, width-pruned, distilled 8 steps on real text by 1 and by 2 workers: SmolLM2's end-to-end
-    test (CLI importance, pruning and distillation of the real checkpoint). 8 steps: the runs are compared at every
-    step and on the weights training moved; each step more costs two 135M KD steps on a loaded CPU."""
+    """The real parent, width-pruned, distilled 4 steps of 32-token sequences on real text by 1 and by 2 workers:
+    SmolLM2's end-to-end test (CLI importance, pruning and distillation of the real checkpoint). 4 short steps: the
+    runs are compared at every step and on the weights training moved; each step more costs two 135M KD steps on a
+    loaded CPU."""
     from conftest import WIKITEXT
 
     text = str(WIKITEXT / "valid.txt")
@@ -134,13 +136,13 @@ def test_smollm2_two_workers_reproduce_one_worker(tmp_path, ray_session):
     assert main(["prune", "--parent", "smollm2-135m", "--arch", str(tmp_path / "arch.json"), "--importance",
                  str(tmp_path / "imp.safetensors"), "--out", str(tmp_path / "child")]) == 0
     train = ["distill", "--student", str(tmp_path / "child"), "--teacher", "smollm2-135m", "--data", text,
-             "--seq-len", "64", "--tokens", str(2 * 64 * 8), "--batch-size", "2", "--val-fraction", "0.01",
-             "--checkpoint-every", "0", "--quiet"]
+             "--seq-len", "32", "--tokens", str(2 * 32 * STEPS_SMOLLM2), "--batch-size", "2",
+             "--val-fraction", "0.01", "--checkpoint-every", "0", "--quiet"]
     assert main([*train, "--out", str(tmp_path / "one")]) == 0
     assert main([*train, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
     one, two = _steps(tmp_path / "one"), _steps(tmp_path / "two")
-    assert len(one) == len(two) == 8
-    # fp32 sums in another order (2 shards, a reduce-scatter) drift a little over 8 AdamW steps on 135M weights.
+    assert len(one) == len(two) == STEPS_SMOLLM2
+    # fp32 sums in another order (2 shards, a reduce-scatter) drift a little over AdamW steps on 135M weights.
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), a["step"]
     start, m1, m2 = (AutoModelForCausalLM.from_pretrained(tmp_path / run).state_dict()
