@@ -28,8 +28,10 @@ def database():
         yield url
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
+    # One cluster for the module (each start is two `ray start`s and a job agent, ~10 s): the trials test runs
+    # first, on both nodes; the kill test, which ends node_b's raylet, runs last.
     cluster = RayCluster(env={"NAS_CACHE": str(ROOT / ".cache")}).start()
     yield cluster
     cluster.stop()

@@ -1,6 +1,6 @@
 """Distillation on N Ray Train workers (FSDP2 over gloo on CPU) against the same run in one process, and a 2-worker
-checkpoint resumed on one worker. (A Ray Train worker killed mid-run and restarted from its checkpoint is
-tests/test_faults.py's, through a search trial.)"""
+checkpoint resumed on one worker. (A search whose trials and promotion run on 2 Ray Train workers, and a Ray
+Train worker killed mid-run and restarted from its checkpoint, are tests/test_faults.py's.)"""
 
 import contextlib
 import json
@@ -21,6 +21,7 @@ from nas.cli import main
 
 pytestmark = pytest.mark.slow
 STEPS = 12  # a checkpoint every 4 steps; the resharding test's kill comes after the first, with steps left
+STEPS_SMOLLM2 = 4  # of 2 x 32 tokens: SmolLM2's 1- and 2-worker runs compared at each and on the weights moved
 
 
 def _steps(run):
@@ -119,43 +120,11 @@ def _start_distill(train, out, workers):
                             start_new_session=True)
 
 
-def test_search_with_two_workers_per_trial_and_promotion(tmp_path, tiny_tokenizer, ray_session):
-    """Tune over Train: every trial a 2-worker Ray Train job reporting to Optuna; promotion with 2 workers too. One
-    candidate: the trials run one at a time anyway (each takes both CPUs), and each more is a worker group's start.
-    Under ASHA, which stops a trial on its final report: the trial trained to the end still writes result.json."""
-    import optuna
-
-    from conftest import tiny_space
-    from nas.search import run_search, storage_url
-    from nas.space import parse_space
-
-    axes = {"num_hidden_layers": [3], "num_attention_heads": [6], "intermediate_size": [40], "hidden_size": [36]}
-    space = parse_space(tiny_space(tmp_path, tiny_tokenizer, name="sharded", axes=axes,
-                                   resources={"workers_per_trial": 2}, full_retrain={"workers": 2},
-                                   search={"asha": True}))
-    lines = []
-    frame = run_search(space, tmp_path, echo=lines.append)
-    study = optuna.load_study(study_name=space.study, storage=storage_url(space, tmp_path))
-    trials = study.get_trials()
-    short = [t for t in trials if t.user_attrs.get("stage") == "short_retrain"]
-    assert len(short) == len(frame) == 1 and all(t.state.name == "COMPLETE" for t in short)
-    for t in short:
-        folder = tmp_path / "sharded" / t.user_attrs["label"]
-        evals = [json.loads(line) for line in (folder / "metrics.jsonl").open() if "val_loss" in line]
-        assert t.intermediate_values == {e["tokens"]: e["val_loss"] for e in evals}  # rank 0's reports
-        result = json.loads((folder / "result.json").read_text())
-        assert result["workers"] == 2 and result["val_loss"] == t.value
-    full = [t for t in trials if t.user_attrs.get("stage") == "full_distillation"]
-    assert len(full) == 1
-    model = tmp_path / "sharded" / "promoted" / full[0].user_attrs["label"] / "model"
-    AutoModelForCausalLM.from_pretrained(model)
-    assert any(line.startswith("[promoted 1/1]") for line in lines)
-
-
 def test_smollm2_two_workers_reproduce_one_worker(tmp_path, ray_session):
-    """The real parent, width-pruned, distilled 8 steps on real text by 1 and by 2 workers: SmolLM2's end-to-end
-    test (CLI importance, pruning and distillation of the real checkpoint). 8 steps: the runs are compared at every
-    step and on the weights training moved; each step more costs two 135M KD steps on a loaded CPU."""
+    """The real parent, width-pruned, distilled 4 steps of 32-token sequences on real text by 1 and by 2 workers:
+    SmolLM2's end-to-end test (CLI importance, pruning and distillation of the real checkpoint). 4 short steps: the
+    runs are compared at every step and on the weights training moved; each step more costs two 135M KD steps on a
+    loaded CPU."""
     from conftest import WIKITEXT
 
     text = str(WIKITEXT / "valid.txt")
@@ -167,13 +136,13 @@ def test_smollm2_two_workers_reproduce_one_worker(tmp_path, ray_session):
     assert main(["prune", "--parent", "smollm2-135m", "--arch", str(tmp_path / "arch.json"), "--importance",
                  str(tmp_path / "imp.safetensors"), "--out", str(tmp_path / "child")]) == 0
     train = ["distill", "--student", str(tmp_path / "child"), "--teacher", "smollm2-135m", "--data", text,
-             "--seq-len", "64", "--tokens", str(2 * 64 * 8), "--batch-size", "2", "--val-fraction", "0.01",
-             "--checkpoint-every", "0", "--quiet"]
+             "--seq-len", "32", "--tokens", str(2 * 32 * STEPS_SMOLLM2), "--batch-size", "2",
+             "--val-fraction", "0.01", "--checkpoint-every", "0", "--quiet"]
     assert main([*train, "--out", str(tmp_path / "one")]) == 0
     assert main([*train, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
     one, two = _steps(tmp_path / "one"), _steps(tmp_path / "two")
-    assert len(one) == len(two) == 8
-    # fp32 sums in another order (2 shards, a reduce-scatter) drift a little over 8 AdamW steps on 135M weights.
+    assert len(one) == len(two) == STEPS_SMOLLM2
+    # fp32 sums in another order (2 shards, a reduce-scatter) drift a little over AdamW steps on 135M weights.
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-3), a["step"]
     start, m1, m2 = (AutoModelForCausalLM.from_pretrained(tmp_path / run).state_dict()

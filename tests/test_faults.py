@@ -1,6 +1,10 @@
 """Faults proven by killing processes: `nas search` (the CLI, a private Ray on loopback) on the tiny space, with
 a trial worker, a Ray Train worker or the driver killed by SIGKILL, ends with the same losses as an undisturbed
-run, and an interrupted retrain resumes from its newest checkpoint rather than from step 1."""
+run, and an interrupted retrain resumes from its newest checkpoint rather than from step 1. The undisturbed
+2-worker run is also the test of a search whose trials and promotion are Ray Train jobs of two workers.
+
+Each `nas search` started costs a private Ray and a parent's preparation: the undisturbed runs are shared by the
+tests that compare against them, and one driver is killed twice (after a trial, then during the promotion)."""
 
 import json
 import os
@@ -11,9 +15,11 @@ import sys
 import time
 
 import optuna
+import pandas
 import psutil
 import pytest
 import yaml
+from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, tiny_space
 
@@ -24,6 +30,10 @@ ONE = {"num_hidden_layers": [3], "num_attention_heads": [6], "intermediate_size"
 # Two candidates, not the tiny space's four: the driver is killed after one finished and the rerun does the other;
 # each trial more is a Ray worker's start-up and 40 steps on every undisturbed and disturbed run.
 TWO = {**ONE, "hidden_size": [48, 36]}
+# The best candidate promoted to 40 steps of full distillation with a checkpoint every 5, as long as a trial: the
+# kill during the promotion lands between its checkpoints as it does in a trial.
+PROMOTED = {"promote": 1, "full_retrain": {"tokens": STEP_TOKENS * 40, "reports": 2,
+                                           "checkpoint_tokens": STEP_TOKENS * 5}}
 
 
 @pytest.fixture(scope="module")
@@ -59,9 +69,11 @@ def _finish(proc, timeout=900):
 
 
 def _kill_driver(proc):
+    """Kill the driver, then its private Ray; returns what the driver had printed."""
     proc.send_signal(signal.SIGKILL)  # the driver alone, as a crash would
     proc.wait()
     os.killpg(proc.pid, signal.SIGKILL)  # then the private Ray it had started
+    return proc.communicate(timeout=60)[0]
 
 
 def _study(root, name):
@@ -81,7 +93,9 @@ def _undisturbed(inputs, name, **overrides):
 
 @pytest.fixture(scope="module")
 def reference(inputs):
-    return _losses(_undisturbed(inputs, "undisturbed"), "undisturbed")
+    """The undisturbed run's losses: of both trials, and of the best one's promotion."""
+    root = _undisturbed(inputs, "undisturbed", **PROMOTED)
+    return _losses(root, "undisturbed"), _losses(root, "undisturbed", "full_distillation")
 
 
 def _completed(db) -> int:
@@ -136,11 +150,15 @@ def test_trial_worker_killed_is_retried_from_its_checkpoint_with_the_same_loss(i
     out = _finish(proc)
     assert f"[retry] {run.name} failed" in out
     _assert_resumed(run, 40)
-    assert _losses(root, "worker-killed") == pytest.approx(reference, rel=1e-6)
+    assert _losses(root, "worker-killed") == pytest.approx(reference[0], rel=1e-6)
 
 
-def test_driver_killed_and_rerun_resumes_without_redoing_trials(inputs, reference):
-    space_file, root = _space(inputs, "driver-killed")
+def test_driver_killed_after_a_trial_and_again_during_promotion_redoes_nothing(inputs, reference):
+    """The driver is killed once a trial has finished: the rerun trains only the other; killed again while it
+    promotes the best, the third run resumes the promotion from its newest checkpoint. The losses are the
+    undisturbed run's."""
+    short, full = reference
+    space_file, root = _space(inputs, "driver-killed", **PROMOTED)
     proc = _start(space_file, root)
     deadline = time.time() + 600
     while not _completed(root / "driver-killed" / "study.db"):
@@ -150,36 +168,57 @@ def test_driver_killed_and_rerun_resumes_without_redoing_trials(inputs, referenc
     done = _losses(root, "driver-killed")
     stamps = {label: (root / "driver-killed" / label / "result.json").stat().st_mtime_ns for label in done}
 
-    out = _finish(_start(space_file, root))
-    assert f", {len(reference) - len(done)} trials to run (grid)" in out
-    assert stamps == {label: (root / "driver-killed" / label / "result.json").stat().st_mtime_ns for label in done}
-    states = {t.state for t in _study(root, "driver-killed").get_trials()}
-    assert not states & {optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING}
-    assert _losses(root, "driver-killed") == pytest.approx(reference, rel=1e-6)
-
-
-# One candidate, promoted to 200 steps of full distillation with a checkpoint every 10.
-PROMOTED = {"axes": ONE, "promote": 1, "full_retrain": {"tokens": STEP_TOKENS * 200, "reports": 2,
-                                                         "checkpoint_tokens": STEP_TOKENS * 10}}
-
-
-def test_driver_killed_during_promotion_resumes_it_from_its_checkpoint(inputs):
-    reference = _losses(_undisturbed(inputs, "promoted-undisturbed", **PROMOTED), "promoted-undisturbed",
-                        "full_distillation")
-    space_file, root = _space(inputs, "promotion-killed", **PROMOTED)
     proc = _start(space_file, root)
-    run = _wait_for_checkpoint(proc, root / "promotion-killed" / "promoted")
-    _kill_driver(proc)
+    run = _wait_for_checkpoint(proc, root / "driver-killed" / "promoted")
+    out = _kill_driver(proc)
+    assert f", {len(short) - len(done)} trials to run (grid)" in out
+    assert stamps == {label: (root / "driver-killed" / label / "result.json").stat().st_mtime_ns for label in done}
 
     _finish(_start(space_file, root))
-    _assert_resumed(run, 200)
-    assert _losses(root, "promotion-killed", "full_distillation") == pytest.approx(reference, rel=1e-5)
+    _assert_resumed(run, 40)
+    states = {t.state for t in _study(root, "driver-killed").get_trials()}
+    assert not states & {optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING}
+    assert _losses(root, "driver-killed") == pytest.approx(short, rel=1e-6)
+    assert _losses(root, "driver-killed", "full_distillation") == pytest.approx(full, rel=1e-5)
 
 
-def test_train_worker_killed_in_a_two_worker_trial_resumes_from_its_checkpoint(inputs):
-    sharded = {"axes": ONE, "resources": {"max_concurrent": 1, "workers_per_trial": 2}}
-    reference = _losses(_undisturbed(inputs, "sharded-undisturbed", **sharded), "sharded-undisturbed")
-    space_file, root = _space(inputs, "sharded-killed", **sharded)
+# One candidate whose trials and promotion each run on 2 Ray Train workers; under ASHA, which stops a trial on its
+# final report: the trial trained to the end still writes result.json.
+SHARDED = {"axes": ONE, "resources": {"max_concurrent": 1, "workers_per_trial": 2}}
+
+
+@pytest.fixture(scope="module")
+def sharded(inputs):
+    """The undisturbed 2-worker run (its promotion on 2 workers too): its root and what the driver printed."""
+    space_file, root = _space(inputs, "sharded-undisturbed", **SHARDED, promote=1, full_retrain={"workers": 2},
+                              search={"retries": 2, "asha": True})
+    return root, _finish(_start(space_file, root))
+
+
+def test_search_with_two_workers_per_trial_and_promotion(sharded):
+    """Tune over Train: the trial a 2-worker Ray Train job reporting to Optuna, its promotion on 2 workers too."""
+    root, out = sharded
+    trials = _study(root, "sharded-undisturbed").get_trials()
+    short = [t for t in trials if t.user_attrs.get("stage") == "short_retrain"]
+    assert len(short) == 1 and all(t.state.name == "COMPLETE" for t in short)
+    assert len(pandas.read_csv(root / "sharded-undisturbed" / "summary.csv")) == 1
+    for t in short:
+        folder = root / "sharded-undisturbed" / t.user_attrs["label"]
+        evals = [json.loads(line) for line in (folder / "metrics.jsonl").open() if "val_loss" in line]
+        assert t.intermediate_values == {e["tokens"]: e["val_loss"] for e in evals}  # rank 0's reports
+        result = json.loads((folder / "result.json").read_text())
+        assert result["workers"] == 2 and result["val_loss"] == t.value
+    full = [t for t in trials if t.user_attrs.get("stage") == "full_distillation"]
+    assert len(full) == 1
+    promoted = root / "sharded-undisturbed" / "promoted" / full[0].user_attrs["label"]
+    assert json.loads((promoted / "result.json").read_text())["workers"] == 2
+    AutoModelForCausalLM.from_pretrained(promoted / "model")
+    assert any(line.startswith("[promoted 1/1]") for line in out.splitlines())
+
+
+def test_train_worker_killed_in_a_two_worker_trial_resumes_from_its_checkpoint(inputs, sharded):
+    reference = _losses(sharded[0], "sharded-undisturbed")
+    space_file, root = _space(inputs, "sharded-killed", **SHARDED)
     proc = _start(space_file, root)
     run = _wait_for_checkpoint(proc, root / "sharded-killed")
     workers = [p for p in psutil.Process(proc.pid).children(recursive=True)
