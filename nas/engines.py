@@ -64,8 +64,10 @@ def main():
     from vllm.inputs import TokensPrompt
 
     job = json.load(open(sys.argv[1]))
+    # One process, eager: vLLM's engine core and worker processes (each importing vLLM again) and its compiled
+    # graphs would cost minutes on a small CPU, for a few dozen tokens.
     llm = LLM(model=job["model"], dtype=job["dtype"], seed=0, max_model_len=job["max_len"], enforce_eager=True,
-              max_num_seqs=len(job["prompts"]))
+              max_num_seqs=len(job["prompts"]), distributed_executor_backend="uni")
     tokenizer = llm.get_tokenizer()
     prompts = [TokensPrompt(prompt_token_ids=p if isinstance(p, list) else tokenizer.encode(p))
                for p in job["prompts"]]
@@ -77,7 +79,7 @@ def main():
                    text=o.outputs[0].text) for o in outputs]
     json.dump(result, open(sys.argv[2], "w"))
 
-if __name__ == "__main__":  # vLLM starts its engine core in a spawned process, which imports this file again
+if __name__ == "__main__":  # where vLLM does spawn a process (a GPU user's build may), it imports this file again
     main()
 """
 
@@ -118,6 +120,7 @@ def _run(engine: str, script: str, model: Path, prompts: list, max_tokens: int, 
         env = {**os.environ, "TMPDIR": str(tmp), "HOME": str(tmp), "XDG_CACHE_HOME": str(tmp / "cache"),
                "VLLM_CACHE_ROOT": str(tmp / "vllm"), "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1",
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
+               "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor"), "PYTHONPATH": ""}
         try:
             done = subprocess.run([str(python), "run.py", "job.json", "out.json"], cwd=tmp, env=env, timeout=timeout,
