@@ -194,11 +194,12 @@ def _write_tokenizer(writer, folder: Path, vocab_size: int) -> None:
     rows, as unused padding), its type (special added tokens are control tokens, other added ones user-defined),
     the merges, the special ids, and whether BOS/EOS are added (as the HF tokenizer does on encoding)."""
     import gguf
-    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer.get_vocab()
-    added = tokenizer.added_tokens_decoder
+    # tokenizer.json itself, not transformers' class for the model type (which may add tokens of its own)
+    tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    ids = tokenizer.get_vocab(with_added_tokens=True)
+    added = tokenizer.get_added_tokens_decoder()
     if max(ids.values()) >= vocab_size:
         raise ConfigError(f"--format gguf: {folder}: the tokenizer has ids up to {max(ids.values())} but the model "
                           f"only {vocab_size} embeddings")
@@ -213,6 +214,6 @@ def _write_tokenizer(writer, folder: Path, vocab_size: int) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(folder, load_merges=True, n_vocab=vocab_size)
-    probe = tokenizer("a").input_ids, tokenizer("a", add_special_tokens=False).input_ids
+    probe = tokenizer.encode("a").ids, tokenizer.encode("a", add_special_tokens=False).ids
     special.add_special_token = {"bos": probe[0][:1] != probe[1][:1], "eos": probe[0][-1:] != probe[1][-1:]}
     special.add_to_gguf(writer, quiet=True)
