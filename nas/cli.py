@@ -154,13 +154,13 @@ def _check_student(path: str, flag: str = "--student") -> None:
 
 def _load_student(path: str, device, flag: str = "--student"):
     import torch
-    from transformers import AutoModelForCausalLM
 
+    from nas.loader import load
     from nas.parents import default_device
 
     _check_student(path, flag)
-    # fp32 master weights; bf16 autocast on CUDA does the fast part.
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device or default_device())
+    # fp32 master weights; bf16 autocast on CUDA does the fast part. A per-layer child needs nas's loader.
+    return load(path, dtype=torch.float32, device=device or default_device())
 
 
 def _check_resume(args) -> None:
