@@ -14,13 +14,16 @@ from pathlib import Path
 import gguf
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from conftest import tiny_model
+from nas.architecture import Architecture
 from nas.cli import main
 from nas.errors import ConfigError
 from nas.exports import export
+from nas.importance import ImportanceSettings, compute_importance
+from nas.prune import prune
 
 #: The mixed child of a tiny parent (4 layers, 6 query heads, 2 KV heads, MLP 80): layer 1 without attention,
 #: layer 2 with 1 KV head and MLP 40, layer 3 without an MLP (DeciLM) or without either block (GGUF).
@@ -30,33 +33,20 @@ MIXED_GGUF = {**MIXED, "3": {"skip": ["attention", "mlp"]}}
 
 
 def _saved(tmp_path: Path, name: str, tokenizer, per_layer: dict | None = None, **config) -> Path:
-    """A saved child of the tiny `name` parent (config.json entries `config` changed) in nas's on-disk form: where `per_layer` is given, config.json gets
-    that `per_layer_config`, and each layer's tensors are cut to its widths (its first KV heads and neurons), with
-    no tensors for a skipped block or its norm."""
+    """A child of the tiny `name` parent saved as `nas prune` saves it: pruned to the layer table `per_layer` (a
+    `per_layer_config`; none: the uniform parent itself), with config.json entries `config` changed (settings only
+    the exports read)."""
     folder = tmp_path / f"{name}-child"
     model = tiny_model(name)
+    if per_layer:
+        tokens = torch.randint(0, 320, (4, 16), generator=torch.Generator().manual_seed(0))
+        importances = compute_importance(model, tokens, ImportanceSettings(drop_samples=0))
+        arch = Architecture.of_config(model.config)
+        model = prune(model, importances, Architecture.from_dict({**arch.to_dict(), "per_layer_config": per_layer}))
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    if config:  # settings that only the exports read
+    if config:
         (folder / "config.json").write_text(json.dumps({**json.loads((folder / "config.json").read_text()), **config}))
-    if per_layer:
-        tensors, head_dim = load_file(folder / "model.safetensors"), model.config.head_dim
-        for key in list(tensors):
-            parts = key.split(".")
-            layer = per_layer.get(parts[2], {}) if parts[1] == "layers" else {}
-            skip = layer.get("skip", [])
-            if ("attention" in skip and ("self_attn" in key or "input_layernorm" in key)) or \
-                    ("mlp" in skip and (".mlp." in key or "post_attention_layernorm" in key)):
-                del tensors[key]
-            elif "num_key_value_heads" in layer and (".k_proj." in key or ".v_proj." in key):
-                tensors[key] = tensors[key][: layer["num_key_value_heads"] * head_dim].clone()
-            elif "intermediate_size" in layer and (".gate_proj." in key or ".up_proj." in key):
-                tensors[key] = tensors[key][: layer["intermediate_size"]].clone()
-            elif "intermediate_size" in layer and ".down_proj.weight" in key:
-                tensors[key] = tensors[key][:, : layer["intermediate_size"]].contiguous()
-        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-        saved = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**saved, "per_layer_config": per_layer}))
     return folder
 
 
