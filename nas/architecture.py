@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -25,14 +26,54 @@ CONFIG_KEYS = (
 FIGURES = ("params", "active_params", "memory_bytes", "latency_ms", "prefill_ms", "throughput", "device_name")
 
 
+#: The config keys a layer of a per-layer child may set for itself (transformers' `per_layer_config` names), and
+#: the blocks its "skip" list may name.
+LAYER_KEYS = ("num_key_value_heads", "intermediate_size")
+SKIPPABLE = ("attention", "mlp")
+PER_LAYER = "per_layer_config"
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One child layer's own widths: its KV heads (0: the layer has no attention) and its MLP width (0: no MLP).
+    Its query heads, head width and hidden size are the architecture's, as in vLLM's and llama.cpp's per-layer
+    formats."""
+
+    num_key_value_heads: int
+    intermediate_size: int
+
+    @property
+    def attention(self) -> bool:
+        return self.num_key_value_heads > 0
+
+    @property
+    def mlp(self) -> bool:
+        return self.intermediate_size > 0
+
+    def overrides(self, uniform: LayerShape) -> dict[str, Any]:
+        """This layer's `per_layer_config` entry against the architecture's global widths `uniform` (empty: it
+        takes them)."""
+        out: dict[str, Any] = {}
+        for key, block in zip(LAYER_KEYS, SKIPPABLE):
+            value = getattr(self, key)
+            if value and value != getattr(uniform, key):
+                out[key] = value
+        if skip := [block for key, block in zip(LAYER_KEYS, SKIPPABLE) if not getattr(self, key)]:
+            out["skip"] = skip
+        return out
+
+
 @dataclass(frozen=True)
 class Architecture:
-    """A child model: uniform widths across layers plus the parent layers it keeps.
+    """A child model: global widths plus the parent layers it keeps, and optionally each kept layer's own shape.
 
     Attributes mirror the HF config keys so the JSON form reads like a `config.json` excerpt.
     `layers` holds the kept parent layer indices in ascending order. `unit_axes` holds the widths of a family's
     own block units beyond the dense ones (a mixture of experts' expert count, top-k and expert width), as
     (config key, value) pairs under the family's own key names; `get` and `replace` take those keys like the others.
+    `per_layer` is empty for a uniform child (every layer takes the global widths); otherwise it holds one
+    `LayerShape` per kept layer (child order), and the JSON form adds transformers' own `per_layer_config` entry:
+    the child layers whose KV heads or MLP width differ from the global ones, or that skip a block.
     """
 
     num_hidden_layers: int
@@ -43,10 +84,14 @@ class Architecture:
     intermediate_size: int
     layers: tuple[int, ...]
     unit_axes: tuple[tuple[str, int], ...] = ()
+    per_layer: tuple[LayerShape, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
         object.__setattr__(self, "unit_axes", tuple((str(k), v) for k, v in self.unit_axes))
+        # A per-layer table whose every layer takes the global widths is the uniform child: one value, one label.
+        shapes = tuple(self.per_layer)
+        object.__setattr__(self, "per_layer", () if all(s == self.uniform_shape for s in shapes) else shapes)
         for key in (*CONFIG_KEYS, *dict(self.unit_axes)):
             value = self.get(key)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -62,6 +107,23 @@ class Architecture:
             )
         if list(self.layers) != sorted(set(self.layers)) or (self.layers and self.layers[0] < 0):
             raise ArchitectureError(f"layers={list(self.layers)}: must be distinct, ascending, >= 0")
+        if self.per_layer:
+            self._check_per_layer()
+
+    def _check_per_layer(self) -> None:
+        if len(self.per_layer) != self.num_hidden_layers:
+            raise ArchitectureError(f"{PER_LAYER} describes {len(self.per_layer)} layers but num_hidden_layers="
+                                    f"{self.num_hidden_layers}")
+        for j, shape in enumerate(self.per_layer):
+            for key in LAYER_KEYS:
+                value = getattr(shape, key)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ArchitectureError(f"{PER_LAYER}.{j}.{key}={value!r}: must be a positive integer (or the "
+                                            f"block skipped)")
+            if shape.attention and self.num_attention_heads % shape.num_key_value_heads:
+                raise ArchitectureError(
+                    f"{PER_LAYER}.{j}.num_key_value_heads={shape.num_key_value_heads} must divide "
+                    f"num_attention_heads={self.num_attention_heads} (a layer's query heads are the global ones)")
 
     def get(self, key: str) -> int:
         """The value of a config key, dense or a unit's."""
@@ -71,6 +133,31 @@ class Architecture:
     def keys(self) -> tuple[str, ...]:
         """The config keys this architecture sets (not "layers")."""
         return (*CONFIG_KEYS, *dict(self.unit_axes))
+
+    @property
+    def uniform_shape(self) -> LayerShape:
+        """The global widths, which every layer of a uniform child takes."""
+        return LayerShape(self.num_key_value_heads, self.intermediate_size)
+
+    @property
+    def is_uniform(self) -> bool:
+        return not self.per_layer
+
+    def layer_shape(self, j: int) -> LayerShape:
+        """The shape of child layer `j` (0-based among the kept layers)."""
+        return self.per_layer[j] if self.per_layer else self.uniform_shape
+
+    @property
+    def layer_shapes(self) -> tuple[LayerShape, ...]:
+        """Each kept layer's shape, in child order."""
+        return self.per_layer or (self.uniform_shape,) * self.num_hidden_layers
+
+    def per_layer_config(self) -> dict[str, dict[str, Any]]:
+        """transformers' `per_layer_config` form: child layer index (a string, as config.json writes it) -> that
+        layer's overrides (`num_key_value_heads`, `intermediate_size`, `skip`); layers that take the global widths
+        are not listed. Empty for a uniform child."""
+        uniform = self.uniform_shape
+        return {str(j): o for j, shape in enumerate(self.per_layer) if (o := shape.overrides(uniform))}
 
     @property
     def mlp_expansion(self) -> float:
@@ -99,13 +186,15 @@ class Architecture:
         units = dict(self.unit_axes)
         for key in [k for k in changes if k in units]:
             units[key] = changes.pop(key)
-        if unknown := [k for k in changes if k not in (*CONFIG_KEYS, "layers")]:
+        if unknown := [k for k in changes if k not in (*CONFIG_KEYS, "layers", "per_layer")]:
             raise ArchitectureError(f"{unknown}: not axes of this architecture; its axes: {list(self.keys)}")
         return dataclasses.replace(self, **changes, unit_axes=tuple(units.items()))
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {key: self.get(key) for key in self.keys}
         out["layers"] = list(self.layers)
+        if self.per_layer:
+            out[PER_LAYER] = self.per_layer_config()
         return out
 
     @classmethod
@@ -117,7 +206,10 @@ class Architecture:
             raise ArchitectureError(f"architecture JSON lacks {missing}; expected keys {[*CONFIG_KEYS, 'layers']}")
         units = tuple((k, v) for k, v in data.items() if k not in (*CONFIG_KEYS, "layers", *FIGURES)
                       and isinstance(v, int) and not isinstance(v, bool))
-        return cls(**{k: data[k] for k in CONFIG_KEYS}, layers=tuple(data["layers"]), unit_axes=units)
+        arch = cls(**{k: data[k] for k in CONFIG_KEYS}, layers=tuple(data["layers"]), unit_axes=units)
+        if data.get(PER_LAYER):
+            arch = arch.replace(per_layer=_layer_shapes(data[PER_LAYER], arch))
+        return arch
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())
@@ -133,8 +225,34 @@ class Architecture:
             raise ArchitectureError(f"--arch {path}: not valid JSON ({e})") from None
 
     def short(self) -> str:
-        """A compact label: layers/heads/kv/mlp/hidden, then the unit axes."""
-        return short_label(self.to_dict())
+        """A compact label: layers/heads/kv/mlp/hidden, then the unit axes; a per-layer child's ends in "-P" and a
+        digest of its layer table (the table itself is in its `architecture.json`)."""
+        label = short_label(self.to_dict())
+        if self.per_layer:
+            table = json.dumps([[s.num_key_value_heads, s.intermediate_size] for s in self.per_layer])
+            label += "-P" + hashlib.sha1(table.encode()).hexdigest()[:6]
+        return label
+
+
+def _layer_shapes(entries: Any, arch: Architecture) -> tuple[LayerShape, ...]:
+    """The layer table of a `per_layer_config` JSON entry over `arch`'s global widths."""
+    if not isinstance(entries, dict):
+        raise ArchitectureError(f"{PER_LAYER} must map child layer indices to overrides, e.g. "
+                                f'{{"3": {{"skip": ["attention"]}}}}; got {type(entries).__name__}')
+    shapes = [arch.uniform_shape] * arch.num_hidden_layers
+    for key, overrides in entries.items():
+        if not str(key).isdigit() or not int(key) < arch.num_hidden_layers:
+            raise ArchitectureError(f"{PER_LAYER}.{key}: not a child layer index (0 to {arch.num_hidden_layers - 1})")
+        if not isinstance(overrides, dict) or (odd := sorted(set(overrides) - {*LAYER_KEYS, "skip"})):
+            raise ArchitectureError(f"{PER_LAYER}.{key}: a layer sets only {[*LAYER_KEYS, 'skip']}; got "
+                                    f"{overrides if not isinstance(overrides, dict) else odd}")
+        skip = overrides.get("skip", [])
+        if isinstance(skip, str) or not isinstance(skip, list) or (odd := sorted(set(skip) - set(SKIPPABLE))):
+            raise ArchitectureError(f"{PER_LAYER}.{key}.skip={skip!r}: a list of blocks among {list(SKIPPABLE)}")
+        values = {k: 0 if block in skip else overrides.get(k, getattr(arch, k))
+                  for k, block in zip(LAYER_KEYS, SKIPPABLE)}
+        shapes[int(key)] = LayerShape(**values)
+    return tuple(shapes)
 
 
 #: Label prefixes, in label order: the dense axes, then the units' (experts, experts a token, expert and shared

@@ -13,12 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from nas.architecture import KIND_AXIS, Architecture
+from nas.architecture import KIND_AXIS, LAYER_KEYS, PER_LAYER, Architecture, LayerShape
 from nas.blocks.moe import TOP_K
 from nas.blocks import MLP, Attention, GatedDeltaNet, Mamba2, MoE, Norm
 from nas.errors import ArchitectureError, UnsupportedModelError
 
 PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # Llama: before attention, before the MLP
+#: The block each pre-norm sits before: a per-layer child that skips the block has no such norm.
+BLOCK_NORMS = {"attention": "input_layernorm", "mlp": "post_attention_layernorm"}
 SANDWICH_NORMS = (*PRE_NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma 2/3: around both
 POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # OLMo 2/3: on each block's output
 
@@ -50,6 +52,8 @@ class Family:
         stored_root: what a checkpoint on disk calls `model` (Nemotron-H's say `backbone`).
         scaled_embedding: the embedding output is multiplied by sqrt(hidden_size) (Gemma), a factor that changes
             with the child's width.
+        per_layer: its decoder layer is Llama's pre-norm one (x + attn(norm(x)), x + mlp(norm(x))) reading its
+            widths from the config, which `nas.loader` builds per layer (`Architecture.per_layer`).
     """
 
     model_type: str
@@ -68,6 +72,7 @@ class Family:
     embeddings: str = "model.embed_tokens"
     final_norm: str = "model.norm"
     stored_root: str = "model"
+    per_layer: bool = False
 
     @property
     def recurrent(self) -> Mamba2 | GatedDeltaNet | None:
@@ -112,6 +117,17 @@ class Family:
                    f"cover {sorted(kinds)})"
         return None
 
+    def per_layer_refusal(self) -> str | None:
+        """Why a child of this family cannot vary its widths layer by layer, or None."""
+        if self.moe:
+            return "its MLPs are mixtures of experts; per-layer KV heads and MLP widths are for dense families"
+        if self.recurrent or self.pattern_key:
+            return "it is a hybrid (recurrent mixers beside attention), whose children stay uniform"
+        if not self.per_layer:
+            supported = ", ".join(t for t, f in FAMILIES.items() if f.per_layer)
+            return f"its decoder layer is not the Llama-style pre-norm layer nas builds per layer ({supported})"
+        return None
+
     def is_attention(self, config: Any, layer: int) -> bool:
         """Whether the parent layer `layer` holds attention (a KV cache)."""
         return any(isinstance(unit, Attention) for _, unit in self.slots(config, layer))
@@ -144,12 +160,24 @@ class Family:
             return parts[-1] == "weight" and ".".join(parts[3:-1]) in self.layer_norms
         return name == f"{self.final_norm}.weight"
 
-    def layer_parameters(self, config: Any, arch: Architecture, layer: int = 0, active: bool = False) -> int:
-        """Parameters of the child `arch`'s copy of the parent layer `layer`; `active`: those a token uses (a
-        sparse layer's top-k experts, not all)."""
-        units = sum(unit.num_parameters(config, arch, active) if isinstance(unit, MoE) else
-                    unit.num_parameters(config, arch) for _, unit in self.slots(config, layer))
-        return units + len(self.layer_norms) * self.norm.num_parameters(arch.hidden_size)
+    def layer_parameters(self, config: Any, arch: Architecture, layer: int = 0, active: bool = False,
+                         shape: LayerShape | None = None) -> int:
+        """Parameters of the child `arch`'s copy of the parent layer `layer`, at its own widths `shape` (default:
+        the global ones); `active`: those a token uses (a sparse layer's top-k experts, not all). A skipped block
+        counts nothing, nor does the norm before it."""
+        shape = shape or arch.uniform_shape
+        widths = arch if shape == arch.uniform_shape else \
+            arch.replace(per_layer=(), **{k: v for k, v in vars(shape).items() if v})
+        blocks = {"attention": shape.attention, "mlp": shape.mlp}
+        units = sum(unit.num_parameters(config, widths, active) if isinstance(unit, MoE) else
+                    unit.num_parameters(config, widths) for _, unit in self.slots(config, layer)
+                    if blocks.get(self.block_of(unit), True))
+        norms = sum(blocks[block] for block in BLOCK_NORMS) if self.per_layer else len(self.layer_norms)
+        return units + norms * self.norm.num_parameters(arch.hidden_size)
+
+    def block_of(self, unit: Any) -> str | None:
+        """"attention" or "mlp" for a unit a per-layer child may skip, else None."""
+        return "attention" if isinstance(unit, Attention) else "mlp" if unit is self.mlp else None
 
     def num_parameters(self, config: Any, arch: Architecture, active: bool = False) -> int:
         """Exact parameter count of the child `arch` of a parent with `config` (no weights needed); `active`: the
@@ -157,8 +185,8 @@ class Family:
         h = arch.hidden_size
         vocab = config.vocab_size * h
         lm_head = 0 if getattr(config, "tie_word_embeddings", False) else vocab
-        return sum(self.layer_parameters(config, arch, i, active) for i in arch.layers) + vocab + lm_head + \
-            self.norm.num_parameters(h)
+        return sum(self.layer_parameters(config, arch, i, active, arch.layer_shape(j))
+                   for j, i in enumerate(arch.layers)) + vocab + lm_head + self.norm.num_parameters(h)
 
     def check_child(self, config: Any, arch: Architecture) -> None:
         """Raise if `arch` is not a sub-architecture of the parent `config`."""
@@ -193,12 +221,24 @@ class Family:
             )
         if self.recurrent and (problem := self.recurrent.check(config, arch, parent)):
             raise ArchitectureError(problem)
+        if not arch.is_uniform:
+            self.check_layers(arch, parent)
         if self.recurrent and arch.layers and not any(self.is_attention(config, i) for i in arch.layers):
             # With no attention layer HF's hybrid cache has no sequence length, so a cached forward (generation)
             # fails in transformers; a child keeps one at least.
             raise ArchitectureError(f"layers={list(arch.layers)} keeps no attention layer of the parent's "
                                     f"{[i for i in range(parent.num_hidden_layers) if self.is_attention(config, i)]}; "
                                     f"a hybrid child must keep at least one to run with a cache")
+
+    def check_layers(self, arch: Architecture, parent: Architecture) -> None:
+        """Raise if the per-layer widths of `arch` are not this family's or not within the parent's."""
+        if problem := self.per_layer_refusal():
+            raise ArchitectureError(f"{arch.short()}: {self.model_type} takes no per-layer architecture: {problem}")
+        for j, shape in enumerate(arch.per_layer):
+            for key in LAYER_KEYS:
+                if getattr(shape, key) > parent.get(key):
+                    raise ArchitectureError(f"{PER_LAYER}.{j}.{key}={getattr(shape, key)} is larger than the "
+                                            f"parent's {parent.get(key)}; pruning can only shrink it")
 
     def child_config(self, config: Any, arch: Architecture) -> Any:
         """A stock config of the parent's class describing `arch`, with per-layer lists sliced."""
@@ -251,18 +291,18 @@ _FFN_NORMS = dict(layer_norms=("input_layernorm", "pre_ff_layernorm"), final_nor
 FAMILIES: dict[str, Family] = {
     f.model_type: f
     for f in (
-        Family("llama"),
-        Family("mistral", attention=Attention(bias_key=None)),
-        Family("qwen2", attention=Attention(bias_key=None, qkv_bias_always=True)),
-        Family("qwen3", attention=Attention(qk_norm="head")),
-        Family("nemotron", mlp=MLP(gated=False), norm=Norm("layernorm_1p")),
+        Family("llama", per_layer=True),
+        Family("mistral", attention=Attention(bias_key=None), per_layer=True),
+        Family("qwen2", attention=Attention(bias_key=None, qkv_bias_always=True), per_layer=True),
+        Family("qwen3", attention=Attention(qk_norm="head"), per_layer=True),
+        Family("nemotron", mlp=MLP(gated=False), norm=Norm("layernorm_1p"), per_layer=True),
         Family("gemma2", **_GEMMA),
         Family("gemma3_text", attention=Attention(qk_norm="head"), **_GEMMA),
         Family("phi3", attention=Attention(fused_qkv=True, bias_key=None), mlp=MLP(fused=True)),
-        Family("smollm3"),
+        Family("smollm3", per_layer=True),
         Family("olmo2", attention=Attention(qk_norm="all"), layer_norms=POST_NORMS),
         Family("olmo3", attention=Attention(qk_norm="all"), layer_norms=POST_NORMS),
-        Family("granite"),
+        Family("granite", per_layer=True),
         # Mixtures of experts.
         Family("qwen3_moe", attention=Attention(qk_norm="head"), moe=MoE("num_local_experts")),
         Family("qwen2_moe", attention=Attention(bias_key="qkv_bias", o_bias=False),
@@ -346,6 +386,9 @@ class Parent:
 
     @classmethod
     def of(cls, config: Any) -> Parent:
+        if getattr(config, "is_heterogeneous", False):
+            raise UnsupportedModelError("the parent is a per-layer child (its config.json has per_layer_config); nas "
+                                        "prunes uniform parents: prune the original parent to the architecture")
         family = family_of(config)
         return cls(config, family, Architecture.of_config(config, family.unit_keys))
 

@@ -160,11 +160,11 @@ class Fidelity:
             return self.results[key]
         arch = self.arch(label, layer_method, importances)
         if mode == "random":
-            from transformers import AutoModelForCausalLM
+            from nas.loader import build
 
             torch.manual_seed(seed)
             config = Parent.of(self.parent.config).child_config(arch)
-            student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+            student = build(config, dtype=torch.float32)
         else:
             student = prune(self.parent, importances or self.importances, arch, options).float()
         params = sum(p.numel() for p in student.parameters())

@@ -17,6 +17,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from nas.errors import NasError, UnsupportedModelError
 from nas.families import TEXT_DECODERS, family_of
 from nas.files import cache_dir, first_dir
+from nas.loader import is_per_layer, load
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +147,12 @@ def load_parent(spec: str, device: torch.device | None = None, dtype: torch.dtyp
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     quantised = {"quantization_config": _dequantised(config)} if getattr(config, "quantization_config", None) else {}
-    if device_map is not None:
+    if is_per_layer(config):  # a per-layer child (a teacher, or a model to evaluate): stock loading cannot build it
+        if device_map is not None:
+            raise UnsupportedModelError(f"--parent {spec}: a per-layer child loads on one device, not spread by a "
+                                        f"device map")
+        model = load(location, dtype=dtype, device=device)
+    elif device_map is not None:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, device_map=device_map,
                                                      offload_folder=None if offload_folder is None else str(offload_folder),
                                                      **quantised)

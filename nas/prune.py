@@ -18,13 +18,13 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from transformers import AutoModelForCausalLM
 
-from nas.architecture import Architecture
-from nas.blocks import Attention, GatedDeltaNet, Mamba2, MoE
+from nas.architecture import Architecture, LayerShape
+from nas.blocks import MLP, Attention, GatedDeltaNet, Mamba2, MoE
 from nas.errors import NasError
 from nas.families import Parent
 from nas.importance import Importances
+from nas.loader import build
 
 @dataclass(frozen=True)
 class PruneOptions:
@@ -53,22 +53,41 @@ def _top(scores: Tensor, k: int) -> Tensor:
     return scores.float().topk(k).indices.sort().values
 
 
-def head_selection(scores: Tensor, arch: Architecture, parent_kv: int) -> tuple[Tensor, Tensor]:
+def head_selection(scores: Tensor, arch: Architecture, parent_kv: int, kv: int | None = None) -> tuple[Tensor, Tensor]:
     """Kept query heads and KV heads of one layer.
 
-    The `num_key_value_heads` groups with the highest summed head score are kept; within each, the
-    `queries_per_group` best query heads. With every KV head kept this is the paper's GQA default.
+    The `kv` (default: `arch.num_key_value_heads`) groups with the highest summed head score are kept; within each,
+    the num_attention_heads / kv best query heads. With every KV head kept this is the paper's GQA default.
 
     Args:
         scores: [H] per query head.
     Returns:
         (query head indices [H'], KV head indices [K']), ascending.
     """
+    kv = kv or arch.num_key_value_heads
     per_group = scores.numel() // parent_kv
     grouped = scores.float().view(parent_kv, per_group)
-    groups = _top(grouped.sum(1), arch.num_key_value_heads)
-    queries = [g * per_group + _top(grouped[g], arch.queries_per_group) for g in groups.tolist()]
+    groups = _top(grouped.sum(1), kv)
+    queries = [g * per_group + _top(grouped[g], arch.num_attention_heads // kv) for g in groups.tolist()]
     return torch.cat(queries), groups
+
+
+def layer_heads(scores: Tensor, arch: Architecture, kv: int, parent_arch: Architecture) -> tuple[Tensor, Tensor, int]:
+    """Kept query heads of a layer with `kv` KV heads, the parent KV heads each child KV head is made of, and how
+    many that is (1: a slice).
+
+    Where whole parent groups can serve the layer's groups (num_attention_heads / kv <= the parent's queries per
+    group) this is `head_selection`. Fewer KV heads than that cannot be sliced: the layer keeps the query heads of the
+    architecture's global selection, grouped in order, and each child KV head is the mean of the parent KV heads of
+    its query heads (one per query head; the GQA paper's mean-pooling, Ainslie et al. 2023). That is exact where the
+    pooled heads are equal, and a keep-all child still equals the parent.
+    """
+    per_group = parent_arch.queries_per_group
+    if arch.num_attention_heads // kv <= per_group:
+        queries, groups = head_selection(scores, arch, parent_arch.num_key_value_heads, kv)
+        return queries, groups, 1
+    queries, _ = head_selection(scores, arch, parent_arch.num_key_value_heads)
+    return queries, queries // per_group, arch.num_attention_heads // kv
 
 
 def prune(parent: nn.Module, importances: Importances, arch: Architecture,
@@ -86,7 +105,7 @@ def prune(parent: nn.Module, importances: Importances, arch: Architecture,
     source = parent.state_dict()
     device, dtype = next(parent.parameters()).device, next(parent.parameters()).dtype
     with torch.device(device):
-        child = AutoModelForCausalLM.from_config(child_config, dtype=dtype)
+        child = build(child_config, dtype=dtype)
     expected = child.state_dict()
     state = dict(child_tensors(source.__getitem__, parent.config, expected, importances, arch, options))
     child.load_state_dict(state, strict=True)
@@ -114,6 +133,8 @@ def child_tensors(source: Callable[[str], Tensor], parent_config, expected: dict
 
     def take(name: str, parent_name: str, axes: tuple[str | None, ...], index: dict[str, Tensor]) -> Tensor:
         tensor = _slice(source(parent_name), axes, index)
+        if "kv_pool" in index:
+            tensor = _pooled(tensor, axes, int(index["kv_pool"]), arch.head_dim)
         if scaled_embedding and name in embeddings:
             tensor = tensor * factor
         elif factor != 1.0 and family.is_norm(name) and not (scaled_embedding and tied and name == final_norm):
@@ -124,8 +145,10 @@ def child_tensors(source: Callable[[str], Tensor], parent_config, expected: dict
 
     for j, i in enumerate(arch.layers):
         index = {"hidden": hidden}
-        for _, unit in family.slots(parent_config, i):
-            index.update(_unit_indices(unit, importances, i, parent_config, arch, parent_arch, options))
+        shape = arch.layer_shape(j)
+        slots = kept_slots(family, parent_config, i, shape)
+        for _, unit in slots:
+            index.update(_unit_indices(unit, importances, i, parent_config, arch, parent_arch, options, shape))
         prefix, parent_prefix = f"model.layers.{j}.", f"model.layers.{i}."
         axes = family.layer_axes(parent_config, i)
         layer = {}
@@ -135,7 +158,7 @@ def child_tensors(source: Callable[[str], Tensor], parent_config, expected: dict
                 if inner not in axes:
                     raise AssertionError(f"{family.model_type}: no slicing rule for parameter {name}")
                 layer[name] = take(name, parent_prefix + inner, axes[inner], index)
-        for path, unit in family.slots(parent_config, i):
+        for path, unit in slots:
             if isinstance(unit, Attention) and options.residual_heads:
                 o_proj = f"{path}.o_proj.weight"
                 _fold_pruned_heads(layer[prefix + o_proj], source(parent_prefix + o_proj), importances.heads[i],
@@ -149,12 +172,20 @@ def child_tensors(source: Callable[[str], Tensor], parent_config, expected: dict
             yield name, take(name, name, family.outside_axes[name], {"hidden": hidden})
 
 
+def kept_slots(family, config, i: int, shape: LayerShape) -> list[tuple[str, Any]]:
+    """The slots of the parent layer i that a child layer of `shape` keeps (a skipped block has no tensors)."""
+    return [(path, unit) for path, unit in family.slots(config, i)
+            if not (isinstance(unit, Attention) and not shape.attention)
+            and not (isinstance(unit, MLP) and path == family.ffn and not shape.mlp)]
+
+
 def _unit_indices(unit, importances: Importances, i: int, config, arch: Architecture, parent_arch: Architecture,
-                  options: PruneOptions) -> dict[str, Tensor]:
-    """The kept-index sets of one unit of the parent layer i, chosen by importance."""
+                  options: PruneOptions, shape: LayerShape) -> dict[str, Tensor]:
+    """The kept-index sets of one unit of the parent layer i, chosen by importance, for a child layer of `shape`."""
     if isinstance(unit, Attention):
-        q_heads, kv_heads = head_selection(importances.heads[i], arch, parent_arch.num_key_value_heads)
-        return unit.indices(q_heads, kv_heads, arch.head_dim, parent_arch)
+        q_heads, kv_heads, pool = layer_heads(importances.heads[i], arch, shape.num_key_value_heads, parent_arch)
+        out = unit.indices(q_heads, kv_heads, arch.head_dim, parent_arch)
+        return {**out, "kv_pool": torch.tensor(pool)} if pool > 1 else out
     if isinstance(unit, MoE):
         return _expert_indices(unit, importances, i, arch, parent_arch, options.expert_score)
     if isinstance(unit, Mamba2):
@@ -163,7 +194,7 @@ def _unit_indices(unit, importances: Importances, i: int, config, arch: Architec
     if isinstance(unit, GatedDeltaNet):
         values, keys = unit.select(importances.mixer_heads[i], arch, parent_arch)
         return unit.indices(values, keys, config, parent_arch)
-    return unit.indices(_top(importances.neurons[i], arch.intermediate_size), parent_arch.intermediate_size)
+    return unit.indices(_top(importances.neurons[i], shape.intermediate_size), parent_arch.intermediate_size)
 
 
 def _expert_indices(moe, importances: Importances, i: int, arch: Architecture, parent_arch: Architecture,
@@ -191,6 +222,15 @@ def _slice(tensor: Tensor, axes: tuple[str | None, ...], index: dict[str, Tensor
             shape[dim] = kept.shape[1]
             out = out.take_along_dim(kept.view(shape), dim)
     return out.clone() if out is tensor else out  # index_select already made a copy
+
+
+def _pooled(tensor: Tensor, axes: tuple[str | None, ...], n: int, head_dim: int) -> Tensor:
+    """`tensor` with each run of `n` sliced KV heads (along its "kv" dimensions) replaced by their mean, in fp32."""
+    for dim, axis in enumerate(axes):
+        if axis == "kv":
+            heads = tensor.unflatten(dim, (-1, n, head_dim))
+            tensor = heads.float().mean(dim + 1).to(tensor.dtype).flatten(dim, dim + 1)
+    return tensor
 
 
 def _fold_pruned_heads(o_child: Tensor, o_parent: Tensor, scores: Tensor, kept: Tensor, index: dict[str, Tensor],
@@ -279,7 +319,7 @@ def prune_checkpoint(parent_dir: str | Path, importances: Importances, arch: Arc
     moe = parent.family.moe
     child_config = parent.child_config(arch)
     with torch.device("meta"):
-        expected = AutoModelForCausalLM.from_config(child_config).state_dict()
+        expected = build(child_config).state_dict()
     tied = getattr(child_config, "tie_word_embeddings", False)
     if tied:  # stored once, as the embedding (as save_pretrained does)
         expected.pop("lm_head.weight", None)

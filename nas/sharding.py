@@ -173,8 +173,10 @@ def save_hf_model(model: nn.Module, folder: Path, model_class: type) -> None:
         return
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank_and_world()[0] == 0:
-        with torch.device("meta"):
-            plain = model_class(model.config)
+        from nas.loader import build, is_per_layer
+
+        with torch.device("meta"):  # a per-layer child's layers differ from its class's stock ones
+            plain = build(model.config) if is_per_layer(model.config) else model_class(model.config)
         plain.load_state_dict(full, assign=True, strict=False)
         plain.tie_weights()
         plain.save_pretrained(folder)

@@ -57,6 +57,41 @@ def test_json_round_trip_uses_hf_keys():
     assert arch.mlp_expansion == 2.0
 
 
+_PER_LAYER = {"num_hidden_layers": 4, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "head_dim": 64, "intermediate_size": 1536, "layers": [0, 1, 2, 29],
+              "per_layer_config": {"1": {"skip": ["attention"]}, "2": {"skip": ["mlp"]},
+                                   "3": {"num_key_value_heads": 1, "intermediate_size": 1024}}}
+
+
+def test_per_layer_json_is_the_uniform_json_plus_transformers_per_layer_config():
+    arch = Architecture.from_dict(_PER_LAYER)
+    assert [(s.num_key_value_heads, s.intermediate_size) for s in arch.layer_shapes] == \
+        [(3, 1536), (0, 1536), (3, 0), (1, 1024)]
+    assert not arch.layer_shape(1).attention and not arch.layer_shape(2).mlp
+    assert arch.to_dict() == _PER_LAYER and Architecture.from_dict(arch.to_dict()) == arch
+    uniform = Architecture.from_dict({k: v for k, v in _PER_LAYER.items() if k != "per_layer_config"})
+    assert arch.short().startswith(uniform.short() + "-P") and arch.short() != uniform.short()
+    # a table whose every layer takes the global widths is the uniform child, with its JSON and label
+    same = Architecture.from_dict({**_PER_LAYER, "per_layer_config": {"0": {"num_key_value_heads": 3}}})
+    assert same == uniform and same.to_dict() == uniform.to_dict() and same.short() == uniform.short()
+    other = Architecture.from_dict({**_PER_LAYER, "per_layer_config": {"1": {"skip": ["mlp"]}}})
+    assert other.short() != arch.short()
+
+
+@pytest.mark.parametrize("table, match", [
+    ({"4": {}}, r"per_layer_config.4: not a child layer index \(0 to 3\)"),
+    ({"1": {"skip": "mlp"}}, r"per_layer_config.1.skip='mlp'"),
+    ({"1": {"skip": ["moe"]}}, r"per_layer_config.1.skip"),
+    ({"1": {"num_key_value_heads": 2}}, "must divide num_attention_heads=9"),
+    ({"1": {"num_key_value_heads": -1}}, r"per_layer_config.1.num_key_value_heads=-1"),
+    ({"1": {"hidden_size": 1}}, r"per_layer_config.1: a layer sets only"),
+    ([1], "must map child layer indices"),
+])
+def test_invalid_per_layer_tables_name_the_layer_and_field(table, match):
+    with pytest.raises(ArchitectureError, match=match):
+        Architecture.from_dict({**_PER_LAYER, "per_layer_config": table})
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(num_attention_heads=5), "multiple of num_key_value_heads"),
     (dict(layers=(0,)), "layers has 1 entries"),
