@@ -262,3 +262,110 @@ def test_prune_and_export_write_the_format(capsys, tiny_parent_dir, text_file, t
     assert torch.equal(torch.from_numpy(down.data.copy()), hf.half())
     assert main(["prune", *common[1:], "--out", str(tmp_path / "bad"), "--dtype", "float16"]) == 2
     assert "--dtype float16: applies to --format decilm and gguf" in capsys.readouterr().err
+
+
+
+def test_export_takes_a_format_only_for_its_checkpoint(capsys, tmp_path):
+    assert main(["export", "--study", "s", "--out", str(tmp_path / "best.json"), "--format", "gguf"]) == 2
+    assert "--format/--dtype: they say how to write --checkpoint; give --checkpoint DIR" in capsys.readouterr().err
+
+# The engines run the exports of children of the real SmolLM2-135M with the greedy tokens of nas's own loader
+# (fp32, 24 tokens, two prompts given as text: each engine tokenizes them, llama.cpp with the GGUF's vocabulary).
+
+#: The per-layer child of the issue's bar: layer 3 without attention, layer 7 without an MLP, 1 KV head (of 3) in
+#: layers 10, 11 and 14, MLP widths 512 (layers 12-13) and 1024 (14-15) of 1536; all 30 layers kept.
+BAR = {"3": {"skip": ["attention"]}, "7": {"skip": ["mlp"]}, "10": {"num_key_value_heads": 1},
+       "11": {"num_key_value_heads": 1}, "12": {"intermediate_size": 512}, "13": {"intermediate_size": 512},
+       "14": {"num_key_value_heads": 1, "intermediate_size": 1024}, "15": {"intermediate_size": 1024}}
+#: The uniform demo winner's shape, L20-H9-KV3-M1280-E576 (its 20 layers kept by importance).
+WINNER = {"num_hidden_layers": 20, "intermediate_size": 1280}
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M's importances on a little of the plays, saved for `nas prune`, and a folder to work in."""
+    from nas.data import load_tokens
+    from nas.parents import load_parent
+
+    folder = tmp_path_factory.mktemp("smollm2")
+    model, tokenizer = load_parent("smollm2-135m", device=torch.device("cpu"), dtype=torch.float32)
+    compute_importance(model, load_tokens("shakespeare", tokenizer, 64)[:8],
+                       ImportanceSettings(drop_samples=0)).save(folder / "imp.safetensors")
+    return folder
+
+
+def _pruned(capsys, folder: Path, name: str, arch: dict, fmt: str = "hf") -> Path:
+    """`nas prune` of SmolLM2 to `arch` (its own JSON updated) in format `fmt`."""
+    parent = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "head_dim": 64, "intermediate_size": 1536, "layers": list(range(30))}
+    full = {**parent, **arch}
+    if full["num_hidden_layers"] != 30:
+        del full["layers"]  # kept by importance
+    (folder / f"{name}.json").write_text(json.dumps(full))
+    out = folder / f"{name}-{fmt}"
+    assert main(["prune", "--arch", str(folder / f"{name}.json"), "--importance", str(folder / "imp.safetensors"),
+                 "--out", str(out), "--format", fmt]) == 0, capsys.readouterr().err
+    return out
+
+
+def _reference(child: Path) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompts' token ids and nas.load's greedy continuations of them."""
+    import nas
+    from test_engines import NEW_TOKENS, PROMPTS, greedy
+
+    model = nas.load(child, dtype=torch.float32).eval()
+    ids = [AutoTokenizer.from_pretrained(child)(p).input_ids for p in PROMPTS]
+    return ids, [greedy(model, i, NEW_TOKENS) for i in ids]
+
+
+def _vllm_matches(child: Path, decilm: Path) -> None:
+    from nas.engines import vllm_greedy
+    from test_engines import NEW_TOKENS, PROMPTS
+
+    prompt_ids, reference = _reference(child)
+    runs = vllm_greedy(decilm, PROMPTS, NEW_TOKENS, trust_remote_code=True)
+    assert [r.prompt_ids for r in runs] == prompt_ids
+    assert [r.token_ids for r in runs] == reference
+
+
+def _llama_cpp_matches(child: Path, gguf_folder: Path) -> None:
+    from nas.engines import llama_greedy
+    from test_engines import NEW_TOKENS, PROMPTS
+
+    prompt_ids, reference = _reference(child)
+    runs = llama_greedy(gguf_folder / "model.gguf", PROMPTS, NEW_TOKENS)
+    assert [r.prompt_ids for r in runs] == prompt_ids  # the GGUF's vocabulary splits text as the HF tokenizer
+    assert [r.token_ids for r in runs] == reference
+
+
+@pytest.mark.slow
+@pytest.mark.engine("vllm")
+def test_vllm_runs_the_decilm_export_of_a_per_layer_smollm2_child(capsys, smollm2):
+    arch = {"per_layer_config": BAR}
+    _vllm_matches(_pruned(capsys, smollm2, "bar", arch), _pruned(capsys, smollm2, "bar", arch, "decilm"))
+    # The same child as a GGUF is refused, in one line, for its MLP-free layer.
+    (smollm2 / "gguf-try").mkdir()
+    assert main(["prune", "--arch", str(smollm2 / "bar.json"), "--importance", str(smollm2 / "imp.safetensors"),
+                 "--out", str(smollm2 / "gguf-try" / "out"), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "child layer 7 keeps attention but has no MLP" in err[0]
+
+
+@pytest.mark.slow
+@pytest.mark.engine("llama.cpp")
+def test_llama_cpp_runs_the_gguf_export_of_the_child_without_its_mlp_free_layer(capsys, smollm2):
+    arch = {"per_layer_config": {k: v for k, v in BAR.items() if k != "7"}}
+    _llama_cpp_matches(_pruned(capsys, smollm2, "bar-gguf", arch),
+                       _pruned(capsys, smollm2, "bar-gguf", arch, "gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.engine("vllm")
+def test_vllm_runs_the_decilm_export_of_the_uniform_winner(capsys, smollm2):
+    _vllm_matches(_pruned(capsys, smollm2, "winner", WINNER), _pruned(capsys, smollm2, "winner", WINNER, "decilm"))
+
+
+@pytest.mark.slow
+@pytest.mark.engine("llama.cpp")
+def test_llama_cpp_runs_the_gguf_export_of_the_uniform_winner(capsys, smollm2):
+    _llama_cpp_matches(_pruned(capsys, smollm2, "winner", WINNER), _pruned(capsys, smollm2, "winner", WINNER, "gguf"))
