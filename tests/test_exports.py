@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
+import nas
 from conftest import tiny_model
 from nas.architecture import Architecture
 from nas.cli import main
@@ -26,10 +27,11 @@ from nas.importance import ImportanceSettings, compute_importance
 from nas.prune import prune
 
 #: The mixed child of a tiny parent (4 layers, 6 query heads, 2 KV heads, MLP 80): layer 1 without attention,
-#: layer 2 with 1 KV head and MLP 40, layer 3 without an MLP (DeciLM) or without either block (GGUF).
+#: layer 2 with 1 KV head and MLP 40, layer 3 without an MLP. Its GGUF form (llama.cpp cannot run an MLP-free
+#: layer that keeps attention, nor an MLP-free last layer): layer 1 without either block, layer 3 without attention.
 MIXED = {"1": {"skip": ["attention"]}, "2": {"num_key_value_heads": 1, "intermediate_size": 40},
          "3": {"skip": ["mlp"]}}
-MIXED_GGUF = {**MIXED, "3": {"skip": ["attention", "mlp"]}}
+MIXED_GGUF = {"1": {"skip": ["attention", "mlp"]}, "2": MIXED["2"], "3": {"skip": ["attention"]}}
 
 
 def _saved(tmp_path: Path, name: str, tokenizer, per_layer: dict | None = None, **config) -> Path:
@@ -87,13 +89,13 @@ def test_gguf_of_a_per_layer_child_reads_back_as_deci(tiny_tokenizer, tmp_path):
     # rounding to 256, which would make 40 and 80 into 256).
     assert fields["deci.attention.head_count"] == [6, 0, 6, 0]
     assert fields["deci.attention.head_count_kv"] == [2, 0, 1, 0]
-    assert fields["deci.feed_forward_length"] == [80, 80, 40, 0]
+    assert fields["deci.feed_forward_length"] == [80, 0, 40, 80]
     assert fields["deci.attention.key_length"] == 12 and fields["deci.embedding_length"] == 48
     saved = load_file(child / "model.safetensors")
     tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.DECI, 4)
     assert len(tensors) == len(saved)  # untied: lm_head is output.weight; no tensor for a skipped block
-    assert not [n for n in tensors if n.startswith(("blk.1.attn", "blk.3."))]
+    assert not [n for n in tensors if n.startswith(("blk.1.", "blk.3.attn"))]
     for key, value in saved.items():
         if ".q_proj." not in key and ".k_proj." not in key:
             assert torch.equal(tensors[names.get_name(key, try_suffixes=(".weight", ".bias"))], value), key
@@ -196,6 +198,7 @@ def test_decilm_in_bfloat16_casts_the_tensors(tiny_tokenizer, tmp_path):
 @pytest.mark.parametrize("name, per_layer, fmt, message", [
     ("llama", {"2": {"skip": ["mlp"]}}, "gguf", "child layer 2 keeps attention but has no MLP, and llama.cpp's "
                                                 "src/models/deci.cpp"),
+    ("llama", {"3": {"skip": ["attention", "mlp"]}}, "gguf", "child layer 3, the last, has no MLP"),
     ("llama", {"0": {"skip": ["attention"]}}, "decilm", "child layer 0 has no attention"),
     ("llama", {"0": {"skip": ["attention"]}}, "gguf", "child layer 0 has no attention"),
     ("qwen3", {}, "decilm", "no q/k norms"),
@@ -310,7 +313,6 @@ def _pruned(capsys, folder: Path, name: str, arch: dict, fmt: str = "hf") -> Pat
 
 def _reference(child: Path) -> tuple[list[list[int]], list[list[int]]]:
     """The prompts' token ids and nas.load's greedy continuations of them."""
-    import nas
     from test_engines import NEW_TOKENS, PROMPTS, greedy
 
     model = nas.load(child, dtype=torch.float32).eval()
@@ -369,3 +371,18 @@ def test_vllm_runs_the_decilm_export_of_the_uniform_winner(capsys, smollm2):
 @pytest.mark.engine("llama.cpp")
 def test_llama_cpp_runs_the_gguf_export_of_the_uniform_winner(capsys, smollm2):
     _llama_cpp_matches(_pruned(capsys, smollm2, "winner", WINNER), _pruned(capsys, smollm2, "winner", WINNER, "gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.engine("llama.cpp")
+def test_llama_cpp_reads_widths_exactly_and_runs_a_layer_without_either_block(tiny_tokenizer, tmp_path):
+    """MLP widths 80 and 40 (no multiple of 256: llama.cpp would fail to load them rounded), a layer without
+    either block, one without attention, and Llama's biases: llama.cpp's tokens are nas.load's."""
+    from nas.engines import llama_greedy
+    from test_engines import greedy
+
+    child = _saved(tmp_path, "llama", tiny_tokenizer, MIXED_GGUF)
+    prompts = [[5, 17, 33, 101, 7], [250, 3, 64, 12, 199, 42]]
+    runs = llama_greedy(export(child, tmp_path / "out", "gguf") / "model.gguf", prompts, 12)
+    model = nas.load(child, dtype=torch.float32).eval()
+    assert [r.token_ids for r in runs] == [greedy(model, p, 12) for p in prompts]

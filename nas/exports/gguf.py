@@ -47,6 +47,10 @@ def check_gguf(config: dict[str, Any], arch: Architecture, tokenizer: str | Path
                           f"{DECI_GRAPH} skips such a layer's attention residual (`continue` when n_ff == 0), "
                           f"so it would run wrongly; drop the layer's attention too, keep its MLP, or use --format "
                           f"decilm (vLLM)")
+    if per_layer and not arch.layer_shapes[-1].mlp:
+        raise ConfigError(f"--format gguf: child layer {arch.num_hidden_layers - 1}, the last, has no MLP, and "
+                          f"llama.cpp's {DECI_GRAPH} then drops the last layer's selection of output rows (it "
+                          f"aborts: GGML_ASSERT(buffer)); keep the last layer's MLP or use --format decilm (vLLM)")
     rope = config.get("rope_parameters") or {"rope_type": (config.get("rope_scaling") or {}).get("rope_type")}
     if rope.get("rope_type") not in (None, "default"):
         raise ConfigError(f"--format gguf: rope_type={rope['rope_type']}: this export writes plain RoPE only; use "
