@@ -89,6 +89,7 @@ def cmd_prune(args) -> None:
     from transformers import AutoTokenizer
 
     from nas.architecture import KIND_AXIS, Architecture
+    from nas.exports import check as check_export, written
     from nas.families import Parent
     from nas.files import atomic_dir
     from nas.importance import Importances
@@ -116,7 +117,10 @@ def cmd_prune(args) -> None:
     arch = Architecture.from_dict({k: v for k, v in data.items() if not k.startswith(KIND_AXIS)})
     options = PruneOptions(rescale_norms=not args.no_rescale_norms, residual_heads=not args.no_residual_heads)
     location = resolve_parent(args.parent)
-    with atomic_dir(args.out) as tmp:
+    if args.format != "hf":  # an export the engines cannot run is refused before the parent is read
+        check_export(parent_config(args.parent).to_dict(), arch, args.format,
+                     location if Path(location).is_dir() else None)
+    with written(args.out, args.format, args.dtype) as target, atomic_dir(target) as tmp:
         if Path(location).is_dir() and args.device is None:
             # A checkpoint on disk is pruned file to file: the parent is never loaded whole.
             prune_checkpoint(location, importances, arch, tmp, options)
@@ -129,7 +133,8 @@ def cmd_prune(args) -> None:
             tokenizer.save_pretrained(tmp)
             n = sum(p.numel() for p in child.parameters())
         (tmp / "architecture.json").write_text(json.dumps(arch.to_dict(), indent=2) + "\n")
-    print(f"pruned {args.parent} -> {arch.short()} ({n:,} parameters) -> {args.out}")
+    print(f"pruned {args.parent} -> {arch.short()} ({n:,} parameters) -> {args.out}"
+          + (f" ({args.format})" if args.format != "hf" else ""))
 
 
 def _train_val(args, tokenizer):
@@ -367,16 +372,22 @@ def cmd_search(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from contextlib import nullcontext
+
+    from nas.exports import written
     from nas.search import export_best
     from nas.storage import is_uri
 
+    if (args.format != "hf" or args.dtype) and not args.checkpoint:
+        raise NasError("--format/--dtype: they say how to write --checkpoint; give --checkpoint DIR")
     if args.storage is None and is_uri(args.root):
         raise NasError(f"--storage: the run folder {args.root} is a URI, so the study lives in a database; "
                        f"give its URL (the space's `storage:`)")
     storage = args.storage or f"sqlite:///{(Path(args.root).resolve() / args.study / 'study.db')}"
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
         raise NasError(f"--storage {storage}: no such sqlite file; give --storage or run `nas search` first")
-    best = export_best(args.study, storage, args.out, args.checkpoint, args.root)
+    with written(args.checkpoint, args.format, args.dtype) if args.checkpoint else nullcontext() as checkpoint:
+        best = export_best(args.study, storage, args.out, checkpoint, args.root)
     print(json.dumps(best, indent=2))
 
 
@@ -433,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-residual-heads", action="store_true", help="do not fold pruned heads' output projections")
     p.add_argument("--device", default=None, help="load the parent on this device and prune in memory (default: a "
                    "local checkpoint is pruned file to file, tensor by tensor)")
+    _add_format(p)
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("distill", help="retrain a pruned student by knowledge distillation")
@@ -496,9 +508,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", default=None, help="Optuna storage URL (default: trials/<study>/study.db)")
     p.add_argument("--root", default="trials", help="the search's run folder (path or URI)")
     p.add_argument("--out", required=True, help="JSON file")
-    p.add_argument("--checkpoint", default=None, help="also write the winner as an HF checkpoint here")
+    p.add_argument("--checkpoint", default=None, help="also write the winner's checkpoint here (in --format)")
+    _add_format(p)
     p.set_defaults(func=cmd_export)
     return parser
+
+
+def _add_format(p: argparse.ArgumentParser) -> None:
+    from nas.exports import DTYPES, FORMATS
+
+    p.add_argument("--format", choices=FORMATS, default="hf", help="hf: a stock HF folder; decilm: a folder vLLM "
+                   "runs (DeciLMForCausalLM, trust_remote_code); gguf: a folder holding model.gguf for llama.cpp")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="tensor dtype of a decilm or gguf export "
+                   "(default float32)")
 
 
 def _add_training(p: argparse.ArgumentParser) -> None:

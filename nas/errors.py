@@ -23,3 +23,7 @@ class ConfigError(NasError):
 
 class TrainingError(NasError):
     """A training run that cannot go on (e.g. a non-finite loss)."""
+
+
+class EngineError(NasError):
+    """A serving engine (vLLM, llama.cpp) that is not installed or fails on a model."""

@@ -193,7 +193,18 @@ def tiny_space(folder: Path, tokenizer, name: str = "tiny", **overrides) -> dict
 
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` are collected everywhere and skipped, with the reason, where CUDA is missing: `pytest -m
-    gpu` lists them on any machine and runs them on a GPU one."""
+    gpu` lists them on any machine and runs them on a GPU one. Tests marked `engine("vllm")` or
+    `engine("llama.cpp")` are skipped, with the reason, only where that engine is not installed."""
+    from nas.engines import absent_reason, engine_python
+
+    present: dict[str, bool] = {}  # each engine is looked for once, and only if a collected test needs it
+    for item in items:
+        if marker := item.get_closest_marker("engine"):
+            engine = marker.args[0]
+            if engine not in present:
+                present[engine] = engine_python(engine) is not None
+            if not present[engine]:
+                item.add_marker(pytest.mark.skip(reason=absent_reason(engine)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason=f"needs CUDA: torch {torch.__version__} sees no GPU on this machine")
