@@ -1,4 +1,5 @@
-"""Children run in the real serving engines: vLLM and llama.cpp give the greedy tokens transformers gives (fp32).
+"""Children run in the real serving engines: vLLM and llama.cpp give the greedy tokens nas gives (fp32), on uniform
+and per-layer children of the real SmolLM2-135M.
 
 The engines are built by `bash scripts/setup.sh --engines` (CI does); each test is skipped, with the reason, only
 where its engine is absent.
@@ -11,8 +12,9 @@ import torch
 
 from nas.architecture import Architecture
 from nas.data import load_tokens
-from nas.engines import absent_reason, engine_python, vllm_greedy
+from nas.engines import engine_python, llama_greedy, vllm_greedy
 from nas.errors import EngineError
+from nas.exports import export
 from nas.importance import ImportanceSettings, compute_importance
 from nas.parents import load_parent
 from nas.prune import prune
@@ -32,40 +34,97 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
     return ids[-n:]
 
 
+#: A per-layer child of SmolLM2-135M (30 layers, 9 query heads, 3 KV heads, MLP 1536), transformers'
+#: `per_layer_config`: a layer without attention, one without an MLP, KV heads 3 or 1, MLP widths 1536, 1024 or 512.
+PER_LAYER = {"3": {"skip": ["attention"]}, "7": {"skip": ["mlp"]}, "10": {"num_key_value_heads": 1},
+             "11": {"num_key_value_heads": 1, "intermediate_size": 1024}, "12": {"intermediate_size": 512},
+             "13": {"intermediate_size": 512}}
+#: The same without its MLP-free layer, which llama.cpp computes wrongly (its src/models/deci.cpp skips the whole
+#: layer where n_ff == 0; --format gguf refuses it).
+PER_LAYER_GGUF = {k: v for k, v in PER_LAYER.items() if k != "7"}
+
+
 @pytest.fixture(scope="module")
-def uniform_child(tmp_path_factory):
-    """The demo winner's shape (L20-H9-KV3-M1280-E576) pruned from the real SmolLM2-135M, saved as HF, with its
-    tokenizer and the reference continuations of PROMPTS."""
+def smollm2():
+    """The real SmolLM2-135M in fp32 with its tokenizer and importances (8 x 64 tokens of its own text)."""
     model, tokenizer = load_parent("smollm2-135m", device=torch.device("cpu"), dtype=torch.float32)
     importances = compute_importance(model, load_tokens("shakespeare", tokenizer, 64)[:8],
                                      ImportanceSettings(drop_samples=0))
-    layers = kept_layers({"num_hidden_layers": 20}, model.config, importances, "bi")
-    arch = Architecture.of_config(model.config).replace(intermediate_size=1280, num_hidden_layers=20, layers=layers)
-    child = prune(model, importances, arch)
-    path = tmp_path_factory.mktemp("engines") / "child"
-    child.save_pretrained(path)
+    return model, tokenizer, importances
+
+
+def saved_child(smollm2, arch: Architecture, path):
+    """`arch` pruned from SmolLM2 and saved as `nas prune` saves it, with the reference continuations of PROMPTS by
+    nas's loader reading that folder back."""
+    import nas
+
+    model, tokenizer, importances = smollm2
+    prune(model, importances, arch).save_pretrained(path)
     tokenizer.save_pretrained(path)
     prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
+    child = nas.load(path, dtype=torch.float32)
     return path, prompt_ids, [greedy(child, ids, NEW_TOKENS) for ids in prompt_ids]
+
+
+@pytest.fixture(scope="module")
+def uniform_child(smollm2, tmp_path_factory):
+    """The demo winner's shape (L20-H9-KV3-M1280-E576, layers kept by importance), saved as HF."""
+    model, _, importances = smollm2
+    layers = kept_layers({"num_hidden_layers": 20}, model.config, importances, "bi")
+    arch = Architecture.of_config(model.config).replace(intermediate_size=1280, num_hidden_layers=20, layers=layers)
+    return saved_child(smollm2, arch, tmp_path_factory.mktemp("engines") / "uniform")
+
+
+def per_layer_child(smollm2, table: dict, path):
+    return saved_child(smollm2, Architecture.from_dict(
+        {**Architecture.of_config(smollm2[0].config).to_dict(), "per_layer_config": table}), path)
+
+
+def assert_same(runs, prompt_ids, reference):
+    assert [r.prompt_ids for r in runs] == prompt_ids  # the engine tokenized the text as transformers does
+    assert [r.token_ids for r in runs] == reference
+    assert all(r.text for r in runs)
 
 
 @pytest.mark.slow
 @pytest.mark.engine("vllm")
 def test_vllm_matches_transformers_on_a_uniform_child(uniform_child):
     path, prompt_ids, reference = uniform_child
-    runs = vllm_greedy(path, PROMPTS, NEW_TOKENS)
-    assert [r.prompt_ids for r in runs] == prompt_ids  # vLLM tokenized the text as transformers does
-    assert [r.token_ids for r in runs] == reference
-    assert all(r.text for r in runs)
+    assert_same(vllm_greedy(path, PROMPTS, NEW_TOKENS), prompt_ids, reference)
 
 
-def test_an_absent_engine_is_named_with_the_fix(monkeypatch, tmp_path):
+@pytest.mark.slow
+@pytest.mark.engine("llama.cpp")
+def test_llama_cpp_matches_transformers_on_a_uniform_child(uniform_child, tmp_path):
+    path, prompt_ids, reference = uniform_child
+    gguf = export(path, tmp_path / "gguf", "gguf") / "model.gguf"  # f32, the tokenizer inside
+    assert_same(llama_greedy(gguf, PROMPTS, NEW_TOKENS), prompt_ids, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.engine("vllm")
+def test_vllm_matches_nas_on_a_per_layer_child(smollm2, tmp_path):
+    path, prompt_ids, reference = per_layer_child(smollm2, PER_LAYER, tmp_path / "child")
+    decilm = export(path, tmp_path / "decilm", "decilm")
+    assert_same(vllm_greedy(decilm, PROMPTS, NEW_TOKENS), prompt_ids, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.engine("llama.cpp")
+def test_llama_cpp_matches_nas_on_a_per_layer_child(smollm2, tmp_path):
+    path, prompt_ids, reference = per_layer_child(smollm2, PER_LAYER_GGUF, tmp_path / "child")
+    gguf = export(path, tmp_path / "gguf", "gguf") / "model.gguf"
+    assert_same(llama_greedy(gguf, PROMPTS, NEW_TOKENS), prompt_ids, reference)
+
+
+@pytest.mark.parametrize("engine, name, var, run", [("vllm", "vLLM", "NAS_VLLM_PYTHON", vllm_greedy),
+                                                    ("llama.cpp", "llama.cpp", "NAS_LLAMA_PYTHON", llama_greedy)])
+def test_an_absent_engine_is_named_with_the_fix(monkeypatch, tmp_path, engine, name, var, run):
     monkeypatch.setenv("NAS_ENGINES_DIR", str(tmp_path))
-    monkeypatch.delenv("NAS_VLLM_PYTHON", raising=False)
-    assert engine_python("vllm") is None
-    with pytest.raises(EngineError, match=r"^vLLM not installed: bash scripts/setup.sh --engines"):
-        vllm_greedy(tmp_path, PROMPTS, 2)
-    # A python of one's own that lacks the engine (this venv's: nas's transformers is too new for vLLM) is absent
-    # too, not a crash in the middle of a run.
-    monkeypatch.setenv("NAS_VLLM_PYTHON", sys.executable)
-    assert engine_python("vllm") is None and "NAS_VLLM_PYTHON" in absent_reason("vllm")
+    monkeypatch.delenv(var, raising=False)
+    assert engine_python(engine) is None
+    with pytest.raises(EngineError, match=rf"^{name} not installed: bash scripts/setup.sh --engines \(or set {var}"):
+        run(tmp_path / "model", PROMPTS, 2)
+    # A python of one's own without the engine (this venv's) is absent too, not a crash in the middle of a run.
+    monkeypatch.setenv(var, sys.executable)
+    assert engine_python(engine) is None
