@@ -1,5 +1,5 @@
-"""Children run in the real serving engines: vLLM and llama.cpp give the greedy tokens nas gives (fp32), on uniform
-and per-layer children of the real SmolLM2-135M.
+"""Children run in the real serving engines: vLLM and llama.cpp give the greedy tokens transformers gives (fp32) on a
+uniform child of the real SmolLM2-135M. (Per-layer children in the engines: tests/test_exports.py.)
 
 The engines are built by `bash scripts/setup.sh --engines` (CI does); each test is skipped, with the reason, only
 where its engine is absent.
@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from nas.architecture import Architecture
 from nas.data import load_tokens
@@ -34,50 +35,21 @@ def greedy(model, ids: list[int], n: int) -> list[int]:
     return ids[-n:]
 
 
-#: A per-layer child of SmolLM2-135M (30 layers, 9 query heads, 3 KV heads, MLP 1536), transformers'
-#: `per_layer_config`: a layer without attention, one without an MLP, KV heads 3 or 1, MLP widths 1536, 1024 or 512.
-PER_LAYER = {"3": {"skip": ["attention"]}, "7": {"skip": ["mlp"]}, "10": {"num_key_value_heads": 1},
-             "11": {"num_key_value_heads": 1, "intermediate_size": 1024}, "12": {"intermediate_size": 512},
-             "13": {"intermediate_size": 512}}
-#: The same without its MLP-free layer, which llama.cpp computes wrongly (its src/models/deci.cpp skips the whole
-#: layer where n_ff == 0; --format gguf refuses it).
-PER_LAYER_GGUF = {k: v for k, v in PER_LAYER.items() if k != "7"}
-
-
 @pytest.fixture(scope="module")
-def smollm2():
-    """The real SmolLM2-135M in fp32 with its tokenizer and importances (8 x 64 tokens of its own text)."""
+def uniform_child(tmp_path_factory):
+    """The demo winner's shape (L20-H9-KV3-M1280-E576, layers kept by importance) pruned from the real SmolLM2-135M
+    and saved as HF, with the reference continuations of PROMPTS by stock transformers reading that folder back."""
     model, tokenizer = load_parent("smollm2-135m", device=torch.device("cpu"), dtype=torch.float32)
     importances = compute_importance(model, load_tokens("shakespeare", tokenizer, 64)[:8],
                                      ImportanceSettings(drop_samples=0))
-    return model, tokenizer, importances
-
-
-def saved_child(smollm2, arch: Architecture, path):
-    """`arch` pruned from SmolLM2 and saved as `nas prune` saves it, with the reference continuations of PROMPTS by
-    nas's loader reading that folder back."""
-    import nas
-
-    model, tokenizer, importances = smollm2
-    prune(model, importances, arch).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
-    child = nas.load(path, dtype=torch.float32)
-    return path, prompt_ids, [greedy(child, ids, NEW_TOKENS) for ids in prompt_ids]
-
-
-@pytest.fixture(scope="module")
-def uniform_child(smollm2, tmp_path_factory):
-    """The demo winner's shape (L20-H9-KV3-M1280-E576, layers kept by importance), saved as HF."""
-    model, _, importances = smollm2
     layers = kept_layers({"num_hidden_layers": 20}, model.config, importances, "bi")
     arch = Architecture.of_config(model.config).replace(intermediate_size=1280, num_hidden_layers=20, layers=layers)
-    return saved_child(smollm2, arch, tmp_path_factory.mktemp("engines") / "uniform")
-
-
-def per_layer_child(smollm2, table: dict, path):
-    return saved_child(smollm2, Architecture.from_dict(
-        {**Architecture.of_config(smollm2[0].config).to_dict(), "per_layer_config": table}), path)
+    path = tmp_path_factory.mktemp("engines") / "uniform"
+    prune(model, importances, arch).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    child = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt_ids = [tokenizer(p).input_ids for p in PROMPTS]
+    return path, prompt_ids, [greedy(child, ids, NEW_TOKENS) for ids in prompt_ids]
 
 
 def assert_same(runs, prompt_ids, reference):
@@ -98,22 +70,6 @@ def test_vllm_matches_transformers_on_a_uniform_child(uniform_child):
 def test_llama_cpp_matches_transformers_on_a_uniform_child(uniform_child, tmp_path):
     path, prompt_ids, reference = uniform_child
     gguf = export(path, tmp_path / "gguf", "gguf") / "model.gguf"  # f32, the tokenizer inside
-    assert_same(llama_greedy(gguf, PROMPTS, NEW_TOKENS), prompt_ids, reference)
-
-
-@pytest.mark.slow
-@pytest.mark.engine("vllm")
-def test_vllm_matches_nas_on_a_per_layer_child(smollm2, tmp_path):
-    path, prompt_ids, reference = per_layer_child(smollm2, PER_LAYER, tmp_path / "child")
-    decilm = export(path, tmp_path / "decilm", "decilm")
-    assert_same(vllm_greedy(decilm, PROMPTS, NEW_TOKENS), prompt_ids, reference)
-
-
-@pytest.mark.slow
-@pytest.mark.engine("llama.cpp")
-def test_llama_cpp_matches_nas_on_a_per_layer_child(smollm2, tmp_path):
-    path, prompt_ids, reference = per_layer_child(smollm2, PER_LAYER_GGUF, tmp_path / "child")
-    gguf = export(path, tmp_path / "gguf", "gguf") / "model.gguf"
     assert_same(llama_greedy(gguf, PROMPTS, NEW_TOKENS), prompt_ids, reference)
 
 
