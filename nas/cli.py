@@ -371,14 +371,14 @@ def cmd_export(args) -> None:
     from nas.search import export_best
     from nas.storage import is_uri
 
+    if (args.format != "hf" or args.dtype) and not args.checkpoint:
+        raise NasError("--format/--dtype: they say how to write --checkpoint; give --checkpoint DIR")
     if args.storage is None and is_uri(args.root):
         raise NasError(f"--storage: the run folder {args.root} is a URI, so the study lives in a database; "
                        f"give its URL (the space's `storage:`)")
     storage = args.storage or f"sqlite:///{(Path(args.root).resolve() / args.study / 'study.db')}"
     if storage.startswith("sqlite:///") and not Path(storage[len("sqlite:///"):]).exists():
         raise NasError(f"--storage {storage}: no such sqlite file; give --storage or run `nas search` first")
-    if (args.format != "hf" or args.dtype) and not args.checkpoint:
-        raise NasError(f"--format {args.format}: says how to write --checkpoint; give --checkpoint DIR")
     with written(args.checkpoint, args.format, args.dtype) if args.checkpoint else nullcontext() as checkpoint:
         best = export_best(args.study, storage, args.out, checkpoint, args.root)
     print(json.dumps(best, indent=2))

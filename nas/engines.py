@@ -69,7 +69,8 @@ def main():
     # One process, eager: vLLM's engine core and worker processes (each importing vLLM again) and its compiled
     # graphs would cost minutes on a small CPU, for a few dozen tokens.
     llm = LLM(model=job["model"], dtype=job["dtype"], seed=0, max_model_len=job["max_len"], enforce_eager=True,
-              max_num_seqs=len(job["prompts"]), distributed_executor_backend="uni")
+              max_num_seqs=len(job["prompts"]), distributed_executor_backend="uni",
+              trust_remote_code=job["trust_remote_code"])
     tokenizer = llm.get_tokenizer()
     prompts = [TokensPrompt(prompt_token_ids=p if isinstance(p, list) else tokenizer.encode(p))
                for p in job["prompts"]]
@@ -136,12 +137,14 @@ def _run(engine: str, script: str, model: Path, prompts: list, max_tokens: int, 
 
 
 def vllm_greedy(model_dir: str | Path, prompts: list[str | list[int]], max_tokens: int, dtype: str = "float32",
-                timeout: float = 900) -> list[Generation]:
+                timeout: float = 900, trust_remote_code: bool = False) -> list[Generation]:
     """Greedy continuations of `prompts` (text, or token ids) by vLLM from an HF model folder, `max_tokens` each.
 
     fp32 by default: on CPU it is what nas's reference runs in, so the tokens can be compared exactly.
+    `trust_remote_code` lets vLLM import the folder's own configuration module (a `--format decilm` export's).
     """
-    return _run("vllm", _VLLM, Path(model_dir).resolve(), prompts, max_tokens, timeout, dtype=dtype)
+    return _run("vllm", _VLLM, Path(model_dir).resolve(), prompts, max_tokens, timeout, dtype=dtype,
+                trust_remote_code=trust_remote_code)
 
 
 def llama_greedy(gguf: str | Path, prompts: list[str | list[int]], max_tokens: int,

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
+import nas
 from conftest import tiny_model
 from nas.architecture import Architecture
 from nas.cli import main
@@ -26,10 +27,11 @@ from nas.importance import ImportanceSettings, compute_importance
 from nas.prune import prune
 
 #: The mixed child of a tiny parent (4 layers, 6 query heads, 2 KV heads, MLP 80): layer 1 without attention,
-#: layer 2 with 1 KV head and MLP 40, layer 3 without an MLP (DeciLM) or without either block (GGUF).
+#: layer 2 with 1 KV head and MLP 40, layer 3 without an MLP. Its GGUF form (llama.cpp cannot run an MLP-free
+#: layer that keeps attention, nor an MLP-free last layer): layer 1 without either block, layer 3 without attention.
 MIXED = {"1": {"skip": ["attention"]}, "2": {"num_key_value_heads": 1, "intermediate_size": 40},
          "3": {"skip": ["mlp"]}}
-MIXED_GGUF = {**MIXED, "3": {"skip": ["attention", "mlp"]}}
+MIXED_GGUF = {"1": {"skip": ["attention", "mlp"]}, "2": MIXED["2"], "3": {"skip": ["attention"]}}
 
 
 def _saved(tmp_path: Path, name: str, tokenizer, per_layer: dict | None = None, **config) -> Path:
@@ -87,13 +89,13 @@ def test_gguf_of_a_per_layer_child_reads_back_as_deci(tiny_tokenizer, tmp_path):
     # rounding to 256, which would make 40 and 80 into 256).
     assert fields["deci.attention.head_count"] == [6, 0, 6, 0]
     assert fields["deci.attention.head_count_kv"] == [2, 0, 1, 0]
-    assert fields["deci.feed_forward_length"] == [80, 80, 40, 0]
+    assert fields["deci.feed_forward_length"] == [80, 0, 40, 80]
     assert fields["deci.attention.key_length"] == 12 and fields["deci.embedding_length"] == 48
     saved = load_file(child / "model.safetensors")
     tensors = {t.name: torch.from_numpy(t.data.copy()) for t in reader.tensors}
     names = gguf.TensorNameMap(gguf.MODEL_ARCH.DECI, 4)
     assert len(tensors) == len(saved)  # untied: lm_head is output.weight; no tensor for a skipped block
-    assert not [n for n in tensors if n.startswith(("blk.1.attn", "blk.3."))]
+    assert not [n for n in tensors if n.startswith(("blk.1.", "blk.3.attn"))]
     for key, value in saved.items():
         if ".q_proj." not in key and ".k_proj." not in key:
             assert torch.equal(tensors[names.get_name(key, try_suffixes=(".weight", ".bias"))], value), key
@@ -196,6 +198,7 @@ def test_decilm_in_bfloat16_casts_the_tensors(tiny_tokenizer, tmp_path):
 @pytest.mark.parametrize("name, per_layer, fmt, message", [
     ("llama", {"2": {"skip": ["mlp"]}}, "gguf", "child layer 2 keeps attention but has no MLP, and llama.cpp's "
                                                 "src/models/deci.cpp"),
+    ("llama", {"3": {"skip": ["attention", "mlp"]}}, "gguf", "child layer 3, the last, has no MLP"),
     ("llama", {"0": {"skip": ["attention"]}}, "decilm", "child layer 0 has no attention"),
     ("llama", {"0": {"skip": ["attention"]}}, "gguf", "child layer 0 has no attention"),
     ("qwen3", {}, "decilm", "no q/k norms"),
@@ -262,3 +265,124 @@ def test_prune_and_export_write_the_format(capsys, tiny_parent_dir, text_file, t
     assert torch.equal(torch.from_numpy(down.data.copy()), hf.half())
     assert main(["prune", *common[1:], "--out", str(tmp_path / "bad"), "--dtype", "float16"]) == 2
     assert "--dtype float16: applies to --format decilm and gguf" in capsys.readouterr().err
+
+
+
+def test_export_takes_a_format_only_for_its_checkpoint(capsys, tmp_path):
+    assert main(["export", "--study", "s", "--out", str(tmp_path / "best.json"), "--format", "gguf"]) == 2
+    assert "--format/--dtype: they say how to write --checkpoint; give --checkpoint DIR" in capsys.readouterr().err
+
+# The engines run the exports of children of the real SmolLM2-135M with the greedy tokens of nas's own loader
+# (fp32, 24 tokens, two prompts given as text: each engine tokenizes them, llama.cpp with the GGUF's vocabulary).
+
+#: The per-layer child of the issue's bar: layer 3 without attention, layer 7 without an MLP, 1 KV head (of 3) in
+#: layers 10, 11 and 14, MLP widths 512 (layers 12-13) and 1024 (14-15) of 1536; all 30 layers kept.
+BAR = {"3": {"skip": ["attention"]}, "7": {"skip": ["mlp"]}, "10": {"num_key_value_heads": 1},
+       "11": {"num_key_value_heads": 1}, "12": {"intermediate_size": 512}, "13": {"intermediate_size": 512},
+       "14": {"num_key_value_heads": 1, "intermediate_size": 1024}, "15": {"intermediate_size": 1024}}
+#: The uniform demo winner's shape, L20-H9-KV3-M1280-E576 (its 20 layers kept by importance).
+WINNER = {"num_hidden_layers": 20, "intermediate_size": 1280}
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """SmolLM2-135M's importances on a little of the plays, saved for `nas prune`, and a folder to work in."""
+    from nas.data import load_tokens
+    from nas.parents import load_parent
+
+    folder = tmp_path_factory.mktemp("smollm2")
+    model, tokenizer = load_parent("smollm2-135m", device=torch.device("cpu"), dtype=torch.float32)
+    compute_importance(model, load_tokens("shakespeare", tokenizer, 64)[:8],
+                       ImportanceSettings(drop_samples=0)).save(folder / "imp.safetensors")
+    return folder
+
+
+def _pruned(capsys, folder: Path, name: str, arch: dict, fmt: str = "hf") -> Path:
+    """`nas prune` of SmolLM2 to `arch` (its own JSON updated) in format `fmt`."""
+    parent = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9, "num_key_value_heads": 3,
+              "head_dim": 64, "intermediate_size": 1536, "layers": list(range(30))}
+    full = {**parent, **arch}
+    if full["num_hidden_layers"] != 30:
+        del full["layers"]  # kept by importance
+    (folder / f"{name}.json").write_text(json.dumps(full))
+    out = folder / f"{name}-{fmt}"
+    assert main(["prune", "--arch", str(folder / f"{name}.json"), "--importance", str(folder / "imp.safetensors"),
+                 "--out", str(out), "--format", fmt]) == 0, capsys.readouterr().err
+    return out
+
+
+def _reference(child: Path) -> tuple[list[list[int]], list[list[int]]]:
+    """The prompts' token ids and nas.load's greedy continuations of them."""
+    from test_engines import NEW_TOKENS, PROMPTS, greedy
+
+    model = nas.load(child, dtype=torch.float32).eval()
+    ids = [AutoTokenizer.from_pretrained(child)(p).input_ids for p in PROMPTS]
+    return ids, [greedy(model, i, NEW_TOKENS) for i in ids]
+
+
+def _vllm_matches(child: Path, decilm: Path) -> None:
+    from nas.engines import vllm_greedy
+    from test_engines import NEW_TOKENS, PROMPTS
+
+    prompt_ids, reference = _reference(child)
+    runs = vllm_greedy(decilm, PROMPTS, NEW_TOKENS, trust_remote_code=True)
+    assert [r.prompt_ids for r in runs] == prompt_ids
+    assert [r.token_ids for r in runs] == reference
+
+
+def _llama_cpp_matches(child: Path, gguf_folder: Path) -> None:
+    from nas.engines import llama_greedy
+    from test_engines import NEW_TOKENS, PROMPTS
+
+    prompt_ids, reference = _reference(child)
+    runs = llama_greedy(gguf_folder / "model.gguf", PROMPTS, NEW_TOKENS)
+    assert [r.prompt_ids for r in runs] == prompt_ids  # the GGUF's vocabulary splits text as the HF tokenizer
+    assert [r.token_ids for r in runs] == reference
+
+
+@pytest.mark.slow
+@pytest.mark.engine("vllm")
+def test_vllm_runs_the_decilm_export_of_a_per_layer_smollm2_child(capsys, smollm2):
+    arch = {"per_layer_config": BAR}
+    _vllm_matches(_pruned(capsys, smollm2, "bar", arch), _pruned(capsys, smollm2, "bar", arch, "decilm"))
+    # The same child as a GGUF is refused, in one line, for its MLP-free layer.
+    (smollm2 / "gguf-try").mkdir()
+    assert main(["prune", "--arch", str(smollm2 / "bar.json"), "--importance", str(smollm2 / "imp.safetensors"),
+                 "--out", str(smollm2 / "gguf-try" / "out"), "--format", "gguf"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "child layer 7 keeps attention but has no MLP" in err[0]
+
+
+@pytest.mark.slow
+@pytest.mark.engine("llama.cpp")
+def test_llama_cpp_runs_the_gguf_export_of_the_child_without_its_mlp_free_layer(capsys, smollm2):
+    arch = {"per_layer_config": {k: v for k, v in BAR.items() if k != "7"}}
+    _llama_cpp_matches(_pruned(capsys, smollm2, "bar-gguf", arch),
+                       _pruned(capsys, smollm2, "bar-gguf", arch, "gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.engine("vllm")
+def test_vllm_runs_the_decilm_export_of_the_uniform_winner(capsys, smollm2):
+    _vllm_matches(_pruned(capsys, smollm2, "winner", WINNER), _pruned(capsys, smollm2, "winner", WINNER, "decilm"))
+
+
+@pytest.mark.slow
+@pytest.mark.engine("llama.cpp")
+def test_llama_cpp_runs_the_gguf_export_of_the_uniform_winner(capsys, smollm2):
+    _llama_cpp_matches(_pruned(capsys, smollm2, "winner", WINNER), _pruned(capsys, smollm2, "winner", WINNER, "gguf"))
+
+
+@pytest.mark.slow
+@pytest.mark.engine("llama.cpp")
+def test_llama_cpp_reads_widths_exactly_and_runs_a_layer_without_either_block(tiny_tokenizer, tmp_path):
+    """MLP widths 80 and 40 (no multiple of 256: llama.cpp would fail to load them rounded), a layer without
+    either block, one without attention, and Llama's biases: llama.cpp's tokens are nas.load's."""
+    from nas.engines import llama_greedy
+    from test_engines import greedy
+
+    child = _saved(tmp_path, "llama", tiny_tokenizer, MIXED_GGUF)
+    prompts = [[5, 17, 33, 101, 7], [250, 3, 64, 12, 199, 42]]
+    runs = llama_greedy(export(child, tmp_path / "out", "gguf") / "model.gguf", prompts, 12)
+    model = nas.load(child, dtype=torch.float32).eval()
+    assert [r.token_ids for r in runs] == [greedy(model, p, 12) for p in prompts]

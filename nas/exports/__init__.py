@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -110,11 +111,11 @@ def export(child: str | Path, out: str | Path, fmt: str, dtype: str = "float32")
         elif fmt == "gguf":
             from nas.exports.gguf import write_gguf
 
-            write_gguf(saved, tmp / "model.gguf", dtype)
+            write_gguf(saved, tmp / "model.gguf", dtype, name=Path(out).name)
             if (saved.folder / "architecture.json").exists():
-                (tmp / "architecture.json").write_bytes((saved.folder / "architecture.json").read_bytes())
-        else:
-            raise ConfigError(f"--format {fmt}: one of {', '.join(FORMATS)}")
+                shutil.copyfile(saved.folder / "architecture.json", tmp / "architecture.json")
+        else:  # hf: the saved folder as it is
+            shutil.copytree(saved.folder, tmp, dirs_exist_ok=True)
     return Path(out)
 
 

@@ -47,6 +47,10 @@ def check_gguf(config: dict[str, Any], arch: Architecture, tokenizer: str | Path
                           f"{DECI_GRAPH} skips such a layer's attention residual (`continue` when n_ff == 0), "
                           f"so it would run wrongly; drop the layer's attention too, keep its MLP, or use --format "
                           f"decilm (vLLM)")
+    if per_layer and not arch.layer_shapes[-1].mlp:
+        raise ConfigError(f"--format gguf: child layer {arch.num_hidden_layers - 1}, the last, has no MLP, and "
+                          f"llama.cpp's {DECI_GRAPH} then drops the last layer's selection of output rows (it "
+                          f"aborts: GGML_ASSERT(buffer)); keep the last layer's MLP or use --format decilm (vLLM)")
     rope = config.get("rope_parameters") or {"rope_type": (config.get("rope_scaling") or {}).get("rope_type")}
     if rope.get("rope_type") not in (None, "default"):
         raise ConfigError(f"--format gguf: rope_type={rope['rope_type']}: this export writes plain RoPE only; use "
@@ -114,9 +118,9 @@ def rope_interleaved(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, 2, rows // heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def write_gguf(child, path: Path, dtype: str) -> None:
+def write_gguf(child, path: Path, dtype: str, name: str | None = None) -> None:
     """Write `child` (an `nas.exports.Child`) as a GGUF at `path`, matrices in `dtype` (vectors stay float32, as
-    llama.cpp's converter keeps them)."""
+    llama.cpp's converter keeps them), named `name` (`general.name`; default: the child folder's name)."""
     import gguf
 
     from nas.prune import SafetensorsReader
@@ -124,23 +128,22 @@ def write_gguf(child, path: Path, dtype: str) -> None:
     arch, config = child.arch, child.config
     model_arch = gguf_arch(child)
     writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[model_arch])
+    writer.add_name(name or child.folder.name)
     _write_hparams(writer, child, dtype)
     _write_tokenizer(writer, child.folder, config["vocab_size"])
     names = gguf.TensorNameMap(model_arch, arch.num_hidden_layers)
     reader = SafetensorsReader(child.folder)
-    for name in reader.entries:
-        if name == "lm_head.weight" and config.get("tie_word_embeddings"):
+    for key in reader.entries:
+        if key == "lm_head.weight" and config.get("tie_word_embeddings"):
             continue  # llama.cpp ties the output to token_embd where the GGUF has no output.weight
-        tensor = reader(name).float()
-        if model_arch != gguf.MODEL_ARCH.QWEN2 and model_arch != gguf.MODEL_ARCH.QWEN3 and \
-                (".q_proj." in name or ".k_proj." in name):
-            layer = int(name.split(".")[2])
-            shape = arch.layer_shape(layer)
-            tensor = rope_interleaved(tensor, arch.num_attention_heads if ".q_proj." in name else
-                                      shape.num_key_value_heads)
-        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        tensor = reader(key).float()
+        if model_arch in (gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.DECI) and (".q_proj." in key or ".k_proj." in key):
+            heads = arch.num_attention_heads if ".q_proj." in key else \
+                arch.layer_shape(int(key.split(".")[2])).num_key_value_heads
+            tensor = rope_interleaved(tensor, heads)
+        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
-            raise ConfigError(f"--format gguf: {child.folder}: tensor {name} has no GGUF name in llama.cpp's "
+            raise ConfigError(f"--format gguf: {child.folder}: tensor {key} has no GGUF name in llama.cpp's "
                               f"{gguf.MODEL_ARCH_NAMES[model_arch]} architecture")
         _add_tensor(writer, gguf_name, tensor, dtype)
     writer.write_header_to_file()
@@ -166,7 +169,6 @@ def _write_hparams(writer, child, dtype: str) -> None:
 
     arch, config = child.arch, child.config
     shapes = arch.layer_shapes
-    writer.add_name(child.folder.name)
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(arch.hidden_size)
     writer.add_block_count(arch.num_hidden_layers)
