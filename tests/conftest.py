@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -194,20 +195,46 @@ def tiny_space(folder: Path, tokenizer, name: str = "tiny", **overrides) -> dict
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` are collected everywhere and skipped, with the reason, where CUDA is missing: `pytest -m
     gpu` lists them on any machine and runs them on a GPU one. Tests marked `engine("vllm")` or
-    `engine("llama.cpp")` are skipped, with the reason, only where that engine is not installed."""
+    `engine("llama.cpp")` are skipped, with the reason, only where that engine is not installed; while the engines
+    are still being built beside the suite (CI: `NAS_ENGINES_BUILD`), they run last and wait for the build."""
     from nas.engines import absent_reason, engine_python
 
-    present: dict[str, bool] = {}  # each engine is looked for once, and only if a collected test needs it
-    for item in items:
-        if marker := item.get_closest_marker("engine"):
-            engine = marker.args[0]
-            if engine not in present:
-                present[engine] = engine_python(engine) is not None
-            if not present[engine]:
-                item.add_marker(pytest.mark.skip(reason=absent_reason(engine)))
+    if os.environ.get(ENGINES_BUILD):
+        items.sort(key=lambda item: item.get_closest_marker("engine") is not None)  # (a stable sort)
+    else:
+        present: dict[str, bool] = {}  # each engine is looked for once, and only if a collected test needs it
+        for item in items:
+            if marker := item.get_closest_marker("engine"):
+                engine = marker.args[0]
+                if engine not in present:
+                    present[engine] = engine_python(engine) is not None
+                if not present[engine]:
+                    item.add_marker(pytest.mark.skip(reason=absent_reason(engine)))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason=f"needs CUDA: torch {torch.__version__} sees no GPU on this machine")
     for item in items:
         if item.get_closest_marker("gpu"):
             item.add_marker(skip)
+
+
+#: A folder where a background build of the engines (`scripts/engines.sh`, started by `.ci/run`) writes its exit
+#: status to `status` and its output to `log` when it ends.
+ENGINES_BUILD = "NAS_ENGINES_BUILD"
+
+
+def pytest_runtest_setup(item):
+    """An engine test waits for a build running beside the suite, and fails (not skips) if it failed: CI asked
+    for the engines."""
+    build = os.environ.get(ENGINES_BUILD)
+    if not build or not item.get_closest_marker("engine"):
+        return
+    status = Path(build) / "status"
+    deadline = time.monotonic() + 3600
+    while not status.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"the engines' build ({build}/log) has not ended after an hour")
+        time.sleep(5)
+    if (code := status.read_text().strip()) != "0":
+        tail = (Path(build) / "log").read_text().splitlines()[-15:]
+        pytest.fail(f"the engines' build failed (exit {code}); its last lines:\n" + "\n".join(tail))
