@@ -369,12 +369,6 @@ def test_vllm_runs_the_decilm_export_of_the_uniform_winner(capsys, smollm2):
 
 @pytest.mark.slow
 @pytest.mark.engine("llama.cpp")
-def test_llama_cpp_runs_the_gguf_export_of_the_uniform_winner(capsys, smollm2):
-    _llama_cpp_matches(_pruned(capsys, smollm2, "winner", WINNER), _pruned(capsys, smollm2, "winner", WINNER, "gguf"))
-
-
-@pytest.mark.slow
-@pytest.mark.engine("llama.cpp")
 def test_llama_cpp_reads_widths_exactly_and_runs_a_layer_without_either_block(tiny_tokenizer, tmp_path):
     """MLP widths 80 and 40 (no multiple of 256: llama.cpp would fail to load them rounded), a layer without
     either block, one without attention, and Llama's biases: llama.cpp's tokens are nas.load's."""
