@@ -169,18 +169,26 @@ class Architecture:
 
     @classmethod
     def of_config(cls, config: Any, unit_keys: tuple[str, ...] = ()) -> Architecture:
-        """The architecture of a stock HF config (every layer kept), with the family's `unit_keys` read from it."""
+        """The architecture of a stock HF config (every layer kept), with the family's `unit_keys` read from it; a
+        per-layer config's (transformers' `per_layer_config`) with its layer table."""
+        # A per-layer config refuses to give a per-layer key's global value as an attribute (transformers'
+        # AmbiguousGlobalPerLayerAttributeError); its dict holds them beside the per-layer entry.
+        data = config.to_dict() if getattr(config, "is_heterogeneous", False) else {}
+        def value(key: str) -> Any:
+            return data[key] if key in data else getattr(config, key)
+
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(
+        arch = cls(
             num_hidden_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
             num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_key_value_heads or config.num_attention_heads,
+            num_key_value_heads=value("num_key_value_heads") or config.num_attention_heads,
             head_dim=head_dim,
-            intermediate_size=config.intermediate_size,
+            intermediate_size=value("intermediate_size"),
             layers=tuple(range(config.num_hidden_layers)),
             unit_axes=tuple((key, getattr(config, key)) for key in unit_keys),
         )
+        return arch.replace(per_layer=_layer_shapes(data[PER_LAYER], arch)) if data.get(PER_LAYER) else arch
 
     def replace(self, **changes: Any) -> Architecture:
         units = dict(self.unit_axes)

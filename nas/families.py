@@ -403,13 +403,16 @@ class Parent:
     def cache_bytes(self, arch: Architecture, context: int, batch: int, nbytes: int = 2) -> int:
         """Bytes of the cache the child `arch` holds for `batch` sequences of `context` tokens at `nbytes` an
         element, as HF's static cache allocates it: keys and values of every attention layer, `context` tokens in a
-        full-attention layer and min(window, context) in a sliding-window one, and a hybrid's recurrent state in
-        each linear-attention layer (beside the keys and values where a layer holds both), whose size does not grow
+        full-attention layer and min(window, context) in a sliding-window one, each with the layer's own KV heads
+        (none in a per-layer child's attention-free layer), and a hybrid's recurrent state in each
+        linear-attention layer (beside the keys and values where a layer holds both), whose size does not grow
         with the context (the layers are HF's own static cache for the child's config)."""
         layers = _static_cache_layers(self.child_config(arch), context, self.family.model_type)
-        tokens, states = sum(held for held, _ in layers), sum(kept for _, kept in layers)
+        # (HF's static cache gives an attention-free layer a layer too, which it never fills: 0 KV heads count it)
+        head_tokens = sum(held * shape.num_key_value_heads for (held, _), shape in zip(layers, arch.layer_shapes))
+        states = sum(kept for _, kept in layers)
         recurrent = states * self.family.recurrent.cache_bytes(self.config, arch, nbytes) if states else 0
-        return (2 * tokens * arch.num_key_value_heads * arch.head_dim * nbytes + recurrent) * batch
+        return (2 * head_tokens * arch.head_dim * nbytes + recurrent) * batch
 
     def layers_by_kind(self) -> dict[str, tuple[int, ...]]:
         """The parent's layers of each depth kind (`Family.depth_kind`), in order."""

@@ -1,7 +1,8 @@
 """Measured speed of a candidate on the device it will serve on (`budget.latency_ms`, `prefill_ms`, `throughput`).
 
 A candidate is measured before anything is trained, on a randomly initialised model of its exact shape (its
-config) in the serving dtype: speed does not depend on the weights' values. The model runs HF `generate` with a
+config; a per-layer child's layers each at their own widths, attention-free and MLP-free ones without those
+blocks, as nas's loader builds them) in the serving dtype: speed does not depend on the weights' values. The model runs HF `generate` with a
 static cache and SDPA attention, `batch` sequences after a prefill of `context` tokens, and a logits processor
 notes the time at each generated token (after a device synchronisation), within the one `generate` call:
 - prefill_ms: from the call to the first token (the prompt's forward, with the static cache's allocation);
@@ -97,19 +98,27 @@ def measure(config: dict[str, Any], settings: SpeedSettings) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+def timed_model(config: dict[str, Any], settings: SpeedSettings) -> torch.nn.Module:
+    """The random model a candidate is timed as: its exact shape (a per-layer child's layers at their own widths,
+    built by nas's loader), in the serving dtype, on the device, with SDPA attention."""
+    from transformers import AutoConfig
+
+    from nas.loader import build
+
+    data = dict(config)
+    child = AutoConfig.for_model(data.pop("model_type"), **data)
+    torch.manual_seed(0)
+    with torch.device(settings.device):
+        return build(child, dtype=getattr(torch, settings.dtype), attn_implementation="sdpa").eval()
+
+
 @torch.no_grad()
 def _timed(config: dict[str, Any], settings: SpeedSettings) -> dict[str, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     device = torch.device(settings.device)
-    data = dict(config)
-    model_type = data.pop("model_type")
-    child = AutoConfig.for_model(model_type, **data)
-    torch.manual_seed(0)
-    with device:
-        model = AutoModelForCausalLM.from_config(child, dtype=getattr(torch, settings.dtype),
-                                                 attn_implementation="sdpa").eval()
-    prompt = torch.randint(0, child.vocab_size, (settings.batch, settings.context), device=device,
+    model = timed_model(config, settings)
+    prompt = torch.randint(0, model.config.vocab_size, (settings.batch, settings.context), device=device,
                            generator=torch.Generator(device).manual_seed(0))
 
     def run() -> tuple[float, float]:

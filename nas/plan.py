@@ -3,8 +3,10 @@ stage, and whether it fits a cluster (`nas plan`; `nas search` runs the same che
 
 Nothing here loads weights. Parameter counts come from the configs (memory counts every expert of a mixture of
 experts, FLOPs and time only the active parameters a token uses); activation memory is measured, not guessed:
-one decoder layer of the child is built on the meta device and run on a micro-batch of the planned shape, and
-the tensors autograd saves for backward are summed (the same count a real run's saved-tensor hooks give, tested).
+one decoder layer of each shape the child holds (its layer type, kind, and in a per-layer child its own KV heads
+and MLP width, attention or MLP skipped) is built on the meta device and run on a micro-batch of the planned shape,
+and the tensors autograd saves for backward are summed (the same count a real run's saved-tensor hooks give,
+tested).
 The rest follows from how `nas.distill` and `nas.sharding` hold a run (per worker, N workers):
 
     weights, grads       fp32, 4 + 4 B a student parameter, / N under FSDP2
@@ -32,6 +34,7 @@ from typing import Any
 
 import torch
 
+from nas.architecture import PER_LAYER
 from nas.distill import DistillConfig, uses_intermediate
 from nas.errors import ConfigError
 from nas.families import Parent
@@ -164,8 +167,9 @@ def retrain_stage(name: str, space: SearchSpace, parent: Any, child: Any, worker
     teacher_bytes = 2 if gpu else 4
     micro = spec.batch_size // workers  # each worker's share of a micro-batch
     t = micro * space.seq_len
-    # The largest layer kind's (sliding or full attention, dense or mixture-of-experts), for every layer.
-    per_layer = max(saved_bytes_per_layer(child, micro, space.seq_len, compute, i) for i in layer_kinds(child))
+    # Each layer's shape's largest kind's (sliding or full attention, dense or mixture-of-experts: which layers of one
+    # size a uniform child keeps is importance's choice); a per-layer child's layers differ in shape.
+    per_layer = layer_saved_bytes(child, micro, space.seq_len, compute)
     act_size = torch.finfo(compute).bits // 8
     outside = t * child.hidden_size * act_size * 3  # embedding output, final norm's input and output
     chunk = min(t, 1024)  # DistillConfig.loss_chunk_tokens
@@ -177,8 +181,8 @@ def retrain_stage(name: str, space: SearchSpace, parent: Any, child: Any, worker
         "teacher": n_teacher * teacher_bytes // workers,
         "compute_copy": n_student * 2 if gpu and workers == 1 else 0,
         "fsdp_unsharded": 0 if workers == 1 else _fsdp_unsharded(child, parent, act_size, teacher_bytes),
-        "activations": layers * per_layer + outside,
-        "activations_checkpointed": layers * t * child.hidden_size * act_size + per_layer + outside,
+        "activations": sum(per_layer) + outside,
+        "activations_checkpointed": layers * t * child.hidden_size * act_size + max(per_layer) + outside,
         "loss": 4 * child.vocab_size * child.hidden_size + 4 * t * child.hidden_size + 3 * 4 * chunk * child.vocab_size,
         "teacher_states": 0 if cached else t * parent.hidden_size * 4,
         # Every layer's normed states for the intermediate-state loss, the student's kept for backward.
@@ -197,7 +201,8 @@ def retrain_stage(name: str, space: SearchSpace, parent: Any, child: Any, worker
     # temporaries and one loss chunk's student and teacher logits at a time.
     val_tokens = spec.batch_size * space.seq_len
     held = sum(memory[k] for k in ("weights", "optimizer", "teacher", "compute_copy", "fsdp_unsharded"))
-    evaluation = held + val_tokens * (2 * child.hidden_size + 3 * child.intermediate_size) * act_size + \
+    widest = max(shape.intermediate_size for shape in Parent.of(child).architecture.layer_shapes)
+    evaluation = held + val_tokens * (2 * child.hidden_size + 3 * widest) * act_size + \
         3 * 4 * min(val_tokens, 1024) * child.vocab_size
     return Stage(name, workers, gpus_per_worker, "cuda" if gpu else "cpu", memory, spec.tokens, spec.tokens * per_token,
                  runs, at_once, build=build, evaluation=evaluation)
@@ -290,9 +295,12 @@ def _fsdp_unsharded(child: Any, parent: Any, act_size: int, teacher_bytes: int) 
 
 
 def _layer_params(config: Any) -> int:
-    """Parameters of the largest decoder layer of `config` (a mixture of experts can keep dense layers)."""
+    """Parameters of the largest decoder layer of `config` (a mixture of experts can keep dense layers, a per-layer
+    child's layers differ)."""
     parent = Parent.of(config)
-    return max(parent.family.layer_parameters(config, parent.architecture, i) for i in range(config.num_hidden_layers))
+    arch = parent.architecture
+    return max(parent.family.layer_parameters(config, arch, i, shape=arch.layer_shape(i))
+               for i in range(config.num_hidden_layers))
 
 
 def block_sizes(space: SearchSpace, config: Any) -> tuple[int, ...]:
@@ -305,13 +313,14 @@ def block_sizes(space: SearchSpace, config: Any) -> tuple[int, ...]:
 def forward_flops_per_token(config: Any, seq_len: int) -> float:
     """2 x the parameters a token multiplies (all but the embedding lookup; in a mixture of experts only the experts
     it is routed to), plus 4 x heads x head_dim per key a token attends in each attention layer (QK^T and AV, 2
-    FLOPs a MAC), averaged over the sequence. A hybrid's recurrent layers add no term that grows with the
-    sequence; their scans' own FLOPs (per token, a multiple of the state size and the scan's chunk) are left out."""
+    FLOPs a MAC; a per-layer child's attention-free layers attend none), averaged over the sequence. A hybrid's
+    recurrent layers add no term that grows with the sequence; their scans' own FLOPs (per token, a multiple of the
+    state size and the scan's chunk) are left out."""
     parent = Parent.of(config)
     n = parent.active_parameters() - \
         config.vocab_size * config.hidden_size * (0 if getattr(config, "tie_word_embeddings", False) else 1)
     keys = sum(_keys_attended(seq_len, _window(config, i)) for i in range(config.num_hidden_layers)
-               if parent.family.is_attention(config, i))
+               if parent.family.is_attention(config, i) and parent.architecture.layer_shape(i).attention)
     return 2 * n + 4 * parent.architecture.num_attention_heads * parent.architecture.head_dim * keys
 
 
@@ -335,25 +344,40 @@ _TRACE_ATTENTION = "nas_plan_fused"  # (a name with "flash" in it makes transfor
 
 def one_layer_config(config: Any, layer: int = 0) -> Any:
     """A config of one decoder layer built as `config`'s layer `layer`: its layer type, a hybrid's kind and, in a
-    mixture of experts, dense or sparse."""
-    return config.__class__.from_dict(Parent.of(config).family.layers_data(config, (layer,)))
+    mixture of experts, dense or sparse; in a per-layer config, that layer's own widths and skipped blocks."""
+    parent = Parent.of(config)
+    data = parent.family.layers_data(config, (layer,))
+    overrides = parent.architecture.layer_shape(layer).overrides(parent.architecture.uniform_shape)
+    data[PER_LAYER] = {"0": overrides} if overrides else None  # (the whole config's table names other layers)
+    return config.__class__.from_dict(data)
 
 
 def layer_kinds(config: Any) -> list[int]:
     """The first layer of each kind of decoder layer in `config` (its layer type or a hybrid's kind, dense or
-    sparse)."""
-    family, seen = Parent.of(config).family, {}
+    sparse, and in a per-layer config its shape)."""
+    parent, seen = Parent.of(config), {}
     for i in range(config.num_hidden_layers):
-        kind = ((getattr(config, "layer_types", None) or [None] * (i + 1))[i], *family.kind_size(config, i))
+        kind = ((getattr(config, "layer_types", None) or [None] * (i + 1))[i], *parent.family.kind_size(config, i),
+                parent.architecture.layer_shape(i))
         seen.setdefault(kind, i)
     return list(seen.values())
 
 
+def layer_saved_bytes(config: Any, batch: int, seq_len: int, dtype: torch.dtype) -> list[int]:
+    """What autograd saves in each decoder layer of `config` (`saved_bytes_per_layer`), each distinct layer traced
+    once: every layer counts the largest kind (`layer_kinds`) of its shape."""
+    shapes = Parent.of(config).architecture.layer_shapes
+    traced = {i: saved_bytes_per_layer(config, batch, seq_len, dtype, i) for i in layer_kinds(config)}
+    worst = {shape: max(v for i, v in traced.items() if shapes[i] == shape) for shape in set(shapes)}
+    return [worst[shape] for shape in shapes]
+
+
 def saved_bytes_per_layer(config: Any, batch: int, seq_len: int, dtype: torch.dtype, layer: int = 0) -> int:
     """Bytes autograd saves for backward in the decoder layer `layer` of `config` on a [batch, seq_len] micro-batch,
-    counted on the meta device (no memory, no compute). Attention is traced as the fused flash kernel both the
-    CPU and CUDA paths take (it keeps q, k, v, the output and the log-sum-exp; no seq_len^2 scores)."""
-    from transformers import AutoModelForCausalLM
+    counted on the meta device (no memory, no compute), on the model nas's loader builds (a per-layer layer at its
+    own widths). Attention is traced as the fused flash kernel both the CPU and CUDA paths take (it keeps q, k, v,
+    the output and the log-sum-exp; no seq_len^2 scores)."""
+    from nas.loader import build
 
     _register_trace_attention()
     one = one_layer_config(config, layer)
@@ -361,10 +385,10 @@ def saved_bytes_per_layer(config: Any, batch: int, seq_len: int, dtype: torch.dt
         # Where SDPA cannot run the family's attention (Gemma 2's logit softcap), transformers refuses it when asked
         # and runs eager attention, which keeps the seq_len^2 scores: trace what a real run takes.
         try:
-            AutoModelForCausalLM.from_config(one, dtype=dtype, attn_implementation="sdpa")
-            model = AutoModelForCausalLM.from_config(one, dtype=dtype, attn_implementation=_TRACE_ATTENTION)
+            build(one, dtype=dtype, attn_implementation="sdpa")
+            model = build(one, dtype=dtype, attn_implementation=_TRACE_ATTENTION)
         except ValueError:
-            model = AutoModelForCausalLM.from_config(one, dtype=dtype, attn_implementation="eager")
+            model = build(one, dtype=dtype, attn_implementation="eager")
     model.train()
     decoder = model.model
     x = torch.empty(batch, seq_len, config.hidden_size, dtype=dtype, device="meta", requires_grad=True)

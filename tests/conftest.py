@@ -100,6 +100,20 @@ HYBRID_CONFIGS = {
 ALL_CONFIGS = {**TINY_CONFIGS, **FAMILY_CONFIGS, **MOE_CONFIGS, **HYBRID_CONFIGS}
 
 
+#: The engines' families, whose children may vary their layers (issue 27).
+PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def mixed_child(arch):
+    """The per-layer "mixed child" of a tiny 4-layer parent's architecture `arch` (2 KV heads, MLP 80): child layer
+    0 without attention, layer 1 without an MLP, layer 2 with 1 KV head and MLP 40, layer 3 with MLP 64."""
+    from nas.architecture import LayerShape
+
+    kv, mlp = arch.num_key_value_heads, arch.intermediate_size
+    return arch.replace(per_layer=(LayerShape(0, mlp), LayerShape(kv, 0), LayerShape(1, mlp // 2),
+                                   LayerShape(kv, mlp * 4 // 5)))
+
+
 def tiny_model(name: str, seed: int = 0, **config) -> torch.nn.Module:
     """The tiny random model `name`, with any `config` entries changed."""
     torch.manual_seed(seed)

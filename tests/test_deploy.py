@@ -10,9 +10,10 @@ import json
 import pytest
 import torch
 
-from conftest import ALL_CONFIGS, tiny_model
+from conftest import ALL_CONFIGS, PER_LAYER_FAMILIES, mixed_child, tiny_model
 from nas.cli import main
 from nas.families import Parent
+from nas.loader import build
 from nas.importance import ImportanceSettings, compute_importance
 from nas.prune import prune
 from nas.space import enumerate_candidates, parse_space
@@ -55,6 +56,26 @@ def test_the_counted_kv_cache_is_the_one_generate_builds(name, new_tokens):
     assert Parent.of(parent.config).cache_bytes(arch, context, TOKENS.shape[0], nbytes=4) == built
     if name in ("gemma2", "gemma3_text", "olmo3", "gpt_oss") and new_tokens == 12:  # past the window: it is used
         assert built < 2 * 3 * context * 2 * arch.num_key_value_heads * arch.head_dim * 4
+
+
+@pytest.mark.parametrize("name", PER_LAYER_FAMILIES)
+@pytest.mark.parametrize("new_tokens", [2, 12])
+def test_the_counted_kv_cache_of_a_per_layer_child_is_the_one_generate_builds(name, new_tokens):
+    """A mixed child (an attention-free layer, an MLP-free one, 1 and 2 KV heads) built by nas's loader: the static
+    cache `generate` fills holds each attention layer's own KV heads and nothing for the attention-free layer, and
+    the count says as much (Mistral with a window of 8 tokens, passed at 12 new tokens)."""
+    config = ALL_CONFIGS[name]()
+    if name == "mistral":
+        config.sliding_window = 8
+    parent = Parent.of(config)
+    arch = mixed_child(parent.architecture)
+    torch.manual_seed(0)
+    child = build(parent.child_config(arch), torch.float32).eval()
+    out = child.generate(TOKENS, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=0, cache_implementation="static", return_dict_in_generate=True)
+    built = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in _cache_tensors(layer))
+    context = TOKENS.shape[1] + new_tokens - 1
+    assert parent.cache_bytes(arch, context, TOKENS.shape[0], nbytes=4) == built
 
 
 def test_a_layer_holding_a_sliding_window_and_a_recurrent_state_counts_both():
@@ -168,6 +189,26 @@ def test_timing_leaves_the_callers_thread_count_as_it_was():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name", PER_LAYER_FAMILIES)
+def test_a_per_layer_child_is_timed_at_its_own_layer_shapes(name):
+    """The model a per-layer child is timed as is the child itself: its parameters are the child's count, each
+    layer has its own KV heads and MLP width or lacks the block it skips, and it runs `generate` with a static
+    cache (the timing's)."""
+    from nas.latency import SpeedSettings, measure, timed_model
+
+    parent = Parent.of(ALL_CONFIGS[name]())
+    arch = mixed_child(parent.architecture)
+    data = parent.child_config(arch).to_dict()
+    settings = SpeedSettings(context=8, decode_tokens=2, warmup=0, repeats=1)
+    model = timed_model(data, settings)
+    assert sum(p.numel() for p in model.parameters()) == parent.num_parameters(arch)
+    shapes = [(0 if layer.self_attn is None else layer.self_attn.k_proj.out_features // arch.head_dim,
+               0 if layer.mlp is None else layer.mlp.up_proj.out_features) for layer in model.model.layers]
+    assert shapes == [(s.num_key_value_heads, s.intermediate_size) for s in arch.layer_shapes]
+    figures = measure(data, settings)
+    assert figures["latency_ms"] > 0 and figures["prefill_ms"] > 0
 
 
 def test_a_figure_timed_on_another_machine_is_not_reused(tmp_path, monkeypatch):

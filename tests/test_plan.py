@@ -242,6 +242,80 @@ def test_planned_flops_count_the_keys_each_layer_attends(seq_len):
     assert forward_flops_per_token(config, seq_len) == pytest.approx(expected, rel=1e-12)
 
 
+def _per_layer_child(name: str, alternate: bool):
+    """(parent config, per-layer child config): the mixed child, or one whose layers alternate an attention-free and
+    an MLP-free layer (two distinct shapes)."""
+    from conftest import mixed_child
+    from nas.architecture import LayerShape
+    from nas.families import Parent
+
+    parent = Parent.of(TINY_CONFIGS[name]())
+    arch = mixed_child(parent.architecture)
+    if alternate:
+        arch = arch.replace(per_layer=(LayerShape(0, 80), LayerShape(2, 0)) * 2)
+    return parent.config, parent.child_config(arch)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("alternate", [False, True])
+def test_a_per_layer_childs_plan_follows_each_layers_shape(name, alternate, monkeypatch):
+    """A per-layer child's planned activations are the saved tensors of each of its layers, built by nas's loader
+    and run for real (an attention-free layer saves no attention, an MLP-free one no MLP), traced once a distinct
+    layer shape; its weights are the built model's parameters."""
+    import nas.plan
+    from nas.loader import build
+
+    config, child = _per_layer_child(name, alternate)
+    batch, seq_len = 3, 24
+    model = build(child, torch.float32).train()
+    x = torch.randn(batch, seq_len, child.hidden_size, requires_grad=True)
+    positions = torch.arange(seq_len)[None].expand(batch, seq_len)
+    rotary = rotary_embeddings(model.model, x, positions)
+    real = [saved_bytes(model, lambda: layer(x, attention_mask=None, position_ids=positions, **rotary))
+            for layer in model.model.layers]
+    traced = []
+    trace = nas.plan.saved_bytes_per_layer
+    monkeypatch.setattr(nas.plan, "saved_bytes_per_layer", lambda *a: traced.append(a[-1]) or trace(*a))
+    space = parse_space({"name": "x", "parent": "p", "budget": {"fraction": 0.5}, "axes": {}, "seq_len": seq_len})
+    stage = retrain_stage("short_retrain", space, config, child, 1, 0, False, RetrainSpec(batch_size=batch),
+                          cached=False, runs=1)
+    outside = 3 * batch * seq_len * child.hidden_size * 4  # embedding output, final norm's input and output
+    assert stage.memory["activations"] == sum(real) + outside
+    assert len(traced) == (2 if alternate else 4)
+    assert stage.memory["weights"] == 4 * sum(p.numel() for p in model.parameters())
+    # On two workers FSDP2 holds two layers of each model whole: the child's largest built layer, the parent's.
+    two = retrain_stage("short_retrain", space, config, child, 2, 0, False, RetrainSpec(batch_size=2 * batch),
+                        cached=False, runs=1)
+    with torch.device("meta"):
+        teacher = AutoModelForCausalLM.from_config(config)
+    def size(module):
+        return sum(p.numel() for p in module.parameters())
+
+    def root(built):  # the embedding and a separate LM head
+        return size(built) - size(built.model.layers) - size(built.model.norm)
+
+    largest = max(size(layer) for layer in model.model.layers)
+    assert two.memory["fsdp_unsharded"] == \
+        root(model) * (4 + 4) + root(teacher) * 4 + 2 * (largest * 4 + size(teacher.model.layers[0]) * 4)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_a_per_layer_childs_planned_flops_attend_only_in_its_attention_layers(name):
+    """2 FLOPs a multiplied parameter of the model nas's loader builds (all but the untied embedding), plus 4 per
+    attended key and head channel in the layers that have attention (causal: (seq_len + 1) / 2 keys a token)."""
+    from nas.loader import build
+    from nas.plan import forward_flops_per_token
+
+    _, child = _per_layer_child(name, alternate=False)
+    model = build(child, torch.float32)
+    multiplied = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+    attention = sum(layer.self_attn is not None for layer in model.model.layers)
+    assert attention == 3
+    seq_len = 32
+    expected = 2 * multiplied + 4 * child.num_attention_heads * child.head_dim * attention * (seq_len + 1) / 2
+    assert forward_flops_per_token(child, seq_len) == pytest.approx(expected, rel=1e-12)
+
+
 def test_retrains_ask_for_the_gpus_their_plan_counted(tmp_path, tiny_tokenizer, monkeypatch):
     """A retrain on several workers asks Ray Train for the GPUs per worker that `nas plan` counted (and sized its
     memory by): a trial's take `gpus_per_trial` each when `gpus_per_worker` is unset, a promotion's the larger of
