@@ -60,6 +60,8 @@ def cmd_importance(args) -> None:
 
 
 def cmd_arch(args) -> None:
+    from nas.architecture import LAYER_KEYS, PER_LAYER
+    from nas.errors import ArchitectureError
     from nas.families import Parent
     from nas.parents import parent_config
 
@@ -67,7 +69,12 @@ def cmd_arch(args) -> None:
     # A parent whose layers differ in size by kind (a hybrid) also lists how many of each kind it has: a child's
     # JSON may give those counts instead of `layers`, and `nas prune` keeps each kind's best layers.
     arch = parent.architecture
-    text = json.dumps({**arch.to_dict(), **parent.kind_counts(arch.layers)}, indent=2) + "\n"
+    data = {**arch.to_dict(), **parent.kind_counts(arch.layers)}
+    if args.per_layer:  # every layer listed with its widths, to edit into a per-layer child
+        if problem := parent.family.per_layer_refusal():
+            raise ArchitectureError(f"--per-layer: {parent.family.model_type} takes no per-layer architecture: {problem}")
+        data[PER_LAYER] = {str(j): {k: getattr(shape, k) for k in LAYER_KEYS} for j, shape in enumerate(arch.layer_shapes)}
+    text = json.dumps(data, indent=2) + "\n"
     if args.out:
         from nas.files import atomic_path
 
@@ -408,6 +415,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("arch", help="print a parent's own architecture (every layer kept) as `nas prune --arch` JSON")
     p.add_argument("--parent", default="smollm2-135m")
     p.add_argument("--out", default=None, help="also write it to this file, to edit into a child")
+    p.add_argument("--per-layer", action="store_true",
+                   help="also list every layer's KV heads and MLP width (per_layer_config), to edit into a per-layer "
+                        "child (a layer may instead say \"skip\": [\"attention\"] or [\"mlp\"])")
     p.set_defaults(func=cmd_arch)
 
     p = sub.add_parser("prune", help="cut one architecture from a parent")
