@@ -225,7 +225,7 @@ def parse_space(data: Any, where: str = "space") -> SearchSpace:
     errors += [f"{key}: required" for key in missing]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in _SECTIONS:
+        if key not in _SECTIONS or (key == "per_layer" and value is None):  # (per_layer: null is a uniform search)
             kwargs[key] = value
         elif (section := _build(_SECTIONS[key], value or {}, key, errors)) is not None:
             kwargs[key] = section  # a section that could not be built keeps its defaults; its error is recorded
