@@ -112,8 +112,8 @@ def assemble_candidates(space: SearchSpace, config: Any, scores: dict[str, dict[
         options.append((None, *chosen))
     limits = _limits(space, parent)
     solutions = assemble(blocks, limits, space.per_layer.candidates, space.per_layer.min_distance, fixed=base)
+    low, high = _range(space, parent)
     if not solutions:
-        low, high = _range(space, parent)
         raise ConfigError(f"per_layer: no per-layer child fits the budget (counted {space.budget.kind} parameters "
                           f"[{low:,.0f}, {high:,.0f}], memory caps as given); the narrowest the variants allow is "
                           f"too large: add smaller per_layer.mlp_widths or kv_heads, or skip_attention/skip_mlp")
@@ -126,12 +126,13 @@ def assemble_candidates(space: SearchSpace, config: Any, scores: dict[str, dict[
                 shapes[v.layer] = LayerShape(v.width, kept.intermediate_size) if v.block == "attention" else \
                     LayerShape(kept.num_key_value_heads, v.width)
         arch = parent.architecture.replace(per_layer=tuple(shapes))
-        # The program's sums are of floats: the exact counts decide (as they do a uniform candidate's).
-        counted = _counted(space, parent, arch)
-        low, high = _range(space, parent)
-        if not low <= counted <= high or _memory_problem(space, parent, arch) is not None:
-            continue
         label = arch.short()
+        # The program's sums are of floats within the solver's tolerances: the exact counts decide, as they do a
+        # uniform candidate's.
+        counted = _counted(space, parent, arch)
+        if not low <= counted <= high or (problem := _memory_problem(space, parent, arch)) is not None:
+            echo(f"[per-layer] {label}: left out, {problem or f'{counted:,} counted parameters'} by exact counts")
+            continue
         strip = strips(arch, parent.architecture)
         rows.append({"label": label, **axes_of(parent, arch), DIGEST: int(label.rsplit("-P", 1)[1], 16)
                      if arch.per_layer else 0, "per_layer_config": arch.per_layer_config(),
