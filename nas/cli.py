@@ -363,12 +363,17 @@ def cmd_search(args) -> None:
     frame = run_search(space, args.root, args.address, echo=echo)
     done = frame[frame["state"] == "COMPLETE"].sort_values("val_loss")
     figures = [k for k in ("params", "active_params", "memory_bytes", "latency_ms", "throughput") if k in done]
-    print(done[["label", *figures, "val_loss", "promoted_val_loss", "wall_s"]].to_string(index=False))
+    strips = ["kv_heads", "mlp"] if "mlp" in done else []  # a per-layer search: widths a layer, as text
+    print(done[["label", *figures, "val_loss", "promoted_val_loss", "wall_s", *strips]].to_string(index=False))
     storage = RunStorage(args.root, space.study)
     with storage.workdir("") as out:
         best = export_best(space.study, storage_url(space, args.root), out / "best.json", root=args.root)
         storage.upload(out / "best.json", "best.json")
     print(f"winner {best['label']} ({best['stage']} val loss {best['val_loss']:.4f}) -> {storage.uri}/best.json")
+    for name, view in (("winner", best), ("uniform winner", best.get("uniform_winner"))):
+        if view and "strips" in view:  # one character a parent layer (docs/per-layer-search.md)
+            print(f"  {name:<15} KV heads {view['strips']['kv_heads']}  MLP {view['strips']['mlp']}"
+                  f"{'  ' + view['label'] if view is not best else ''}")
 
 
 def cmd_export(args) -> None:

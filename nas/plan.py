@@ -38,7 +38,7 @@ from nas.architecture import PER_LAYER, Architecture
 from nas.distill import DistillConfig, uses_intermediate
 from nas.errors import ConfigError
 from nas.families import Parent, family_of
-from nas.space import SearchSpace, architecture_of, enumerate_candidates, infeasible_hint
+from nas.space import SearchSpace, architecture_of, axes_of, enumerate_candidates, infeasible_hint
 
 GIB = 2**30
 H100_BF16_TFLOPS = 989.0  # dense bf16 peak of one H100 SXM
@@ -94,9 +94,12 @@ class Stage:
 def plan(space: SearchSpace, config: Any, cluster: Cluster = Cluster()) -> list[Stage]:
     """The stages of a search over `space` for a parent with `config`: importance, one short retrain (of the largest
     candidate, the worst case), one promoted full distillation."""
-    rows = enumerate_candidates(space, config)
-    if not rows:
+    uniform = space.per_layer is None or space.per_layer.uniform
+    rows = enumerate_candidates(space, config) if uniform else []
+    if not rows and uniform:
         raise ConfigError(f"{space.name}: {infeasible_hint(space, config)}")
+    if space.per_layer is not None:  # its children are assembled later, no layer wider than the parent's: its bound
+        rows = [axes_of(Parent.of(config), Parent.of(config).architecture)] * (space.per_layer.candidates + len(rows))
     # With its own count of each kind of layer, where the parent's layers differ in size by kind.
     child = Parent.of(config).child_config(architecture_of(rows[0], config))
     res = space.resources

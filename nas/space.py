@@ -14,16 +14,16 @@ from typing import Any
 
 import yaml
 
-from nas.architecture import KIND_AXIS, Architecture, axis_keys, short_label
+from nas.architecture import KIND_AXIS, PER_LAYER, Architecture, axis_keys, short_label
 from nas.errors import ArchitectureError, ConfigError
 from nas.families import Parent, family_of
 from nas.importance import AGGREGATIONS, HEAD_SOURCES, LAYER_METHODS, NEURON_SOURCES, select_layers
 # The file's fields (and MEASURED, which the search reads from here).
-from nas.spec import AXES, BUDGET_KINDS, MEASURED, OBJECTIVES, UNIT_AXES, Axes, Budget, ImportanceSpec, Resources, \
-    RetrainSpec, SearchSpace, SearchSpec
+from nas.spec import AXES, BUDGET_KINDS, MEASURED, OBJECTIVES, UNIT_AXES, Axes, Budget, ImportanceSpec, PerLayerSpec, \
+    Resources, RetrainSpec, SearchSpace, SearchSpec
 
 _SECTIONS = {"budget": Budget, "axes": Axes, "importance": ImportanceSpec, "short_retrain": RetrainSpec,
-             "full_retrain": RetrainSpec, "search": SearchSpec, "resources": Resources}
+             "full_retrain": RetrainSpec, "search": SearchSpec, "resources": Resources, "per_layer": PerLayerSpec}
 _REQUIRED = ("name", "parent", "budget", "axes")
 #: The least value of an integer field where it is not 1: counts that may be none, and the shortest sequence a
 #: next-token loss has. (Budget.warmup stays >= 1: the first timed run compiles and allocates.)
@@ -108,7 +108,10 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
     need(b.kind in BUDGET_KINDS, f"budget.kind={b.kind!r}: must be one of {', '.join(map(repr, BUDGET_KINDS))}")
     _at_least(space, "", errors)
     for section in _SECTIONS:
-        _at_least(getattr(space, section), f"{section}.", errors)
+        if getattr(space, section) is not None:  # (per_layer is optional)
+            _at_least(getattr(space, section), f"{section}.", errors)
+    if space.per_layer is not None:
+        _check_per_layer(space, need)
     a = space.axes
     for name in (*AXES, *UNIT_AXES, "mlp_expansion"):
         values = getattr(a, name)
@@ -162,6 +165,46 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
          f"name={space.name!r}: use letters, digits, '-', '_' and '.' (it names the study folder)")
 
 
+def _check_per_layer(space: SearchSpace, need) -> None:
+    p = space.per_layer
+    for name in ("kv_heads", "mlp_widths"):
+        values = getattr(p, name)
+        need(isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                              for v in values),
+             f"per_layer.{name}={values!r}: must be a list of positive integers (the widths a layer may keep)")
+    for name in ("skip_attention", "skip_mlp", "uniform"):
+        need(isinstance(getattr(p, name), bool), f"per_layer.{name}={getattr(p, name)!r}: must be true or false")
+    need(bool(p.kv_heads or p.mlp_widths or p.skip_attention is True or p.skip_mlp is True),
+         "per_layer: give kv_heads, mlp_widths, skip_attention or skip_mlp (with none, every layer is the parent's)")
+    need(p.samples is None or p.samples <= space.importance.samples,
+         f"per_layer.samples={p.samples}: the block scores read the calibration sequences, "
+         f"importance.samples={space.importance.samples}; give at most that many")
+    need(not space.budget.speed_caps, f"budget.{next(iter(space.budget.speed_caps), '')}: per-layer mode has no "
+                                      f"measured latency per block yet; give a params band or a memory cap, or "
+                                      f"drop per_layer to search uniform candidates")
+    need(not set(MEASURED) & set(space.search.objectives),
+         f"search.objectives={space.search.objectives}: per-layer children are not timed yet; drop "
+         f"{', '.join(k for k in space.search.objectives if k in MEASURED)} or per_layer")
+    need(space.search.sampler in ("auto", "grid"), f"search.sampler={space.search.sampler!r}: per-layer candidates "
+                                                   f"are the program's solutions, each trained; use 'grid' or 'auto'")
+    need(p.uniform is True or not any(getattr(space.axes, f.name) for f in fields(Axes)),
+         "axes: per_layer.uniform is false, so no uniform candidate is searched; set per_layer.uniform: true to "
+         "compare them, or leave axes empty ({})")
+
+
+def per_layer_problem(space: SearchSpace, parent: Parent) -> str | None:
+    """Why the space's per-layer widths do not fit this parent (None when they do)."""
+    p, full = space.per_layer, parent.architecture
+    if refusal := parent.family.per_layer_refusal():
+        return f"per_layer: {refusal}"
+    if odd := [k for k in p.kv_heads if k >= full.num_key_value_heads or full.num_attention_heads % k]:
+        return (f"per_layer.kv_heads={p.kv_heads}: {odd} not below the parent's {full.num_key_value_heads} KV heads "
+                f"or not dividing its {full.num_attention_heads} query heads")
+    if odd := [w for w in p.mlp_widths if w >= full.intermediate_size]:
+        return f"per_layer.mlp_widths={p.mlp_widths}: {odd} not below the parent's MLP width {full.intermediate_size}"
+    return None
+
+
 def load_space(path: str | Path) -> SearchSpace:
     """Read and validate a search-space YAML, reporting every problem at once."""
     path = Path(path)
@@ -182,7 +225,7 @@ def parse_space(data: Any, where: str = "space") -> SearchSpace:
     errors += [f"{key}: required" for key in missing]
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        if key not in _SECTIONS:
+        if key not in _SECTIONS or (key == "per_layer" and value is None):  # (per_layer: null is a uniform search)
             kwargs[key] = value
         elif (section := _build(_SECTIONS[key], value or {}, key, errors)) is not None:
             kwargs[key] = section  # a section that could not be built keeps its defaults; its error is recorded
@@ -406,7 +449,10 @@ def architecture_of(row: dict[str, Any], config: Any, layers: tuple[int, ...] | 
     """A candidate row's Architecture, keeping `layers` (default: the first ones of each kind, which stand for any
     choice of the same kinds in counts and sizes)."""
     parent = Parent.of(config)
-    return parent.child({k: row[k] for k in axis_names(parent)}, layers)
+    arch = parent.child({k: row[k] for k in axis_names(parent)}, layers)
+    if row.get(PER_LAYER):  # a per-layer candidate's table (`nas.search.per_layer`)
+        arch = Architecture.from_dict({**arch.to_dict(), PER_LAYER: row[PER_LAYER]})
+    return arch
 
 
 def space_config(space: SearchSpace) -> Any:

@@ -180,6 +180,27 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class PerLayerSpec:
+    """A search over per-layer children (`nas.block_scores`, `nas.assembly`, docs/per-layer-search.md): each layer
+    of the parent keeps its attention with its own KV heads (the parent's, or one of `kv_heads`; none where
+    `skip_attention`) and its MLP at its own width (the parent's, one of `mlp_widths`; none where `skip_mlp`).
+    Each such block variant is scored once on `samples` of the calibration sequences (default: all of
+    `importance.samples`), and a program picks the `candidates` best children under the budget, each at least
+    `min_distance` blocks away from the others; those are the trials. Query heads, head width, hidden size and
+    depth stay the parent's. `uniform`: the axes' uniform candidates are trials too, to compare against."""
+
+    kv_heads: list[int] = field(default_factory=list)
+    mlp_widths: list[int] = field(default_factory=list)
+    skip_attention: bool = False
+    skip_mlp: bool = False
+    candidates: int = 4
+    min_distance: int = 2
+    uniform: bool = False
+    samples: int | None = None
+    batch_size: int = 4
+
+
+@dataclass(frozen=True)
 class SearchSpace:
     name: str
     parent: str
@@ -199,6 +220,7 @@ class SearchSpace:
     resources: Resources = field(default_factory=Resources)
     storage: str | None = None
     study_name: str | None = None
+    per_layer: PerLayerSpec | None = None
 
     @property
     def study(self) -> str:

@@ -18,11 +18,13 @@ import torch
 from nas.data import load_tokens, shuffled_rows, validation_size
 from nas.distill import DistillConfig
 from nas.errors import ConfigError, NasError
-from nas.importance import ImportanceSettings, cached_importance, lm_loss
+from nas.families import Parent
+from nas.importance import Importances, ImportanceSettings, cached_importance, lm_loss
 from nas.latency import measure_candidates
 from nas.parents import load_parent, parent_config, resolve_parent
 from nas.plan import Stage, block_sizes, checkpoint_tokens, plan
-from nas.space import MEASURED, RetrainSpec, SearchSpace, enumerate_candidates, infeasible_hint
+from nas.search.per_layer import DIGEST, SCORES, assemble_candidates, cached_block_scores
+from nas.space import MEASURED, RetrainSpec, SearchSpace, enumerate_candidates, infeasible_hint, per_layer_problem
 from nas.storage import RunStorage, is_uri
 from nas.teacher_cache import ShardPlan, publish, topk_plan, write_part
 from nas.tokens import TokenSet
@@ -67,10 +69,17 @@ class Shared:
 def candidates(space: SearchSpace) -> tuple[Any, list[dict[str, Any]]]:
     """The parent's config (its family checked) and the feasible candidates, or the one-line reason there are none."""
     config = parent_config(space.parent)
-    rows = enumerate_candidates(space, config)
-    if not rows:
+    if space.per_layer is not None and (problem := per_layer_problem(space, Parent.of(config))):
+        raise ConfigError(f"{space.name}: {problem}")
+    # A per-layer search's own candidates come from its block scores (`prepare`); the axes' uniform ones are
+    # candidates beside them where it asks (`per_layer.uniform`), with no layer table (digest 0).
+    uniform = space.per_layer is None or space.per_layer.uniform
+    rows = enumerate_candidates(space, config) if uniform else []
+    if not rows and uniform:
         raise ConfigError(f"{space.name}: {infeasible_hint(space, config)}")
-    missing = [k for k in space.search.objectives[1:] if k not in MEASURED and k not in rows[0]]
+    if space.per_layer is not None:
+        rows = [{**row, DIGEST: 0} for row in rows]
+    missing = [k for k in space.search.objectives[1:] if k not in MEASURED and rows and k not in rows[0]]
     if missing:  # a dense parent has no active count of its own
         raise ConfigError(f"search.objectives: {', '.join(missing)} does not apply to this parent (every parameter "
                           f"is active in a dense model); use params")
@@ -144,6 +153,12 @@ def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage]
             raise NasError(f"parent {space.parent}: its tasks loaded different weights (did it change during the "
                            f"run?); re-run the search")
         publish(storage, "teacher_topk", plans[0])
+    if space.per_layer is not None:
+        scores = storage.read_json(SCORES)
+        echo(f"[per-layer] block scores of {scores['variants']} variants on {scores['tokens']:,} tokens: "
+             f"{scores['seconds']:.0f} s")
+        assembled = assemble_candidates(space, config, scores["scores"], storage, echo)
+        rows = [*assembled, *(r for r in rows if r["label"] not in {a["label"] for a in assembled})]
     intervals = {stage: spec.checkpoint_tokens or checkpoint_tokens(stages[name], spec, space.seq_len)
                  for stage, name, spec in ((SHORT, "short_retrain", space.short_retrain),
                                            (FULL, "full_distillation", space.full_retrain))}
@@ -153,10 +168,10 @@ def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage]
 
 def parent_work(space: SearchSpace, storage: RunStorage, calibration_rows: np.ndarray, train_rows: np.ndarray,
                 val: torch.Tensor, nas_cache: str, cache_parts: int = 1) -> ShardPlan | None:
-    """Everything that needs the parent's weights, once: importance scores, part 1 of `cache_parts` of the
-    teacher's top-K cache over `train_rows` (the short retrains' sequences, when the space asks for one: its plan is
-    returned) and the parent's own validation loss, each kept in the run folder (and reused from there when it
-    matches)."""
+    """Everything that needs the parent's weights, once: importance scores, a per-layer search's block scores,
+    part 1 of `cache_parts` of the teacher's top-K cache over `train_rows` (the short retrains' sequences, when the
+    space asks for one: its plan is returned) and the parent's own validation loss, each kept in the run folder (and
+    reused from there when it matches)."""
     parent = _spread_parent(space, nas_cache)
     config = parent_config(space.parent)
     folder = storage.fetch("tokens")
@@ -166,6 +181,9 @@ def parent_work(space: SearchSpace, storage: RunStorage, calibration_rows: np.nd
                                   block_sizes=block_sizes(space, config))
     calibration = TokenSet(folder, calibration_rows)[:]
     _kept_in(storage, "importance.safetensors", lambda path: cached_importance(parent, calibration, path, settings))
+    if space.per_layer is not None:
+        cached_block_scores(parent, Importances.load(storage.fetch("importance.safetensors")), calibration, space,
+                            storage)
     plan = _cache_part(parent, space, storage, train_rows, 0, cache_parts)
     if storage.read_json("parent.json") is None:  # the reference line of the plots
         storage.write_json("parent.json", {"parent": space.parent, "val_loss": lm_loss(parent, val),

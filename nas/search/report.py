@@ -7,11 +7,14 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from nas.architecture import FIGURES
+from nas.architecture import FIGURES, Architecture
 from nas.errors import NasError
+from nas.families import Parent
 from nas.files import atomic_dir, write_json
+from nas.parents import parent_config
+from nas.search.per_layer import ABSENT, DIGEST, LEVELS, strips
 from nas.search.preparation import FULL, METRIC, SHORT
 from nas.search.study import _axes, _label, _loss, _stage, open_study
 from nas.space import SearchSpace, row_axes
@@ -46,6 +49,7 @@ def summarize(space: SearchSpace, root: str | Path = "trials"):
     rows += [{"state": "INFEASIBLE", "label": r["label"], **row_axes(r), **{k: r.get(k) for k in FIGURES},
               "share_of_parent": r.get("share_of_parent"), "note": r["infeasible"]}
              for r in storage.read_json("infeasible.json") or [] if r["label"] not in trained]
+    _add_strips(space, storage, rows)
     frame = pd.DataFrame(rows)
     # Figures that do not apply to this search (a dense parent's active count, speed without a speed budget).
     frame = frame.drop(columns=[k for k in FIGURES if k != "params" and frame[k].isna().all()])
@@ -66,7 +70,11 @@ def summarize(space: SearchSpace, root: str | Path = "trials"):
         _plot_pareto(frame, parent, out, space.search.objectives[1] if len(space.search.objectives) > 1 else "params",
                      space.search.directions[1] if len(space.search.objectives) > 1 else "minimize")
         _plot_curves(curves, parent, out / "curves.png")
-        for name in ("summary.parquet", "summary.csv", "pareto.png", "pareto.json", "curves.png"):
+        names = ["summary.parquet", "summary.csv", "pareto.png", "pareto.json", "curves.png"]
+        if space.per_layer is not None:
+            _plot_layers(frame, out / "layers.png")
+            names.append("layers.png")
+        for name in names:
             storage.upload(out / name, name)
     _save_contour(study)
     return frame
@@ -150,6 +158,40 @@ def _plot_pareto(frame, parent: dict[str, Any], out: Path, x: str = "params", di
     plt.close(fig)
 
 
+def _add_strips(space: SearchSpace, storage: RunStorage, rows: list[dict[str, Any]]) -> None:
+    """In a per-layer search, each trained candidate's widths a layer as text (`per_layer.strips`): "kv_heads" and
+    "mlp" columns of one character a parent layer, per-layer and uniform candidates alike."""
+    if space.per_layer is None:
+        return
+    parent = Parent.of(parent_config(space.parent)).architecture
+    for row in rows:
+        arch = storage.read_json(f"{row['label']}/architecture.json") if row["state"] == "COMPLETE" else None
+        row.update(strips(Architecture.from_dict(arch), parent) if arch else {"kv_heads": None, "mlp": None})
+
+
+def _plot_layers(frame, path: Path) -> None:
+    """layers.png: a heat strip of each trained candidate's KV heads and MLP width a layer (the strips' characters
+    as shades: a lighter cell is narrower, white a skipped block or dropped layer), best loss first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    done = frame[frame["kv_heads"].notna()].sort_values(METRIC)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 1.2 + 0.35 * max(1, len(done))), squeeze=False)
+    for ax, column, title, scale in ((axes[0][0], "kv_heads", "KV heads a layer", "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"),
+                                     (axes[0][1], "mlp", "MLP width a layer (eighths of the parent's)", " " + LEVELS)):
+        cells = np.array([[scale.find(c) if c != ABSENT else 0 for c in text] for text in done[column]] or [[0]])
+        ax.imshow(cells, cmap="Blues", aspect="auto", vmin=0)
+        ax.set_yticks(range(len(done)), [f"{r['label']} ({r[METRIC]:.3f})" for _, r in done.iterrows()], fontsize=7)
+        ax.set_xlabel("parent layer")
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _evals(storage: RunStorage, rel: str) -> list[tuple[int, float]]:
     """A run's validation curve (tokens, loss): the evaluation lines of its metrics.jsonl."""
     lines = (storage.read_text(f"{rel}/metrics.jsonl") or "").splitlines()
@@ -179,11 +221,27 @@ def _plot_curves(curves: dict[tuple[str, str], list[tuple[int, float]]], parent:
     plt.close(fig)
 
 
-def winner(study) -> tuple[str, dict[str, Any]]:
-    """The best candidate: lowest full-distillation loss among promoted ones, else lowest short-retrain loss."""
+def _strips_beside_uniform(study, run: RunStorage, arch, parent_spec: str) -> dict[str, Any]:
+    """best.json's view of a per-layer search's winner: its widths a layer (`strips`), and the best uniform
+    candidate's (a trial without a layer table) beside them, where the search trained any."""
+    parent = Parent.of(parent_config(parent_spec)).architecture
+    out: dict[str, Any] = {"strips": strips(arch, parent)}
+    try:
+        label, losses = winner(study, lambda t: t.params.get(DIGEST) == 0)
+    except NasError:  # no uniform candidate was trained
+        return out
+    uniform = run.read_json(f"{'promoted/' if losses['stage'] == FULL else ''}{label}/architecture.json")
+    out["uniform_winner"] = {"label": label, "val_loss": losses["val_loss"], "stage": losses["stage"],
+                             "strips": strips(Architecture.from_dict(uniform), parent)}
+    return out
+
+
+def winner(study, among: Callable[[Any], bool] = lambda t: True) -> tuple[str, dict[str, Any]]:
+    """The best candidate (of those `among`): lowest full-distillation loss among promoted ones, else lowest
+    short-retrain loss."""
     import optuna
 
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if among(t)]
     if not complete:
         raise NasError(f"study {study.study_name!r} has no completed trial yet")
     full = [t for t in complete if _stage(t) == FULL]
@@ -197,8 +255,6 @@ def export_best(study_name: str, storage: str, out: str | Path, checkpoint: str 
     """Write the winner's Architecture (+ params, losses, parent) as JSON; optionally its checkpoint."""
     import optuna
 
-    from nas.architecture import Architecture
-
     try:
         study = optuna.load_study(study_name=study_name, storage=optuna.storages.RDBStorage(storage))
     except KeyError:
@@ -210,6 +266,8 @@ def export_best(study_name: str, storage: str, out: str | Path, checkpoint: str 
     if arch is None:
         raise NasError(f"--root {root}: {run.uri}/{rel}/architecture.json is missing; give the run folder of this study")
     best = {**Architecture.from_dict(arch).to_dict(), **losses, "label": label, "parent": study.user_attrs.get("parent")}
+    if any(DIGEST in t.params for t in study.get_trials(deepcopy=False)):  # a per-layer search
+        best |= _strips_beside_uniform(study, run, Architecture.from_dict(arch), best["parent"])
     write_json(out, best)
     if checkpoint:
         if not run.exists(f"promoted/{label}/model"):

@@ -13,11 +13,11 @@ import numpy as np
 from ray import tune
 from ray.tune.search import Searcher
 
-from nas.architecture import FIGURES, short_label as label_of
+from nas.architecture import FIGURES
 from nas.parents import parent_config
 from nas.search.liveness import DRIVER, _Heartbeat
 from nas.search.preparation import METRIC, SHORT, Shared, final_tokens, retrain_config
-from nas.search.study import _axes, _distributions, _enqueue, _objectives, _taken
+from nas.search.study import DIGEST, _axes, _distributions, _enqueue, _label_of, _objectives, _taken
 from nas.space import MEASURED, SearchSpace, candidate_problem
 
 REJECTIONS = 20  # proposals in a row that are no free candidate, after which the searcher picks one itself
@@ -34,7 +34,7 @@ class Progress(tune.Callback):
         self.done += 1
         elapsed = time.time() - self.start
         eta = elapsed / self.done * max(0, self.total - self.done)
-        label = label_of(_axes(trial.config))
+        label = _label_of(trial.config)
         r = trial.last_result or {}
         self.echo(f"[{self.done}/{self.total}] {label} {self.rows[label]['params'] / 1e6:.1f}M {what} "
                   f"{_fmt(r.get(METRIC), '.4f')}, {_fmt(r.get('tokens'), ',')} tokens, "
@@ -48,7 +48,7 @@ class Progress(tune.Callback):
         self.line(trial, "FAILED after retries; last val loss")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
-        self.echo(f"[retry] {label_of(_axes(trial.config))} failed (failure {trial.num_failures}); retrying")
+        self.echo(f"[retry] {_label_of(trial.config)} failed (failure {trial.num_failures}); retrying")
 
 
 def _fmt(value, spec: str) -> str:
@@ -85,9 +85,11 @@ class ArchitectureSearch(Searcher):
     def _problem(self, params: dict[str, int], taken: dict[str, str]) -> str | None:
         """Why a proposal is not trained (None: it is a free candidate)."""
         axes = _axes(params)
-        label = label_of(axes)
+        label = _label_of(params)
         if label in self.rows:
             return taken.get(label)
+        if params.get(DIGEST):
+            return "not among this run's per-layer candidates (the assembly's solutions)"
         return candidate_problem(self.space, self.config, axes) or \
             ("measured outside the speed budget (infeasible.json)" if label in self.outside else
              "not among this run's candidates (not in the product of its axes' values)")
@@ -113,7 +115,7 @@ class ArchitectureSearch(Searcher):
                 params = trial.params
                 problem = self._problem(params, taken)
                 if problem is None:
-                    row = self.rows[label_of(_axes(params))]
+                    row = self.rows[_label_of(params)]
                     for key in ("label", *FIGURES, "share_of_parent"):
                         if key in row:
                             trial.set_user_attr(key, row[key])

@@ -13,6 +13,7 @@ from nas.architecture import KIND_AXIS, short_label as label_of
 from nas.errors import ConfigError
 from nas.search import liveness  # HEARTBEAT_S, GRACE_S: read there at call time, where a test shortens them
 from nas.search.liveness import _fail_dead_trials
+from nas.search.per_layer import DIGEST
 from nas.search.preparation import SHORT, retrain_config, storage_url
 from nas.space import AXES, RetrainSpec, SearchSpace, row_axes
 
@@ -101,7 +102,13 @@ def _stage(trial) -> str:
 
 def _label(trial) -> str | None:
     axes = _axes(trial.params)
-    return label_of(axes) if set(AXES) <= set(axes) else None
+    return _label_of(trial.params) if set(AXES) <= set(axes) else None
+
+
+def _label_of(params: dict[str, Any]) -> str:
+    """A candidate's label from its Optuna parameters (`_params`)."""
+    digest = params.get(DIGEST)
+    return label_of(_axes(params)) + (f"-P{int(digest):06x}" if digest else "")
 
 
 def _params(row: dict[str, Any]) -> dict[str, int]:
@@ -110,6 +117,8 @@ def _params(row: dict[str, Any]) -> dict[str, int]:
     axes = row_axes(row)
     if any(k.startswith(KIND_AXIS) for k in axes):
         del axes["num_hidden_layers"]
+    if DIGEST in row:
+        axes[DIGEST] = int(row[DIGEST])
     return axes
 
 
@@ -165,8 +174,8 @@ def _plan(space: SearchSpace, study, labels: list[str]) -> tuple[str, list[str],
     waiting = [t.user_attrs["enqueued"] for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
                if "enqueued" in t.user_attrs]
     sampler = space.search.sampler
-    if sampler == "auto":
-        sampler = "grid" if len(labels) <= space.search.max_trials else "tpe"
+    if sampler == "auto":  # (a per-layer search trains each of the program's solutions)
+        sampler = "grid" if space.per_layer or len(labels) <= space.search.max_trials else "tpe"
     if sampler == "grid":
         remaining = [label for label in labels if label not in taken]
         return sampler, [label for label in remaining if label not in waiting], len(remaining)

@@ -14,14 +14,14 @@ import torch
 from ray import tune
 
 from nas import sharding
-from nas.architecture import FIGURES, short_label as label_of
+from nas.architecture import FIGURES
 from nas.files import write_json
 from nas.importance import Importances
 from nas.parents import load_parent, parent_config, resolve_parent
 from nas.plan import retrain_gpus
 from nas.prune import prune
 from nas.search.preparation import FULL, METRIC, SHORT, Shared, final_tokens, retrain_config
-from nas.search.study import _axes, _params
+from nas.search.study import _label_of, _params
 from nas.space import SearchSpace, architecture_of, kept_layers
 from nas.storage import RunStorage
 from nas.teacher_cache import TopKShards
@@ -173,7 +173,7 @@ def run_trial(config: dict[str, Any], shared: Shared, report: Callable[[dict], N
         if m["tokens"] < final:
             report({METRIC: m["val_loss"], "val_kd": m.get("val_kd"), "tokens": m["tokens"], "step": m["step"]})
 
-    label = label_of(_axes(config))
+    label = _label_of(config)
     result = _retrain(shared, label, label, shared.space.short_retrain, on_eval, False, report_to_tune=in_tune)
     report({METRIC: result["val_loss"], "val_kd": result.get("val_kd"), "tokens": result["tokens"],
             "step": result["steps"]})
