@@ -30,10 +30,11 @@ ONE = {"num_hidden_layers": [3], "num_attention_heads": [6], "intermediate_size"
 # Two candidates, not the tiny space's four: the driver is killed after one finished and the rerun does the other;
 # each trial more is a Ray worker's start-up and 40 steps on every undisturbed and disturbed run.
 TWO = {**ONE, "hidden_size": [48, 36]}
-# The best candidate promoted to 40 steps of full distillation with a checkpoint every 5, as long as a trial: the
-# kill during the promotion lands between its checkpoints as it does in a trial.
-PROMOTED = {"promote": 1, "full_retrain": {"tokens": STEP_TOKENS * 40, "reports": 2,
-                                           "checkpoint_tokens": STEP_TOKENS * 5}}
+# The best candidate promoted to 200 steps of full distillation with a checkpoint every 10. Its steps take a few ms
+# each, and the promotion runs on in Ray for a moment after the driver is killed: at 40 steps it once finished
+# before the test stopped Ray, leaving nothing to resume.
+PROMOTED = {"promote": 1, "full_retrain": {"tokens": STEP_TOKENS * 200, "reports": 2,
+                                           "checkpoint_tokens": STEP_TOKENS * 10}}
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_driver_killed_after_a_trial_and_again_during_promotion_redoes_nothing(i
     assert stamps == {label: (root / "driver-killed" / label / "result.json").stat().st_mtime_ns for label in done}
 
     _finish(_start(space_file, root))
-    _assert_resumed(run, 40)
+    _assert_resumed(run, 200)
     states = {t.state for t in _study(root, "driver-killed").get_trials()}
     assert not states & {optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING}
     assert _losses(root, "driver-killed") == pytest.approx(short, rel=1e-6)
