@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from transformers.cache_utils import DummyLayer
 
 import nas
-from conftest import ALL_CONFIGS, tiny_model
+from conftest import ALL_CONFIGS, PER_LAYER_FAMILIES, tiny_model
 from nas.architecture import LayerShape
 from nas.cli import main
 from nas.distill import DistillConfig, Distiller, lr_factor, sample_indices
@@ -19,8 +19,8 @@ from nas.families import Parent
 from nas.importance import ImportanceSettings, compute_importance
 from nas.prune import PruneOptions, prune, prune_checkpoint
 
-#: The dense families nas builds per layer (`Family.per_layer`), by their tiny configs.
-FAMILIES = ["llama", "llama-tied", "mistral", "qwen2", "qwen3", "smollm3", "granite", "nemotron"]
+#: The dense families nas builds per layer, by their tiny configs, and Llama with tied embeddings.
+FAMILIES = [*PER_LAYER_FAMILIES, "llama-tied"]
 TOKENS = torch.randint(0, 320, (4, 24), generator=torch.Generator().manual_seed(0))
 #: The tiny parents have 6 query heads in 2 KV groups of 3 and MLP width 80. Layer 0 keeps no attention, layer 1
 #: no MLP, layer 2 one KV head (below the parent's groups: mean-pooled), layer 3 two KV heads and 32 neurons.
