@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 VENV_BIN = Path(sys.executable).parent
@@ -73,6 +73,28 @@ ray_constants.ENABLE_RAY_CLUSTER = True
 services.resolve_ip_for_localhost = lambda host: host
 from ray.scripts.scripts import main
 sys.exit(main())
+"""
+
+
+# A job that holds the head's one CPU with an actor until its folder holds `release` (`RayCluster.hold_head`).
+_HOLD = """
+import pathlib, sys, time
+import ray
+ray.init()
+
+
+@ray.remote(num_cpus=1, resources={"head": 1})
+class Hold:
+    def ready(self):
+        return True
+
+
+actor = Hold.remote()
+ray.get(actor.ready.remote())
+flag = pathlib.Path(sys.argv[1])
+(flag / "held").touch()
+while not (flag / "release").exists():
+    time.sleep(0.2)
 """
 
 
@@ -140,6 +162,27 @@ class RayCluster:
         argv += ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
         return subprocess.Popen([*argv, "--", *entrypoint], env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
+
+    @contextlib.contextmanager
+    def hold_head(self, timeout: float = 180) -> Iterator[Callable[[], None]]:
+        """Hold the head's CPU (an actor of a job of its own), so that the trials of a job submitted meanwhile run
+        on node_b, whatever the nodes' warm workers; yields `release`, which frees the head (at the latest on exit).
+        Placement is then certain rather than a race between the nodes' worker start-ups."""
+        flag = Path(tempfile.mkdtemp(prefix="hold-", dir=self.temp))
+        (flag / "hold.py").write_text(_HOLD)
+        subprocess.run([str(VENV_BIN / "ray"), "job", "submit", "--address", self.dashboard, "--no-wait", "--",
+                        sys.executable, str(flag / "hold.py"), str(flag)], env=self.env, check=True,
+                       capture_output=True)
+        deadline = time.time() + timeout
+        while not (flag / "held").exists():
+            if time.time() > deadline:
+                raise RuntimeError("the head's CPU was not held within the timeout")
+            time.sleep(0.2)
+        release = (flag / "release").touch
+        try:
+            yield release
+        finally:
+            release()
 
     def processes(self):
         import psutil

@@ -31,7 +31,7 @@ def database():
 @pytest.fixture(scope="module")
 def cluster():
     # One cluster for the module (each start is two `ray start`s and a job agent, ~10 s): the trials test runs
-    # first, on both nodes; the kill test, which ends node_b's raylet, runs last.
+    # first, on node_b; the kill test, which ends node_b's raylet and retries on the head, runs last.
     cluster = RayCluster(env={"NAS_CACHE": str(ROOT / ".cache")}).start()
     yield cluster
     cluster.stop()
@@ -59,13 +59,23 @@ def _run(cluster, job, root, extra_env=None):
     return proc
 
 
-def test_ray_job_runs_trials_on_both_nodes_into_postgres(cluster, database, tmp_path, tiny_tokenizer):
-    # 400 steps a trial (~10 s): the head has an idle worker that has imported nas (it ran the importance task),
-    # node_b must start one (seconds on 2 loaded cores); shorter trials all finished on the head's reused worker
-    # before node_b's was up.
+def _wait_for_a_trial_on_node_b(cluster, proc, timeout=600):
+    """Until a trial has written its first metrics line in node_b's scratch folder (its node's TMPDIR, so a reused
+    idle worker does not count)."""
+    deadline = time.time() + timeout
+    while not any(p.stat().st_size for p in cluster.scratch_b.glob("nas-*/metrics.jsonl")):
+        assert time.time() < deadline and proc.poll() is None, "no trial started on node_b"
+        time.sleep(0.1)
+
+
+def test_ray_job_runs_trials_on_the_second_node_into_postgres(cluster, database, tmp_path, tiny_tokenizer):
+    # The head's CPU is held meanwhile: the job's driver runs on the head and every trial on node_b, so the run
+    # folder is written from the other node (the kill test below runs trials on the head too).
     job, space, root = _job(tmp_path, tiny_tokenizer, database, "cluster",
-                            short_retrain={"tokens": 4 * 32 * 400, "reports": 2})
-    out, _ = _run(cluster, job, root).communicate(timeout=900)
+                            short_retrain={"tokens": 4 * 32 * 40, "reports": 2})
+    node_b = cluster.node_id(cluster.node_b_raylet())
+    with cluster.hold_head():
+        out, _ = _run(cluster, job, root).communicate(timeout=900)
     assert "succeeded" in out, out[-4000:]
     labels = {r["label"] for r in enumerate_candidates(space, AutoModelForCausalLM.from_pretrained(space.parent).config)}
     assert "trials to run (grid) on cluster" in out and "[4/4]" in out
@@ -78,7 +88,7 @@ def test_ray_job_runs_trials_on_both_nodes_into_postgres(cluster, database, tmp_
     for label in labels:
         assert sorted(p.name for p in (runs / label).iterdir()) == ["architecture.json", "metrics.jsonl", "result.json"]
         nodes.add(json.loads((runs / label / "result.json").read_text())["node"])
-    assert len(nodes) == 2  # the trials ran on both nodes
+    assert nodes == {node_b}
     assert (runs / "summary.parquet").exists() and (runs / "best.json").exists()
     assert cluster.listening_addresses() <= LOOPBACK
 
@@ -104,19 +114,17 @@ def test_ray_job_runs_trials_on_both_nodes_into_postgres(cluster, database, tmp_
 
 
 def test_killed_node_trial_is_retried_on_the_head(cluster, database, tmp_path, tiny_tokenizer):
-    # Longer trials, so that one is still training on node_b when its raylet is killed. A trial writes its
-    # metrics in a scratch folder of its node's TMPDIR; the first line there means node_b is mid-trial (a reused,
-    # idle trial worker would not count).
+    # While the head's CPU is held, the trials can only start on node_b: its raylet is killed once one is training
+    # there (its first metrics line), then the head is freed for the retry and the other trials.
     job, space, root = _job(tmp_path, tiny_tokenizer, database, "cluster-kill",
-                            short_retrain={"tokens": 4 * 32 * 200, "reports": 4}, search={"retries": 2})
-    proc = _run(cluster, job, root)
+                            short_retrain={"tokens": 4 * 32 * 100, "reports": 4}, search={"retries": 2})
     raylet = cluster.node_b_raylet()
     node_b = cluster.node_id(raylet)
-    deadline = time.time() + 600
-    while not any(p.stat().st_size for p in cluster.scratch_b.glob("nas-*/metrics.jsonl")):
-        assert time.time() < deadline and proc.poll() is None, "no trial started on node_b"
-        time.sleep(0.1)
-    raylet.kill()
+    with cluster.hold_head() as release:
+        proc = _run(cluster, job, root)
+        _wait_for_a_trial_on_node_b(cluster, proc)
+        raylet.kill()
+        release()
     out, _ = proc.communicate(timeout=900)
     assert "succeeded" in out, out[-4000:]
     trials = _short_trials(database, "cluster-kill")
