@@ -157,9 +157,12 @@ def text_file(tmp_path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_session(tmp_path_factory):
-    """A private Ray on 127.0.0.1 with 2 CPUs, shared by a test module's tests."""
+    """A private Ray on 127.0.0.1 with 2 CPUs, started once for every test that runs trials in this process: each
+    start costs seconds, and its idle workers, which have imported torch and nas, serve the next module's trials.
+    The modules that use it run after all others (`pytest_collection_modifyitems`), so that the tests which check
+    that a refused search starts no Ray see none."""
     import ray
 
     from nas.search import init_ray
@@ -193,15 +196,18 @@ def tiny_space(folder: Path, tokenizer, name: str = "tiny", **overrides) -> dict
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` are collected everywhere and skipped, with the reason, where CUDA is missing: `pytest -m
-    gpu` lists them on any machine and runs them on a GPU one. Tests marked `engine("vllm")` or
-    `engine("llama.cpp")` are skipped, with the reason, only where that engine is not installed; while the engines
-    are still being built beside the suite (CI: `NAS_ENGINES_BUILD`), they run last and wait for the build."""
+    """The modules that share the session's Ray (`ray_session`) run after the others. Tests marked `gpu` are
+    collected everywhere and skipped, with the reason, where CUDA is missing: `pytest -m gpu` lists them on any
+    machine and runs them on a GPU one. Tests marked `engine("vllm")` or `engine("llama.cpp")` are skipped, with the
+    reason, only where that engine is not installed; while the engines are still being built beside the suite (CI:
+    `NAS_ENGINES_BUILD`), they run last and wait for the build."""
     from nas.engines import absent_reason, engine_python
 
-    if os.environ.get(ENGINES_BUILD):
-        items.sort(key=lambda item: item.get_closest_marker("engine") is not None)  # (a stable sort)
-    else:
+    uses_ray = {item.module for item in items if "ray_session" in item.fixturenames}
+    building = bool(os.environ.get(ENGINES_BUILD))
+    # (a stable sort: a module's tests stay together and in order, so its module fixtures are made once)
+    items.sort(key=lambda item: (building and item.get_closest_marker("engine") is not None, item.module in uses_ray))
+    if not building:
         present: dict[str, bool] = {}  # each engine is looked for once, and only if a collected test needs it
         for item in items:
             if marker := item.get_closest_marker("engine"):
