@@ -177,3 +177,29 @@ def test_nas_candidates_lists_the_programs_children_from_the_importance_cache(tm
     assert main(["candidates", space]) == 0
     text = capsys.readouterr().out
     assert all(label in text for label in study) and "kv_heads" in text
+
+
+@pytest.mark.slow
+def test_a_per_layer_search_under_a_latency_budget_times_its_children_and_a_rerun_times_nothing(ray_session,
+                                                                                              tmp_path,
+                                                                                              tiny_tokenizer):
+    from nas.search import run_search
+
+    spec = tiny_space(tmp_path, tiny_tokenizer, per_layer={**PER_LAYER, "candidates": 2})
+    space = parse_space({**spec, "axes": {}, "promote": 0,
+                         "budget": {"fraction": 0.6, "tolerance": 0.25, "latency_ms": 1e6, **SPEED}})
+    lines = []
+    run_search(space, tmp_path, echo=lines.append)
+    folder = tmp_path / space.study
+    assert any(line.startswith("[block latency") for line in lines)
+    record = json.loads((folder / "block_latency.json").read_text())
+    assert set(record["variants"]) == {"attention=1", "attention=none", "mlp=40", "mlp=none"}
+    solutions = json.loads((folder / "per_layer.json").read_text())["solutions"]
+    assert len(solutions) == 2 and all(s["measured"]["latency_ms"] > 0 for s in solutions)
+    # Each child timed whole is a file of latency/ holding its label (the variants' models are labelled apart).
+    timed = {json.loads(p.read_text())["label"] for p in (folder / "latency").iterdir()}
+    assert {s["label"] for s in solutions} <= timed and all("-P" in s["label"] for s in solutions)
+    assert all((folder / s["label"] / "architecture.json").exists() for s in solutions)  # trained
+    again = []
+    run_search(space, tmp_path, echo=again.append)
+    assert not any(line.startswith(("[block latency", "[measured")) for line in again)
