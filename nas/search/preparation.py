@@ -202,6 +202,7 @@ def calibration_rows(space: SearchSpace, n: int) -> np.ndarray:
 
 
 def importance_settings(space: SearchSpace, config: Any) -> ImportanceSettings:
+    """The space's importance settings (part of the importance's and so of the block scores' key)."""
     imp = space.importance
     return ImportanceSettings(seq_agg=imp.seq_agg, batch_agg=imp.batch_agg, neuron_source=imp.neuron_source,
                               head_source=imp.head_source, drop_samples=imp.drop_samples,
