@@ -335,16 +335,17 @@ def cmd_candidates(args) -> None:
     # "counted" is the budget's kind of count; shown when it is none of the counts already shown.
     shown = space.budget.kind == "total" or (space.budget.kind == "active" and "active_params" in rows[0])
     frame = pd.DataFrame(rows).drop(columns=["counted"] if shown else [])
-    if "per_layer_config" in frame:  # a per-layer space: each child's widths a layer as text; blank for uniform ones
+    if space.per_layer is not None:  # the program's children's widths a layer as text (blank for uniform ones)
         from nas.families import Parent
         from nas.search.per_layer import DIGEST, strips
         from nas.space import architecture_of
 
-        parent = Parent.of(config).architecture
-        text = [strips(architecture_of(r, config), parent) if r.get(DIGEST) else {"kv_heads": "", "mlp": ""}
-                for r in rows]
-        frame = frame.drop(columns=["per_layer_config", DIGEST]).assign(kv_heads=[t["kv_heads"] for t in text],
-                                                                         mlp=[t["mlp"] for t in text])
+        frame = frame.drop(columns=[c for c in (DIGEST, "per_layer_config") if c in frame])
+        if any(r[DIGEST] for r in rows):
+            parent = Parent.of(config).architecture
+            text = [strips(architecture_of(r, config), parent) if r[DIGEST] else {"kv_heads": "", "mlp": ""}
+                    for r in rows]
+            frame = frame.assign(kv_heads=[t["kv_heads"] for t in text], mlp=[t["mlp"] for t in text])
     for column in ("params", "active_params", "counted"):
         if column in frame:
             frame[column] = frame[column].map("{:,}".format)
