@@ -73,18 +73,18 @@ def cached_block_scores(model: nn.Module, importances: Importances, calibration:
     variants and sequences; else computed and written to both."""
     parent = Parent.of(model.config)
     key = scores_key(importances.meta, space, parent, len(calibration))
-    cached = storage.read_json(SCORES) if storage else None
-    if cached is not None and cached.get("key") == key:
-        return cached
-    path, out = shared_scores(key)
+    path, shared = shared_scores(key)
+    local = storage.read_json(SCORES) if storage else None
+    out = local if local is not None and local.get("key") == key else shared
     if out is None:
         chosen, samples = chosen_variants(space, parent), key["samples"]
         start = time.time()
         scores = block_scores(model, importances, calibration[:samples], chosen, space.per_layer.batch_size)
         out = {"key": key, "scores": scores, "seconds": time.time() - start,
                "tokens": samples * calibration.shape[1], "variants": len(chosen)}
+    if shared is None:  # (also a run folder's scores from before the importance cache held them)
         write_json(path, out)
-    if storage:
+    if storage and out is not local:
         storage.write_json(SCORES, out)
     return out
 
