@@ -311,8 +311,12 @@ def cmd_candidates(args) -> None:
                        f"candidates` on a node with the target GPU (`nas search` measures there as a Ray task)")
     # Timings here, on this machine's budget.device, are cached in $NAS_CACHE/measured.
     measured = RunStorage(cache_dir(), "measured")
-    rows = enumerate_candidates(space, config) if space.per_layer is None else \
-        _per_layer_candidates(space, config, args, measured)
+    if space.per_layer is None:
+        rows = enumerate_candidates(space, config)
+    else:  # the program's children (`nas.search.per_layer_preview`), then the axes' uniform ones where it asks
+        from nas.search.per_layer_preview import listed_candidates
+
+        rows = listed_candidates(space, config, args.space, args.block_scores, measured, _stderr)
     if not rows:
         raise NasError(f"{args.space}: {infeasible_hint(space, config)}")
     outside: list[dict] = []
@@ -335,17 +339,11 @@ def cmd_candidates(args) -> None:
     # "counted" is the budget's kind of count; shown when it is none of the counts already shown.
     shown = space.budget.kind == "total" or (space.budget.kind == "active" and "active_params" in rows[0])
     frame = pd.DataFrame(rows).drop(columns=["counted"] if shown else [])
-    if space.per_layer is not None:  # the program's children's widths a layer as text (blank for uniform ones)
-        from nas.families import Parent
-        from nas.search.per_layer import DIGEST, strips
-        from nas.space import architecture_of
+    if space.per_layer is not None:  # the program's children's widths a layer as text, not their tables
+        from nas.search.per_layer_preview import DIGEST, strip_columns
 
         frame = frame.drop(columns=[c for c in (DIGEST, "per_layer_config") if c in frame])
-        if any(r[DIGEST] for r in rows):
-            parent = Parent.of(config).architecture
-            text = [strips(architecture_of(r, config), parent) if r[DIGEST] else {"kv_heads": "", "mlp": ""}
-                    for r in rows]
-            frame = frame.assign(kv_heads=[t["kv_heads"] for t in text], mlp=[t["mlp"] for t in text])
+        frame = frame.assign(**strip_columns(rows, config))
     for column in ("params", "active_params", "counted"):
         if column in frame:
             frame[column] = frame[column].map("{:,}".format)
@@ -368,21 +366,6 @@ def cmd_candidates(args) -> None:
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-def _per_layer_candidates(space, config, args, measured) -> list[dict]:
-    """A per-layer space's candidates: the program's children (from the block scores of the importance cache,
-    computed here with --block-scores; `nas.search.per_layer_preview`), then the axes' uniform ones where it asks."""
-    from nas.errors import ConfigError
-    from nas.families import Parent
-    from nas.search.per_layer import DIGEST
-    from nas.search.per_layer_preview import per_layer_rows
-    from nas.space import enumerate_candidates, per_layer_problem
-
-    if problem := per_layer_problem(space, Parent.of(config)):
-        raise ConfigError(f"{args.space}: {problem}")
-    uniform = [{**r, DIGEST: 0} for r in enumerate_candidates(space, config)] if space.per_layer.uniform else []
-    return [*per_layer_rows(space, config, args.block_scores, measured, args.space, _stderr), *uniform]
 
 
 def cmd_search(args) -> None:

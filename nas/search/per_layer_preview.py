@@ -15,15 +15,35 @@ from typing import Any, Callable
 import torch
 
 from nas.data import load_tokens
-from nas.errors import NasError
+from nas.errors import ConfigError, NasError
 from nas.families import Parent
 from nas.importance import compute_importance, fingerprints
 from nas.parents import load_parent, resolve_parent
 from nas.search.block_latency import block_latency
-from nas.search.per_layer import assemble_candidates, block_widths, cached_block_scores, chosen_variants, \
-    scores_key, shared_scores
+from nas.search.per_layer import DIGEST, assemble_candidates, block_widths, cached_block_scores, chosen_variants, \
+    scores_key, shared_scores, strips
 from nas.search.preparation import calibration_rows, importance_settings
-from nas.space import SearchSpace
+from nas.space import SearchSpace, architecture_of, enumerate_candidates, per_layer_problem
+
+
+def listed_candidates(space: SearchSpace, config: Any, where: str, compute: bool, storage,
+                      echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    """A per-layer space's candidates as `nas candidates` lists them: the program's children (`per_layer_rows`),
+    then the axes' uniform ones (digest 0) where the space asks."""
+    if problem := per_layer_problem(space, Parent.of(config)):
+        raise ConfigError(f"{where}: {problem}")
+    uniform = [{**r, DIGEST: 0} for r in enumerate_candidates(space, config)] if space.per_layer.uniform else []
+    return [*per_layer_rows(space, config, compute, storage, where, echo), *uniform]
+
+
+def strip_columns(rows: list[dict[str, Any]], config: Any) -> dict[str, list[str]]:
+    """The "kv_heads" and "mlp" strips of each row (`per_layer.strips`), blank for uniform ones; none at all where
+    no per-layer child is listed."""
+    if not any(r[DIGEST] for r in rows):
+        return {}
+    parent = Parent.of(config).architecture
+    text = [strips(architecture_of(r, config), parent) if r[DIGEST] else {"kv_heads": "", "mlp": ""} for r in rows]
+    return {"kv_heads": [t["kv_heads"] for t in text], "mlp": [t["mlp"] for t in text]}
 
 
 def per_layer_rows(space: SearchSpace, config: Any, compute: bool, storage, where: str,
