@@ -38,6 +38,8 @@ BENCHMARKS = {
               "by importance and at random, two layers dropped by layer kind; zero-shot and after equal-token KD",
     "speed": "the demo's candidates timed on this machine (decode latency, prefill, throughput: batch 1 after 512 "
              "tokens, batch 8 after 128) and ranked against their parameter counts",
+    "per-layer-latency": "per-layer children's decode and prefill time predicted from their block variants' "
+                         "measured costs (what a per-layer speed budget caps) against the children timed whole",
     "gpu": "CUDA only (exits 2 without): the KD step's MFU on SmolLM2 in bf16, and the demo's trial time on the GPU",
 }
 

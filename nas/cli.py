@@ -298,33 +298,39 @@ def cmd_plan(args) -> None:
 
 def cmd_candidates(args) -> None:
     import pandas as pd
+    import torch
 
+    from nas.files import cache_dir
     from nas.space import enumerate_candidates, infeasible_hint, load_space, row_axes, space_config
+    from nas.storage import RunStorage
 
     space = load_space(args.space)
     config = space_config(space)
-    rows = enumerate_candidates(space, config)
+    if space.budget.speed_caps and space.budget.device == "cuda" and not torch.cuda.is_available():
+        raise NasError(f"{args.space}: budget.device=cuda: this machine has no GPU to measure on; run `nas "
+                       f"candidates` on a node with the target GPU (`nas search` measures there as a Ray task)")
+    # Timings here, on this machine's budget.device, are cached in $NAS_CACHE/measured.
+    measured = RunStorage(cache_dir(), "measured")
+    if space.per_layer is None:
+        rows = enumerate_candidates(space, config)
+    else:  # the program's children (`nas.search.per_layer_preview`), then the axes' uniform ones where it asks
+        from nas.search.per_layer_preview import listed_candidates
+
+        rows = listed_candidates(space, config, args.space, args.block_scores, measured, _stderr)
     if not rows:
         raise NasError(f"{args.space}: {infeasible_hint(space, config)}")
     outside: list[dict] = []
-    if space.budget.speed_caps:  # measured here, on this machine's budget.device (cached in $NAS_CACHE/measured)
-        import torch
-
-        from nas.files import cache_dir
+    if space.budget.speed_caps:
         from nas.latency import measure_candidates
-        from nas.storage import RunStorage
 
-        if space.budget.device == "cuda" and not torch.cuda.is_available():
-            raise NasError(f"{args.space}: budget.device=cuda: this machine has no GPU to measure on; run `nas "
-                           f"candidates` on a node with the target GPU (`nas search` measures there as a Ray task)")
-        rows, outside = measure_candidates(space, config, rows, RunStorage(cache_dir(), "measured"),
-                                           echo=lambda line: print(line, file=sys.stderr, flush=True))
+        rows, outside = measure_candidates(space, config, rows, measured, echo=_stderr)
     if args.json:  # every figure of every candidate: memory at the budget's context and batch, speed if measured
         print(json.dumps([{"label": r["label"], **row_axes(r), "params": r["params"],
                            "active_params": r.get("active_params", r["params"]),
                            "memory_bytes": r["memory_bytes"], "context": space.budget.context, "batch": space.budget.batch,
-                           **{k: r[k] for k in ("latency_ms", "prefill_ms", "throughput", "device_name", "infeasible")
-                              if k in r}} for r in rows + outside], indent=1))
+                           **{k: r[k] for k in ("latency_ms", "prefill_ms", "throughput", "device_name", "infeasible",
+                                                "per_layer_config", "block_score") if k in r}}
+                          for r in rows + outside], indent=1))
         return
     for row in outside:
         print(f"infeasible: {row['label']}: {row['infeasible']}")
@@ -333,6 +339,11 @@ def cmd_candidates(args) -> None:
     # "counted" is the budget's kind of count; shown when it is none of the counts already shown.
     shown = space.budget.kind == "total" or (space.budget.kind == "active" and "active_params" in rows[0])
     frame = pd.DataFrame(rows).drop(columns=["counted"] if shown else [])
+    if space.per_layer is not None:  # the program's children's widths a layer as text, not their tables
+        from nas.search.per_layer_preview import DIGEST, strip_columns
+
+        frame = frame.drop(columns=[c for c in (DIGEST, "per_layer_config") if c in frame])
+        frame = frame.assign(**strip_columns(rows, config))
     for column in ("params", "active_params", "counted"):
         if column in frame:
             frame[column] = frame[column].map("{:,}".format)
@@ -351,6 +362,10 @@ def cmd_candidates(args) -> None:
               f"batch {b.batch} after a prefill of {b.context} tokens)"
     print(f"{len(rows)} feasible candidates for {space.name}{at}:")
     print(frame.to_string(index=False))
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def cmd_search(args) -> None:
@@ -486,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("space", help="search-space YAML")
     p.add_argument("--json", action="store_true", help="one JSON object per candidate: axes, params, active_params, "
                                                        "memory_bytes (at budget.context x budget.batch)")
+    p.add_argument("--block-scores", action="store_true",
+                   help="a per-layer space: compute the block scores here where they are not cached yet (about half "
+                        "a forward of the parent a variant), to list the program's children")
     p.set_defaults(func=cmd_candidates)
 
     p = sub.add_parser("plan", help="memory, workers, FLOPs and time of each stage of a space, and whether it fits")

@@ -500,13 +500,19 @@ def fingerprint_tokens(tokens) -> str:
     return hashlib.sha256(tokens.cpu().to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
+def fingerprints(model: nn.Module, tokens: Tensor, settings: ImportanceSettings) -> dict[str, Any]:
+    """What importance scores depend on, as their `meta` records it: the parent's weights, the tokens, the
+    settings (what block scores are keyed by, found without computing the scores)."""
+    return {"parent": fingerprint_model(model), "data": fingerprint_tokens(tokens), "settings": _settings_dict(settings)}
+
+
 def cached_importance(model: nn.Module, tokens: Tensor, path: str | Path,
                       settings: ImportanceSettings = ImportanceSettings()) -> Importances:
     """Load scores from `path` when they were made from this parent, data and settings; else compute and save.
 
     A corrupt or mismatched file is recomputed (and replaced atomically), never trusted.
     """
-    key = {"parent": fingerprint_model(model), "data": fingerprint_tokens(tokens), "settings": _settings_dict(settings)}
+    key = fingerprints(model, tokens, settings)
     path = Path(path)
     if path.exists():
         try:

@@ -28,11 +28,12 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from nas.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class SpeedSettings:
@@ -169,53 +170,68 @@ def settings_of(budget, threads: int = 1) -> SpeedSettings:
                          budget.repeats, budget.device_resource, threads)
 
 
+def timer(space) -> tuple[SpeedSettings, str, Callable[[dict[str, Any]], dict[str, Any]]]:
+    """(the settings the space's budget times at, the machine that times, a function timing a child's config dict
+    there): a Ray task on one node with the budget's device when Ray is up (`_timing_node`), else this process. On
+    a CPU the thread count is part of the figure: a trial's CPUs, here and in a task alike."""
+    import ray
+
+    budget = space.budget
+    cpus = 1 if budget.device == "cuda" else space.resources.cpus_per_trial
+    settings = settings_of(budget, cpus)
+    if not ray.is_initialized():
+        return settings, machine(settings.device), lambda data: measure(data, settings)
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    needs = {"GPU": 1} if budget.device == "cuda" else {"CPU": cpus}
+    resources = {budget.device_resource: 0.001} if budget.device_resource else {}
+    node = _timing_node({**needs, **resources})
+    if node is None:  # Ray would keep the task pending for ever
+        raise ConfigError(f"budget.device={budget.device}"
+                          f"{f', budget.device_resource={budget.device_resource}' if resources else ''}: no "
+                          f"node of the Ray cluster has {', '.join(f'{k} {v:g}' for k, v in needs.items())}"
+                          f"{f' and {budget.device_resource}' if resources else ''} to measure on; add such a node "
+                          f"or change the budget")
+    options = dict(num_cpus=cpus, num_gpus=1 if budget.device == "cuda" else 0, resources=resources,
+                   scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+    # A fresh worker each (max_calls=1): no compiled step or CUDA graph of one candidate stays for the next.
+    task = ray.remote(max_calls=1)(measure).options(**options)
+    where = ray.get(ray.remote(machine).options(**options).remote(settings.device))
+    return settings, where, lambda data: ray.get(task.remote(data, settings))
+
+
+def cached_measure(storage, settings: SpeedSettings, where: str, data: dict[str, Any],
+                   timing: Callable[[dict[str, Any]], dict[str, Any]], label: str) -> tuple[dict[str, Any], bool]:
+    """(the figures of the model of config `data`, whether they were measured now): read from the run folder
+    `storage`'s latency/ where that shape was timed with these settings on this machine, else timed and kept."""
+    rel = f"latency/{settings.key(data, where)}.json"
+    if (figures := storage.read_json(rel)) is not None:
+        return figures, False
+    figures = timing(data)
+    storage.write_json(rel, {"label": label, **figures})
+    return figures, True
+
+
 def measure_candidates(space, config, rows: list[dict[str, Any]], storage, echo=lambda line: None
                        ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(the rows within the space's speed caps, the rows outside them with their `infeasible` reason), each row
     with its measured figures. Each candidate is measured once per (shape, settings, machine), kept in the run
-    folder `storage` under latency/; as Ray tasks on one node with the budget's device when Ray is up
-    (`_timing_node`), one at a time so that no two timings share a machine, else in this process. A candidate is
-    timed with the layers its memory figure counts (`Parent.served`): the worst case of those it may keep."""
-    import ray
-
+    folder `storage` under latency/; as Ray tasks on one node with the budget's device when Ray is up (`timer`),
+    one at a time so that no two timings share a machine, else in this process. A candidate is timed with the
+    layers its memory figure counts (`Parent.served`): the worst case of those it may keep."""
     from nas.families import Parent
     from nas.space import architecture_of
 
     budget = space.budget
-    # On a CPU the thread count is part of the figure: a trial's CPUs, here and in a task alike.
-    cpus = 1 if budget.device == "cuda" else space.resources.cpus_per_trial
-    settings = settings_of(budget, cpus)
     parent = Parent.of(config)
     shapes = {r["label"]: parent.child_config(parent.served(architecture_of(r, config), budget.context))
               for r in rows}
-    task = None
-    if ray.is_initialized():
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        needs = {"GPU": 1} if budget.device == "cuda" else {"CPU": cpus}
-        resources = {budget.device_resource: 0.001} if budget.device_resource else {}
-        node = _timing_node({**needs, **resources})
-        if node is None:  # Ray would keep the task pending for ever
-            raise ConfigError(f"budget.device={budget.device}"
-                              f"{f', budget.device_resource={budget.device_resource}' if resources else ''}: no "
-                              f"node of the Ray cluster has {', '.join(f'{k} {v:g}' for k, v in needs.items())}"
-                              f"{f' and {budget.device_resource}' if resources else ''} to measure on; add such a node "
-                              f"or change the budget")
-        options = dict(num_cpus=cpus, num_gpus=1 if budget.device == "cuda" else 0, resources=resources,
-                       scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-        # A fresh worker each (max_calls=1): no compiled step or CUDA graph of one candidate stays for the next.
-        task = ray.remote(max_calls=1)(measure).options(**options)
-        where = ray.get(ray.remote(machine).options(**options).remote(settings.device))
-    else:
-        where = machine(settings.device)
+    settings, where, timing = timer(space)
     within, outside = [], []
     for n, row in enumerate(rows, 1):
-        data = shapes[row["label"]].to_dict()
-        rel = f"latency/{settings.key(data, where)}.json"
-        figures = storage.read_json(rel)
-        if figures is None:
-            figures = ray.get(task.remote(data, settings)) if task else measure(data, settings)
-            storage.write_json(rel, {"label": row["label"], **figures})
+        figures, fresh = cached_measure(storage, settings, where, shapes[row["label"]].to_dict(), timing,
+                                        row["label"])
+        if fresh:
             echo(f"[measured {n}/{len(rows)}] {row['label']}: {figures['latency_ms']:.3g} ms/token, prefill "
                  f"{figures['prefill_ms']:.3g} ms on {figures['device_name']}")
         measured = {**row, **{k: figures[k] for k in ("latency_ms", "prefill_ms", "throughput")},

@@ -179,11 +179,9 @@ def _check_per_layer(space: SearchSpace, need) -> None:
     need(p.samples is None or p.samples <= space.importance.samples,
          f"per_layer.samples={p.samples}: the block scores read the calibration sequences, "
          f"importance.samples={space.importance.samples}; give at most that many")
-    need(not space.budget.speed_caps, f"budget.{next(iter(space.budget.speed_caps), '')}: per-layer mode has no "
-                                      f"measured latency per block yet; give a params band or a memory cap, or "
-                                      f"drop per_layer to search uniform candidates")
     need(not set(MEASURED) & set(space.search.objectives),
-         f"search.objectives={space.search.objectives}: per-layer children are not timed yet; drop "
+         f"search.objectives={space.search.objectives}: per-layer children are ranked by loss alone (their speed "
+         f"is a budget: budget.latency_ms, prefill_ms, throughput); drop "
          f"{', '.join(k for k in space.search.objectives if k in MEASURED)} or per_layer")
     need(space.search.sampler in ("auto", "grid"), f"search.sampler={space.search.sampler!r}: per-layer candidates "
                                                    f"are the program's solutions, each trained; use 'grid' or 'auto'")

@@ -42,8 +42,8 @@ def _space(root, tokenizer, per_layer=PER_LAYER, **overrides):
     ({"mlp_widths": [40], "min_distance": 0}, {}, "per_layer.min_distance=0: must be >= 1"),
     ({"mlp_widths": [40], "widths": [3]}, {}, "per_layer.widths: unknown field"),
     ({"mlp_widths": [40], "samples": 9}, {}, "per_layer.samples=9: the block scores read the calibration"),
-    ({"mlp_widths": [40]}, {"budget": {"fraction": 0.6, "latency_ms": 5.0}},
-     "budget.latency_ms: per-layer mode has no measured latency per block yet"),
+    ({"mlp_widths": [40]}, {"search": {"objectives": ["val_loss", "latency_ms"]}},
+     "search.objectives=['val_loss', 'latency_ms']: per-layer children are ranked by loss alone"),
     ({"mlp_widths": [40]}, {"search": {"sampler": "tpe"}}, "search.sampler='tpe': per-layer candidates are the"),
     ({"mlp_widths": [40], "uniform": False}, {}, "axes: per_layer.uniform is false, so no uniform candidate"),
 ])

@@ -23,7 +23,8 @@ from nas.importance import Importances, ImportanceSettings, cached_importance, l
 from nas.latency import measure_candidates
 from nas.parents import load_parent, parent_config, resolve_parent
 from nas.plan import Stage, block_sizes, checkpoint_tokens, plan
-from nas.search.per_layer import DIGEST, SCORES, assemble_candidates, cached_block_scores
+from nas.search.block_latency import TIMED, block_latency
+from nas.search.per_layer import ASSEMBLY, DIGEST, SCORES, assemble_candidates, block_widths, cached_block_scores
 from nas.space import MEASURED, RetrainSpec, SearchSpace, enumerate_candidates, infeasible_hint, per_layer_problem
 from nas.storage import RunStorage, is_uri
 from nas.teacher_cache import ShardPlan, publish, topk_plan, write_part
@@ -105,7 +106,7 @@ def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage]
         storage.write_json("infeasible.json", outside)
         for row in outside:
             echo(f"[infeasible] {row['label']}: {row['infeasible']}")
-        if not rows:
+        if not rows and space.per_layer is None:  # (a per-layer search's own candidates are timed below)
             raise ConfigError(f"{space.name}: no candidate is within the speed budget ({outside[0]['label']}: "
                               f"{outside[0]['infeasible']}; all {len(outside)} in {storage.uri}/infeasible.json)")
     tokenizer = AutoTokenizer.from_pretrained(resolve_parent(space.parent))
@@ -117,7 +118,7 @@ def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage]
     # drawn only (no array of the corpus's rows), and each part is a prefix of its own, so what is drawn for one
     # part does not depend on how much another takes.
     n, seed, drawn = len(tokens), space.search.seed, imp.sampling == "random"
-    calibration = np.sort(shuffled_rows(n, 0, imp.samples, seed)) if drawn else np.arange(imp.samples)
+    calibration = calibration_rows(space, n)
 
     def rest(start: int, count: int) -> np.ndarray:
         """Rows `start` .. of the seeded order of those after calibration."""
@@ -157,7 +158,7 @@ def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage]
         scores = storage.read_json(SCORES)
         echo(f"[per-layer] block scores of {scores['variants']} variants on {scores['tokens']:,} tokens: "
              f"{scores['seconds']:.0f} s")
-        assembled = assemble_candidates(space, config, scores["scores"], storage, echo)
+        assembled = _per_layer_rows(space, config, scores["scores"], storage, echo)
         rows = [*assembled, *(r for r in rows if r["label"] not in {a["label"] for a in assembled})]
     intervals = {stage: spec.checkpoint_tokens or checkpoint_tokens(stages[name], spec, space.seq_len)
                  for stage, name, spec in ((SHORT, "short_retrain", space.short_retrain),
@@ -166,7 +167,49 @@ def prepare(space: SearchSpace, root: str | Path = "trials", stages: list[Stage]
                   nas_cache, intervals)
 
 
-def parent_work(space: SearchSpace, storage: RunStorage, calibration_rows: np.ndarray, train_rows: np.ndarray,
+def _per_layer_rows(space: SearchSpace, config: Any, scores: dict[str, dict[str, float]], storage: RunStorage,
+                    echo: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The assembly program's children; under a speed budget, the program caps their summed measured block costs
+    (`block_latency`), and each is then timed whole: one over a cap is left out (into infeasible.json), and the
+    measured figures go beside the predicted ones in per_layer.json."""
+    if not space.budget.speed_caps:
+        return assemble_candidates(space, config, scores, storage, echo)
+    latency = block_latency(space, config, block_widths(space, Parent.of(config)), storage, echo)
+    rows, outside = measure_candidates(space, config, assemble_candidates(space, config, scores, storage, echo,
+                                                                          latency), storage, echo)
+    for row in outside:
+        echo(f"[infeasible] {row['label']}: {row['infeasible']} (measured whole; predicted within)")
+    storage.write_json("infeasible.json", [*(storage.read_json("infeasible.json") or []), *outside])
+    program = storage.read_json(ASSEMBLY)
+    measured = {r["label"]: r for r in rows + outside}
+    for solution in program["solutions"]:
+        solution["measured"] = {k: measured[solution["label"]][k] for k in TIMED}
+    storage.write_json(ASSEMBLY, program)
+    if not rows:
+        raise ConfigError(f"{space.name}: no per-layer child is within the speed budget when timed whole "
+                          f"({outside[0]['label']}: {outside[0]['infeasible']}); the block costs' sum predicted "
+                          f"it within: see {storage.uri}/{ASSEMBLY}")
+    return rows
+
+
+def calibration_rows(space: SearchSpace, n: int) -> np.ndarray:
+    """The rows of the `n` tokenised sequences that importance (and block scores) read: a seeded sample of the
+    whole corpus, or its first ones."""
+    imp = space.importance
+    if imp.sampling == "random":
+        return np.sort(shuffled_rows(n, 0, imp.samples, space.search.seed))
+    return np.arange(imp.samples)
+
+
+def importance_settings(space: SearchSpace, config: Any) -> ImportanceSettings:
+    """The space's importance settings (part of the importance's and so of the block scores' key)."""
+    imp = space.importance
+    return ImportanceSettings(seq_agg=imp.seq_agg, batch_agg=imp.batch_agg, neuron_source=imp.neuron_source,
+                              head_source=imp.head_source, drop_samples=imp.drop_samples,
+                              block_sizes=block_sizes(space, config))
+
+
+def parent_work(space: SearchSpace, storage: RunStorage, calibration_at: np.ndarray, train_rows: np.ndarray,
                 val: torch.Tensor, nas_cache: str, cache_parts: int = 1) -> ShardPlan | None:
     """Everything that needs the parent's weights, once: importance scores, a per-layer search's block scores,
     part 1 of `cache_parts` of the teacher's top-K cache over `train_rows` (the short retrains' sequences, when the
@@ -175,11 +218,8 @@ def parent_work(space: SearchSpace, storage: RunStorage, calibration_rows: np.nd
     parent = _spread_parent(space, nas_cache)
     config = parent_config(space.parent)
     folder = storage.fetch("tokens")
-    imp = space.importance
-    settings = ImportanceSettings(seq_agg=imp.seq_agg, batch_agg=imp.batch_agg, neuron_source=imp.neuron_source,
-                                  head_source=imp.head_source, drop_samples=imp.drop_samples,
-                                  block_sizes=block_sizes(space, config))
-    calibration = TokenSet(folder, calibration_rows)[:]
+    settings = importance_settings(space, config)
+    calibration = TokenSet(folder, calibration_at)[:]
     _kept_in(storage, "importance.safetensors", lambda path: cached_importance(parent, calibration, path, settings))
     if space.per_layer is not None:
         cached_block_scores(parent, Importances.load(storage.fetch("importance.safetensors")), calibration, space,
