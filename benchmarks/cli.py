@@ -38,6 +38,10 @@ BENCHMARKS = {
               "by importance and at random, two layers dropped by layer kind; zero-shot and after equal-token KD",
     "speed": "the demo's candidates timed on this machine (decode latency, prefill, throughput: batch 1 after 512 "
              "tokens, batch 8 after 128) and ranked against their parameter counts",
+    "per-layer": "the per-layer search against the uniform one (SmolLM2 at the demo's budget and at half its "
+                 "non-embedding parameters, Gemma 3 at its demo's): both winners after equal KD tokens on held-out "
+                 "WikiText-2 (2 seeds), their decode latency in HF, vLLM and llama.cpp, the block scores' "
+                 "additivity, short against 4x longer KD, the program against random children (resumable)",
     "gpu": "CUDA only (exits 2 without): the KD step's MFU on SmolLM2 in bf16, and the demo's trial time on the GPU",
 }
 
