@@ -47,7 +47,7 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
 KD_TOKENS, SHORT_TOKENS, SEEDS = 16384, 4096, (0, 1)
 HELD_LEN, HELD_SEQUENCES = 128, 32  # held-out WikiText-2: 4,096 tokens
 RANDOM_CHILDREN, RANDOM_TRAINED = 12, 3  # random per-layer children: KL measured (item 3), short-KD trained (item 5)
-RANKED = "smollm2-demo"  # the setting whose children are also ranked short against long and against random ones
+RANKED, RANKED_CHILDREN = "smollm2-demo", 3  # the setting whose children are also ranked short against long and against random ones
 
 
 def space_file(setting: str) -> Path:
@@ -120,9 +120,11 @@ class Setting:
     scores: dict[str, Any]
     calibration: torch.Tensor
     held: torch.Tensor
+    trial_loss: dict[str, float]  # each trained candidate's val loss after the search's short retrain
 
     @classmethod
     def open(cls, name: str) -> Setting:
+        import pandas as pd
         from transformers import AutoTokenizer
 
         from nas.families import Parent
@@ -145,8 +147,11 @@ class Setting:
             if imp.sampling == "random" else np.arange(imp.samples)
         calibration = TokenSet(run / "tokens", rows)[:][:scores["key"]["samples"]]
         held = load_tokens(str(HELDOUT), tokenizer, HELD_LEN)[:HELD_SEQUENCES]
+        frame = pd.read_csv(run / "summary.csv")
+        done = frame[frame["state"] == "COMPLETE"]
         return cls(name, shared, model.config, Parent.of(model.config), model, tokenizer,
-                   Importances.load(run / "importance.safetensors"), scores["scores"], calibration, held)
+                   Importances.load(run / "importance.safetensors"), scores["scores"], calibration, held,
+                   dict(zip(done["label"], done["val_loss"])))
 
     def arch(self, label: str):
         from nas.space import architecture_of, kept_layers
@@ -157,12 +162,9 @@ class Setting:
 
     def winners(self) -> dict[str, str]:
         """The search's best per-layer candidate and best uniform one, by their short retrain's val loss."""
-        import pandas as pd
-
-        frame = pd.read_csv(FOLDER / "runs" / f"bench-{self.name}" / "summary.csv")
-        done = frame[frame["state"] == "COMPLETE"].sort_values("val_loss")
-        return {"per_layer": done[done[DIGEST] != 0]["label"].iloc[0], "uniform": done[done[DIGEST] == 0]["label"]
-                .iloc[0]}
+        best = sorted(self.trial_loss, key=self.trial_loss.get)
+        return {"per_layer": next(k for k in best if self.shared.rows[k][DIGEST]),
+                "uniform": next(k for k in best if not self.shared.rows[k][DIGEST])}
 
     def figures(self, label: str) -> dict[str, Any]:
         row = self.shared.rows[label]
@@ -414,7 +416,8 @@ def additivity(s: Setting, steps: Steps, program: list[str], findings: list[str]
     return out
 
 
-def ranking(s: Setting, steps: Steps, program: list[str], uniform: str, findings: list[str]) -> dict[str, Any]:
+def ranking(s: Setting, steps: Steps, program: list[str], winners: dict[str, str], findings: list[str]
+            ) -> dict[str, Any]:
     """Items 4 and 5: the program's children (and the uniform winner) after SHORT_TOKENS against KD_TOKENS (4x),
     and the program's winner against random per-layer children of the budget after the same short KD."""
     from scipy.stats import kendalltau
@@ -422,7 +425,9 @@ def ranking(s: Setting, steps: Steps, program: list[str], uniform: str, findings
     def run(label: str, tokens: int) -> dict[str, Any]:
         return steps.get(f"{s.name}/kd{tokens}/seed0/{label}", lambda: s.kd(label, tokens, 0))
 
-    ranked = program + [uniform]
+    # The program's children the search ranked best (time allows 3 longer retrains here), and the uniform winner.
+    program = sorted(program, key=lambda k: s.trial_loss[k])[:RANKED_CHILDREN]
+    ranked = program + [winners["uniform"]]
     short = {label: run(label, SHORT_TOKENS) for label in ranked}
     randoms = s.random_children(RANDOM_TRAINED, seed=2)
     rand = {label: run(label, SHORT_TOKENS)["heldout_loss"] for label in randoms}
@@ -432,14 +437,17 @@ def ranking(s: Setting, steps: Steps, program: list[str], uniform: str, findings
         for name, labels in (("per_layer", program), ("with_uniform", ranked)):
             taus[f"{metric}/{name}"] = float(kendalltau([short[k][metric] for k in labels],
                                                         [long[k][metric] for k in labels]).statistic)
+    # The search's own trials (the same short retrain, validation split) against the longer one.
+    taus["search_trials/with_uniform"] = float(kendalltau([s.trial_loss[k] for k in ranked],
+                                                          [long[k]["val_loss"] for k in ranked]).statistic)
     findings.append(f"{s.name}: {SHORT_TOKENS:,}-token KD against {KD_TOKENS:,}: Kendall tau "
                     f"{taus['heldout_loss/per_layer']:.2f} over the program's {len(program)} children "
                     f"({taus['heldout_loss/with_uniform']:.2f} with the uniform winner) on held-out loss, "
                     f"{taus['val_loss/per_layer']:.2f} on the search's validation split")
-    best = min(program, key=lambda k: short[k]["val_loss"])  # the search's pick: least validation loss
+    best = winners["per_layer"]
     mine = short[best]["heldout_loss"]
     beaten = sum(mine < v for v in rand.values())
-    findings.append(f"{s.name}: the program's best child after {SHORT_TOKENS:,} KD tokens, held-out "
+    findings.append(f"{s.name}: the search's per-layer winner after {SHORT_TOKENS:,} KD tokens, held-out "
                     f"{_versus(mine, _mean(list(rand.values())))} against the mean of {len(rand)} random per-layer "
                     f"children of the budget (best random {min(rand.values()):.4f}); it beats {beaten} of {len(rand)}")
     return {"short_tokens": SHORT_TOKENS, "long_tokens": KD_TOKENS, "kendall_tau": taus,
@@ -471,8 +479,8 @@ def run() -> dict[str, Any]:
         opened[name] = s, program
     if RANKED in opened:  # last: its longer retrains are the costliest steps
         s, program = opened[RANKED]
-        uniform = out["settings"][RANKED]["winners"]["uniform"]["label"]
-        out["settings"][RANKED]["ranking"] = ranking(s, steps, program, uniform, findings)
+        winners = {kind: w["label"] for kind, w in out["settings"][RANKED]["winners"].items()}
+        out["settings"][RANKED]["ranking"] = ranking(s, steps, program, winners, findings)
     out["steps_s"] = sum(v["seconds"] for v in steps.done.values())
     out["wall_s"] = out["steps_s"] + sum(f.get("search_s", 0) for f in out["settings"].values())
     out["findings"] = findings
