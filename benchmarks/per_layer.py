@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -44,10 +45,18 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
         "axes": {"num_hidden_layers": [18, 14, 12], "num_attention_heads": [4], "intermediate_size": [1536, 1024],
                  "hidden_size": [640]}}),
 }
-KD_TOKENS, SHORT_TOKENS, SEEDS = 16384, 4096, (0, 1)
+# The issue asks for 16,384 KD tokens or more; on 2026-12-06 this 2-core machine ran at load 5 to 11 (other
+# engineers' tests), a 4,096-token trial took 307 s instead of 38 s, and 16,384 did not fit: 8,192, and 2,048 for
+# the ranking below.
+KD_TOKENS, SEEDS = 8192, (0, 1)
+# The ranking (item 4): 1,024 tokens against the search's own short retrain, 4x longer (its trials: 4,096).
+SHORT_TOKENS, RANK_TOKENS = 1024, 4096
+# Settings defined but not run on 2026-12-06, with why (the same load: the half-size search's 6 trials alone would
+# have taken about 30 minutes of the hour left).
+NOT_RUN = {"smollm2-half": "not run: no time left on this loaded 2-core machine (a 4,096-token trial took 307 s)"}
 HELD_LEN, HELD_SEQUENCES = 128, 32  # held-out WikiText-2: 4,096 tokens
 RANDOM_CHILDREN, RANDOM_TRAINED = 12, 3  # random per-layer children: KL measured (item 3), short-KD trained (item 5)
-RANKED, RANKED_CHILDREN = "smollm2-demo", 3  # the setting whose children are also ranked short against long and against random ones
+RANKED = "smollm2-demo"  # the setting whose children are also ranked short against long and against random ones
 
 
 def space_file(setting: str) -> Path:
@@ -90,20 +99,39 @@ def searched(setting: str) -> dict[str, Any]:
 
 
 class Steps:
-    """Finished steps' figures in one JSON file, written after each: a re-run does only the missing ones."""
+    """Finished steps' figures, a JSON file each: a re-run does only the missing ones, and a second process
+    (`helper`) can do some of them meanwhile (a step being computed holds a lock file; the other waits for it)."""
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.done: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, key: str) -> Path:
+        return self.folder / (key.replace("/", "__") + ".json")
 
     def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        if key not in self.done:
-            start = time.perf_counter()
-            value = compute()
-            self.done[key] = {"value": value, "seconds": time.perf_counter() - start}
-            write_json(self.path, self.done)
-            print(f"[per-layer] {key}: {time.perf_counter() - start:.0f} s", flush=True)
-        return self.done[key]["value"]
+        path, lock = self._path(key), self._path(key).with_suffix(".lock")
+        while not path.exists():
+            try:
+                with open(lock, "x") as f:
+                    f.write(str(os.getpid()))
+            except FileExistsError:  # the other process is computing it, unless it died
+                holder = lock.read_text().strip()
+                if holder and not Path(f"/proc/{holder}").exists():
+                    lock.unlink(missing_ok=True)
+                time.sleep(5)
+                continue
+            try:
+                start = time.perf_counter()
+                value = compute()
+                write_json(path, {"value": value, "seconds": time.perf_counter() - start})
+                print(f"[per-layer] {key}: {time.perf_counter() - start:.0f} s", flush=True)
+            finally:
+                lock.unlink()
+        return json.loads(path.read_text())["value"]
+
+    def seconds(self) -> float:
+        return sum(json.loads(p.read_text())["seconds"] for p in self.folder.glob("*.json"))
 
 
 @dataclass
@@ -416,56 +444,56 @@ def additivity(s: Setting, steps: Steps, program: list[str], findings: list[str]
     return out
 
 
-def ranking(s: Setting, steps: Steps, program: list[str], winners: dict[str, str], findings: list[str]
-            ) -> dict[str, Any]:
-    """Items 4 and 5: the program's children (and the uniform winner) after SHORT_TOKENS against KD_TOKENS (4x),
-    and the program's winner against random per-layer children of the budget after the same short KD."""
+def ranking(s: Setting, steps: Steps, winners: dict[str, str], findings: list[str]) -> dict[str, Any]:
+    """Items 4 and 5: the search's candidates and random per-layer children of its budget after SHORT_TOKENS of KD
+    against the search's own short retrain (RANK_TOKENS, 4x: the search's trials, and the same retrain run here
+    for the random children and the winner, whose run checks that it gives the trial's loss); then the winner
+    against the random children after that retrain, on held-out data."""
     from scipy.stats import kendalltau
 
     def run(label: str, tokens: int) -> dict[str, Any]:
         return steps.get(f"{s.name}/kd{tokens}/seed0/{label}", lambda: s.kd(label, tokens, 0))
 
-    # The program's children the search ranked best (time allows 3 longer retrains here), and the uniform winner.
-    program = sorted(program, key=lambda k: s.trial_loss[k])[:RANKED_CHILDREN]
-    ranked = program + [winners["uniform"]]
-    short = {label: run(label, SHORT_TOKENS) for label in ranked}
     randoms = s.random_children(RANDOM_TRAINED, seed=2)
-    rand = {label: run(label, SHORT_TOKENS)["heldout_loss"] for label in randoms}
-    long = {label: run(label, KD_TOKENS) for label in ranked}
-    taus = {}
-    for metric in ("heldout_loss", "val_loss"):
-        for name, labels in (("per_layer", program), ("with_uniform", ranked)):
-            taus[f"{metric}/{name}"] = float(kendalltau([short[k][metric] for k in labels],
-                                                        [long[k][metric] for k in labels]).statistic)
-    # The search's own trials (the same short retrain, validation split) against the longer one.
-    taus["search_trials/with_uniform"] = float(kendalltau([s.trial_loss[k] for k in ranked],
-                                                          [long[k]["val_loss"] for k in ranked]).statistic)
-    findings.append(f"{s.name}: {SHORT_TOKENS:,}-token KD against {KD_TOKENS:,}: Kendall tau "
-                    f"{taus['heldout_loss/per_layer']:.2f} over the program's {len(program)} children "
-                    f"({taus['heldout_loss/with_uniform']:.2f} with the uniform winner) on held-out loss, "
-                    f"{taus['val_loss/per_layer']:.2f} on the search's validation split")
+    searched = list(s.trial_loss)
     best = winners["per_layer"]
-    mine = short[best]["heldout_loss"]
-    beaten = sum(mine < v for v in rand.values())
-    findings.append(f"{s.name}: the search's per-layer winner after {SHORT_TOKENS:,} KD tokens, held-out "
+    long = {label: run(label, RANK_TOKENS) for label in [best, *randoms]}
+    short = {label: run(label, SHORT_TOKENS) for label in searched + randoms}
+    val_long = {**s.trial_loss, **{k: long[k]["val_loss"] for k in randoms}}
+    labels = searched + randoms
+    tau = float(kendalltau([short[k]["val_loss"] for k in labels], [val_long[k] for k in labels]).statistic)
+    tau_searched = float(kendalltau([short[k]["val_loss"] for k in searched], [val_long[k] for k in searched])
+                         .statistic)
+    findings.append(f"{s.name}: {SHORT_TOKENS:,}-token KD against the search's {RANK_TOKENS:,}-token retrain, "
+                    f"validation loss: Kendall tau {tau:.2f} over {len(labels)} children (the search's "
+                    f"{len(searched)} and {len(randoms)} random ones), {tau_searched:.2f} over the search's alone")
+    mine = long[best]["heldout_loss"]
+    rand = {k: long[k]["heldout_loss"] for k in randoms}
+    findings.append(f"{s.name}: the search's per-layer winner after {RANK_TOKENS:,} KD tokens, held-out "
                     f"{_versus(mine, _mean(list(rand.values())))} against the mean of {len(rand)} random per-layer "
-                    f"children of the budget (best random {min(rand.values()):.4f}); it beats {beaten} of {len(rand)}")
-    return {"short_tokens": SHORT_TOKENS, "long_tokens": KD_TOKENS, "kendall_tau": taus,
-            "short": {k: v["heldout_loss"] for k, v in short.items()},
-            "long": {k: v["heldout_loss"] for k, v in long.items()},
-            "random_children": {label: {**s.figures(label), "heldout_loss": v} for label, v in rand.items()},
-            "program_best": {"label": best, "heldout_loss": mine}}
+                    f"children of the budget (best random {min(rand.values()):.4f}); it beats "
+                    f"{sum(mine < v for v in rand.values())} of {len(rand)}")
+    return {"short_tokens": SHORT_TOKENS, "long_tokens": RANK_TOKENS, "kendall_tau_val": tau,
+            "kendall_tau_val_searched_only": tau_searched,
+            "winner_rerun_val_loss": {"here": long[best]["val_loss"], "search_trial": s.trial_loss[best]},
+            "val_loss": {k: {"short": short[k]["val_loss"], "long": val_long[k]} for k in labels},
+            "random_children": {k: {**s.figures(k), "heldout_loss": v} for k, v in rand.items()},
+            "winner": {"label": best, "heldout_loss": mine}}
 
 
 def run() -> dict[str, Any]:
-    """Every setting's search, then its figures; each finished step is kept in results/per-layer/steps.json."""
-    steps = Steps(FOLDER / "steps.json")
+    """Every setting's search, then its figures; each finished step is kept in results/per-layer/steps/."""
+    steps = Steps(FOLDER / "steps")
     findings: list[str] = []
     out: dict[str, Any] = {"kd_tokens": KD_TOKENS, "seeds": list(SEEDS), "short_tokens": SHORT_TOKENS,
                            "heldout": f"{HELD_SEQUENCES} x {HELD_LEN} tokens of {HELDOUT.relative_to(ROOT)}",
                            "settings": {}}
-    opened: dict[str, tuple[Setting, list[str]]] = {}
+    opened: dict[str, Setting] = {}
     for name in SETTINGS:
+        if name in NOT_RUN:
+            out["settings"][name] = {"space": str(space_file(name).relative_to(ROOT)), "not_run": NOT_RUN[name]}
+            findings.append(f"{name}: {NOT_RUN[name]}")
+            continue
         search = searched(name)
         if "refused" in search:
             out["settings"][name] = {"space": str(space_file(name).relative_to(ROOT)), **search}
@@ -476,12 +504,12 @@ def run() -> dict[str, Any]:
         figures = {"space": str(space_file(name).relative_to(ROOT)), "search_s": search["seconds"],
                    "winners": compare(s, steps, findings), "additivity": additivity(s, steps, program, findings)}
         out["settings"][name] = figures
-        opened[name] = s, program
+        opened[name] = s
     if RANKED in opened:  # last: its longer retrains are the costliest steps
-        s, program = opened[RANKED]
+        s = opened[RANKED]
         winners = {kind: w["label"] for kind, w in out["settings"][RANKED]["winners"].items()}
-        out["settings"][RANKED]["ranking"] = ranking(s, steps, program, winners, findings)
-    out["steps_s"] = sum(v["seconds"] for v in steps.done.values())
+        out["settings"][RANKED]["ranking"] = ranking(s, steps, winners, findings)
+    out["steps_s"] = steps.seconds()
     out["wall_s"] = out["steps_s"] + sum(f.get("search_s", 0) for f in out["settings"].values())
     out["findings"] = findings
     print(summary_table(out))
@@ -501,3 +529,18 @@ def summary_table(out: dict[str, Any]) -> str:
                          + " | ".join(f"{v:.4f}" for v in w["heldout_loss"].values())
                          + f" | {w['heldout_loss_mean']:.4f} | {ms} |")
     return "\n".join(lines)
+
+
+def helper(name: str = RANKED) -> None:
+    """A second process for some of `run`'s steps (the retrains, the uniform winner's timing), taken in another
+    order while `run` works: `python -c "from benchmarks.per_layer import helper; helper()"` beside it."""
+    s = Setting.open(name)
+    steps = Steps(FOLDER / "steps")
+    winners = steps.get(f"{name}/winners", s.winners)
+    steps.get(f"{name}/kd{KD_TOKENS}/seed1/{winners['uniform']}", lambda: s.kd(winners["uniform"], KD_TOKENS, 1))
+    s.random_children(RANDOM_CHILDREN, seed=1)  # (run draws these first: the same draws follow)
+    randoms = s.random_children(RANDOM_TRAINED, seed=2)
+    todo = [(k, RANK_TOKENS) for k in [winners["per_layer"], *randoms]] + \
+        [(k, SHORT_TOKENS) for k in [*s.trial_loss, *randoms]]
+    for label, tokens in reversed(todo):
+        steps.get(f"{name}/kd{tokens}/seed0/{label}", lambda: s.kd(label, tokens, 0))
