@@ -5,9 +5,11 @@ across studies; and `nas candidates` listing the program's children."""
 import itertools
 import json
 import random
+import sys
 from dataclasses import asdict
 
 import pytest
+import ray.cloudpickle as cloudpickle
 import torch
 import yaml
 
@@ -26,6 +28,7 @@ from nas.storage import RunStorage
 PER_LAYER = {"kv_heads": [1], "mlp_widths": [40], "skip_attention": True, "skip_mlp": True, "candidates": 3,
              "min_distance": 2}
 SPEED = {"context": 16, "batch": 1, "decode_tokens": 2, "warmup": 1, "repeats": 1}
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the stand-in timer runs in Ray workers
 
 
 def _space(root, tokenizer, budget, **per_layer):
@@ -157,6 +160,9 @@ def test_a_second_study_reads_the_block_scores_from_the_importance_cache(tmp_pat
 def test_nas_candidates_lists_the_programs_children_from_the_importance_cache(tmp_path, tiny_tokenizer,
                                                                                monkeypatch, capsys):
     spec = tiny_space(tmp_path, tiny_tokenizer, per_layer={**PER_LAYER, "uniform": True, "samples": 4})
+    # A line of this run's own: the data's fingerprint, and so the cache keys, are new in any cache.
+    with open(spec["data"], "a") as f:
+        f.write(f"\n{tmp_path.name} {random.random()}\n")
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(spec))
     space = str(tmp_path / "space.yaml")
     monkeypatch.setenv("NAS_CACHE", str(tmp_path / "cache-a"))
@@ -168,8 +174,9 @@ def test_nas_candidates_lists_the_programs_children_from_the_importance_cache(tm
     assert "--block-scores" in line and "no block scores" in line
     assert main(["candidates", "--json", "--block-scores", space]) == 0
     computed = [c["label"] for c in json.loads(capsys.readouterr().out) if "per_layer_config" in c]
-    # The reference: a study's own children (its preparation, in another cache), which the listing then reads.
-    monkeypatch.setenv("NAS_CACHE", str(tmp_path / "cache-b"))
+    # The reference: a study's own children (its preparation, in another cache: the one its Ray workers were given,
+    # the suite's), which the listing then reads.
+    monkeypatch.undo()
     shared = prepare(parse_space(spec), tmp_path / "trials")
     study = [s["label"] for s in json.loads((tmp_path / "trials" / "tiny" / "per_layer.json").read_text())
              ["solutions"]]
