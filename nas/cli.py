@@ -340,7 +340,8 @@ def cmd_candidates(args) -> None:
     shown = space.budget.kind == "total" or (space.budget.kind == "active" and "active_params" in rows[0])
     frame = pd.DataFrame(rows).drop(columns=["counted"] if shown else [])
     if space.per_layer is not None:  # the program's children's widths a layer as text, not their tables
-        from nas.search.per_layer_preview import DIGEST, strip_columns
+        from nas.search.per_layer import DIGEST
+        from nas.search.per_layer_preview import strip_columns
 
         frame = frame.drop(columns=[c for c in (DIGEST, "per_layer_config") if c in frame])
         frame = frame.assign(**strip_columns(rows, config))
