@@ -44,3 +44,11 @@ def test_every_relative_link_resolves():
             elif fragment and dest.suffix == ".md" and fragment not in _anchors(dest):
                 broken.append(f"{page.relative_to(ROOT)}: {target} (no heading #{fragment})")
     assert not broken, "\n".join(broken)
+
+
+def test_no_page_holds_a_merge_conflict():
+    """A merge resolved by hand once left its markers in a page; they render as text and split its tables."""
+    marker = re.compile(r"^(<{7}|={7}|>{7})( |$)", re.M)
+    found = [f"{page.relative_to(ROOT)}:{text[:m.start()].count(chr(10)) + 1}"
+             for page in PAGES for text in [page.read_text()] for m in marker.finditer(text)]
+    assert not found, found
