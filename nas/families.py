@@ -19,10 +19,30 @@ from nas.blocks import MLP, Attention, GatedDeltaNet, Mamba2, MoE, Norm
 from nas.errors import ArchitectureError, UnsupportedModelError
 
 PRE_NORMS = ("input_layernorm", "post_attention_layernorm")  # Llama: before attention, before the MLP
-#: The block each pre-norm sits before: a per-layer child that skips the block has no such norm.
-BLOCK_NORMS = {"attention": "input_layernorm", "mlp": "post_attention_layernorm"}
 SANDWICH_NORMS = (*PRE_NORMS, "pre_feedforward_layernorm", "post_feedforward_layernorm")  # Gemma 2/3: around both
 POST_NORMS = ("post_attention_layernorm", "post_feedforward_layernorm")  # OLMo 2/3: on each block's output
+
+
+@dataclass(frozen=True)
+class BlockNorms:
+    """The norms of one block a per-layer child may skip, by module name inside the layer: `pre` on the block's
+    input, `post` on its output (None where there is none). The layer computes x + post(block(pre(x))), and a child
+    that skips the block has neither norm."""
+
+    pre: str | None
+    post: str | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.pre, self.post) if n)
+
+
+#: Llama's pre-norm layer: x + attn(input_layernorm(x)), then x + mlp(post_attention_layernorm(x)).
+PRE_NORM_BLOCKS = (("attention", BlockNorms("input_layernorm")), ("mlp", BlockNorms("post_attention_layernorm")))
+#: Gemma 2/3's sandwich: x + post_attention_layernorm(attn(input_layernorm(x))), then
+#: x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x))).
+SANDWICH_BLOCKS = (("attention", BlockNorms("input_layernorm", "post_attention_layernorm")),
+                   ("mlp", BlockNorms("pre_feedforward_layernorm", "post_feedforward_layernorm")))
 
 #: The mixer of every layer of a family without a layer pattern: attention at `self_attn`.
 ATTENTION_ONLY = (("*", (("attention", "self_attn"),)),)
@@ -52,8 +72,11 @@ class Family:
         stored_root: what a checkpoint on disk calls `model` (Nemotron-H's say `backbone`).
         scaled_embedding: the embedding output is multiplied by sqrt(hidden_size) (Gemma), a factor that changes
             with the child's width.
-        per_layer: its decoder layer is Llama's pre-norm one (x + attn(norm(x)), x + mlp(norm(x))) reading its
-            widths from the config, which `nas.loader` builds per layer (`Architecture.per_layer`).
+        per_layer: its decoder layer is an attention block and an MLP block, each x + post(block(pre(x))) with the
+            norms of `block_norms`, reading its widths from the config, which `nas.loader` builds per layer
+            (`Architecture.per_layer`).
+        block_norms: (block, its norms) for the attention and the MLP of a per-layer family's layer; together they
+            are its `layer_norms`.
     """
 
     model_type: str
@@ -73,6 +96,18 @@ class Family:
     final_norm: str = "model.norm"
     stored_root: str = "model"
     per_layer: bool = False
+    block_norms: tuple[tuple[str, BlockNorms], ...] = PRE_NORM_BLOCKS
+
+    def __post_init__(self) -> None:
+        # Every norm of a per-layer family's layer belongs to one block: a skipped block takes exactly its own.
+        assert not self.per_layer or sorted(n for _, b in self.block_norms for n in b.names) == \
+            sorted(self.layer_norms), self.model_type
+
+    def skippable(self) -> tuple[tuple[str, str, BlockNorms], ...]:
+        """(block, module path inside the layer, its norms) of each block a per-layer child may skip, in the order
+        the layer runs them."""
+        paths = {"attention": dict(dict(self.mixers)["*"])["attention"], "mlp": self.ffn}
+        return tuple((block, paths[block], norms) for block, norms in self.block_norms)
 
     @property
     def recurrent(self) -> Mamba2 | GatedDeltaNet | None:
@@ -125,7 +160,7 @@ class Family:
             return "it is a hybrid (recurrent mixers beside attention), whose children stay uniform"
         if not self.per_layer:
             supported = ", ".join(t for t, f in FAMILIES.items() if f.per_layer)
-            return f"its decoder layer is not the Llama-style pre-norm layer nas builds per layer ({supported})"
+            return f"nas's loader does not build its decoder layer per layer yet (per-layer families: {supported})"
         return None
 
     def is_attention(self, config: Any, layer: int) -> bool:
@@ -164,7 +199,7 @@ class Family:
                          shape: LayerShape | None = None) -> int:
         """Parameters of the child `arch`'s copy of the parent layer `layer`, at its own widths `shape` (default:
         the global ones); `active`: those a token uses (a sparse layer's top-k experts, not all). A skipped block
-        counts nothing, nor does the norm before it."""
+        counts nothing, nor do its norms (`block_norms`)."""
         shape = shape or arch.uniform_shape
         widths = arch if shape == arch.uniform_shape else \
             arch.replace(per_layer=(), **{k: v for k, v in vars(shape).items() if v})
@@ -172,7 +207,8 @@ class Family:
         units = sum(unit.num_parameters(config, widths, active) if isinstance(unit, MoE) else
                     unit.num_parameters(config, widths) for _, unit in self.slots(config, layer)
                     if blocks.get(self.block_of(unit), True))
-        norms = sum(blocks[block] for block in BLOCK_NORMS) if self.per_layer else len(self.layer_norms)
+        norms = sum(len(n.names) for block, n in self.block_norms if blocks[block]) if self.per_layer \
+            else len(self.layer_norms)
         return units + norms * self.norm.num_parameters(arch.hidden_size)
 
     def block_of(self, unit: Any) -> str | None:
@@ -279,7 +315,8 @@ _NOT_PER_LAYER = {"architectures", "bos_token_id", "eos_token_id", "pad_token_id
                   "attn_layer_indices", "time_step_limit", "mlp_multipliers", "ssm_multipliers",
                   "mtp_layers_block_type"}
 
-_GEMMA = dict(norm=Norm("rms_1p"), layer_norms=SANDWICH_NORMS, scaled_embedding=True)
+_GEMMA = dict(norm=Norm("rms_1p"), layer_norms=SANDWICH_NORMS, block_norms=SANDWICH_BLOCKS, scaled_embedding=True,
+              per_layer=True)
 _GATED_ATTENTION = Attention(qk_norm="head", gated_query=True)
 _DELTANET_MIXERS = (("linear_attention", (("deltanet", "linear_attn"),)),
                     ("full_attention", (("attention", "self_attn"),)))

@@ -101,7 +101,8 @@ def measure(config: dict[str, Any], settings: SpeedSettings) -> dict[str, Any]:
 
 def timed_model(config: dict[str, Any], settings: SpeedSettings) -> torch.nn.Module:
     """The random model a candidate is timed as: its exact shape (a per-layer child's layers at their own widths,
-    built by nas's loader), in the serving dtype, on the device, with SDPA attention."""
+    built by nas's loader), in the serving dtype, on the device, with SDPA attention where the family's attention
+    runs in it (transformers refuses it for Gemma 2's logit softcap, which then runs its default, eager)."""
     from transformers import AutoConfig
 
     from nas.loader import build
@@ -110,7 +111,11 @@ def timed_model(config: dict[str, Any], settings: SpeedSettings) -> torch.nn.Mod
     child = AutoConfig.for_model(data.pop("model_type"), **data)
     torch.manual_seed(0)
     with torch.device(settings.device):
-        return build(child, dtype=getattr(torch, settings.dtype), attn_implementation="sdpa").eval()
+        try:
+            return build(child, dtype=getattr(torch, settings.dtype), attn_implementation="sdpa").eval()
+        except ValueError:
+            torch.manual_seed(0)
+            return build(child, dtype=getattr(torch, settings.dtype)).eval()
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.cache_utils import DummyLayer
 
 from nas.errors import ArchitectureError, NasError
-from nas.families import BLOCK_NORMS, family_of
+from nas.families import family_of
 
 def is_per_layer(config: Any) -> bool:
     """Whether `config` carries per-layer overrides (transformers' heterogeneous config)."""
@@ -69,13 +69,17 @@ def build(config: Any, dtype: torch.dtype | None = None, **kwargs: Any) -> PreTr
 
 
 def _shape(layer: nn.Module, j: int, layer_overrides: dict[str, Any], config: Any, dtype: torch.dtype) -> None:
-    """Give decoder layer `j` its own widths: its family's modules rebuilt from its config view, skipped ones gone."""
+    """Give decoder layer `j` its own widths: its family's modules rebuilt from its config view, skipped ones gone
+    with their norms."""
     view = config.per_layer_config[j]
     skip = set(layer_overrides.get("skip", ()))
-    for block, path, key in (("attention", "self_attn", "num_key_value_heads"), ("mlp", "mlp", "intermediate_size")):
+    family = family_of(config)
+    for block, path, norms in family.skippable():
+        key = "num_key_value_heads" if block == "attention" else "intermediate_size"
         if block in skip:
             setattr(layer, path, None)
-            setattr(layer, BLOCK_NORMS[block], None)
+            for norm in norms.names:
+                setattr(layer, norm, None)
         elif key in layer_overrides:
             old = getattr(layer, path)
             new = type(old)(view, layer_idx=j) if block == "attention" else type(old)(view)
@@ -83,32 +87,40 @@ def _shape(layer: nn.Module, j: int, layer_overrides: dict[str, Any], config: An
             new.config = config
             setattr(layer, path, new.to(dtype))
     if skip:
-        layer.__class__ = _skipping(type(layer))
+        layer.__class__ = skipping(type(layer), family.skippable())
         layer.layer_index = j
 
 
 @cache
-def _skipping(layer_class: type) -> type:
-    """`layer_class` (a Llama-style pre-norm decoder layer) with a forward that runs only the blocks it has. It
-    keeps the class name (device maps and `_no_split_modules` match on it) and stays an instance of the stock class
-    (output capture hooks match on that)."""
-    return type(layer_class.__name__, (layer_class,), {"forward": _forward, "__module__": layer_class.__module__})
+def skipping(layer_class: type, blocks: tuple) -> type:
+    """`layer_class` (a decoder layer of the `blocks` of `Family.skippable`) with a forward that runs only the
+    blocks it has. It keeps the class name (device maps and `_no_split_modules` match on it) and stays an instance
+    of the stock class (output capture hooks match on that)."""
+    return type(layer_class.__name__, (layer_class,),
+                {"forward": _forward, "blocks": blocks, "__module__": layer_class.__module__})
 
 
 def _forward(self, hidden_states: torch.Tensor, attention_mask=None, position_ids=None, cache=None, use_cache=False,
              position_embeddings=None, **kwargs) -> torch.Tensor:
-    """The stock pre-norm layer (x + attn(norm(x)), then x + mlp(norm(x)); Granite scales each branch by its
-    residual multiplier) with a skipped block left out entirely."""
+    """The stock layer, block by block, x + post(block(pre(x))) (Llama's pre-norm layer has no post norm, Gemma's
+    sandwich has both; Granite scales each branch by its residual multiplier), with a skipped block left out
+    entirely. The model passes each layer its own attention type's mask and rotary embeddings (Gemma's sliding and
+    full layers), which go to the attention as the stock layer passes them."""
     scale = getattr(self, "residual_multiplier", None)
-    if self.self_attn is not None:
-        out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
-                                position_ids=position_ids, cache=cache, use_cache=use_cache,
-                                position_embeddings=position_embeddings, **kwargs)
-        hidden_states = hidden_states + (out if scale is None else out * scale)
-    elif cache is not None:
-        _no_cache(cache, self.layer_index)
-    if self.mlp is not None:
-        out = self.mlp(self.post_attention_layernorm(hidden_states))
+    for block, path, norms in self.blocks:
+        module = getattr(self, path)
+        if module is None:
+            if block == "attention" and cache is not None:
+                _no_cache(cache, self.layer_index)
+            continue
+        x = getattr(self, norms.pre)(hidden_states) if norms.pre else hidden_states
+        if block == "attention":
+            out, _ = module(hidden_states=x, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                            use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+        else:
+            out = module(x)
+        if norms.post:
+            out = getattr(self, norms.post)(out)
         hidden_states = hidden_states + (out if scale is None else out * scale)
     return hidden_states
 

@@ -102,7 +102,7 @@ ALL_CONFIGS = {**TINY_CONFIGS, **FAMILY_CONFIGS, **MOE_CONFIGS, **HYBRID_CONFIGS
 
 
 #: The families whose children may vary their layers (issue 27; `Family.per_layer`), the engines' four first.
-PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "nemotron")
+PER_LAYER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "smollm3", "granite", "nemotron", "gemma2", "gemma3_text")
 
 
 def mixed_child(arch):
