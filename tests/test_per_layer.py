@@ -110,6 +110,69 @@ def test_streamed_pruning_equals_in_memory(name, tmp_path):
     assert all(torch.equal(streamed[k], in_memory[k]) for k in streamed)
 
 
+@pytest.mark.parametrize("name", PER_LAYER_FAMILIES)
+def test_the_skipping_forward_with_every_block_kept_is_the_stock_layer(name):
+    """nas's forward for a layer that skips a block, put on every layer of the stock model with nothing skipped,
+    gives the stock model's logits bit for bit (Gemma's sandwich norms, its sliding and full layers' own masks and
+    rotary embeddings, Granite's residual multiplier), with and without a cache."""
+    from nas.loader import skipping
+
+    model = tiny_model(name)
+    stock = _logits(model)
+    blocks = Parent.of(model.config).family.skippable()
+    for j, layer in enumerate(model.model.layers):
+        layer.__class__ = skipping(type(layer), blocks)
+        layer.layer_index = j
+    assert torch.equal(_logits(model), stock)
+    prefix = model(input_ids=TOKENS[:, :10], use_cache=True)
+    with torch.no_grad():
+        rest = model(input_ids=TOKENS[:, 10:], cache=prefix.cache, use_cache=True).logits
+    assert _rel(torch.cat([prefix.logits.detach(), rest], 1), stock) < 1e-5
+
+
+#: Tables of a tiny 4-layer parent (its widths: 2 KV heads, MLP 80) that skip blocks and keep the rest whole. Gemma's
+#: tiny layers are sliding, full, sliding, full (a window of 8 tokens): attention skipped in a layer of each type,
+#: in every full layer, and in every sliding one.
+SKIPS = {"sliding and full": (LayerShape(0, 80), LayerShape(0, 80), LayerShape(2, 0), LayerShape(2, 80)),
+         "every full layer": (LayerShape(2, 80), LayerShape(0, 80), LayerShape(2, 0), LayerShape(0, 80)),
+         "every sliding layer": (LayerShape(0, 0), LayerShape(2, 80), LayerShape(0, 80), LayerShape(2, 0))}
+
+
+@pytest.mark.parametrize("name, table", [*((n, t) for n in ("gemma2", "gemma3_text") for t in SKIPS),
+                                         ("llama", "sliding and full"), ("granite", "sliding and full")])
+def test_skipped_blocks_equal_the_stock_model_with_those_blocks_zeroed(name, table, tmp_path):
+    """A child that keeps the parent's widths and skips blocks, saved and loaded by nas, against the stock
+    transformers model of the parent with each skipped block's output projection zeroed (its output is then 0, and
+    so is a Gemma post-norm of it): the same logits with and without a cache, the same greedy tokens, and the KV
+    cache that `generate` fills is the one counted (nothing for an attention-free layer). Llama for the pre-norm
+    layer and Granite for its residual multiplier (their layers are all full attention)."""
+    parent = tiny_model(name)
+    arch = Parent.of(parent.config).architecture.replace(per_layer=SKIPS[table])
+    prune(parent, _importances(parent), arch).save_pretrained(tmp_path)
+    child = nas.load(tmp_path)
+    with torch.no_grad():
+        for layer, shape in zip(parent.model.layers, arch.layer_shapes):
+            for kept, projection in ((shape.attention, layer.self_attn.o_proj), (shape.mlp, layer.mlp.down_proj)):
+                if not kept:
+                    projection.weight.zero_()
+                    if projection.bias is not None:
+                        projection.bias.zero_()
+    reference = _logits(parent)
+    assert _rel(_logits(child), reference) < 1e-5
+    prefix = child(input_ids=TOKENS[:, :10], use_cache=True)
+    with torch.no_grad():
+        rest = child(input_ids=TOKENS[:, 10:], cache=prefix.cache, use_cache=True).logits
+    assert _rel(torch.cat([prefix.logits.detach(), rest], 1), reference) < 1e-5
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    greedy = child.generate(TOKENS[:2, :6], **kwargs)
+    assert torch.equal(greedy, parent.generate(TOKENS[:2, :6], **kwargs))
+    out = child.generate(TOKENS[:2, :6], cache_implementation="static", return_dict_in_generate=True, **kwargs)
+    assert torch.equal(out.sequences, greedy)
+    built = sum(t.numel() * t.element_size() for layer in out.past_key_values.layers for t in (layer.keys, layer.values)
+                if t is not None)
+    assert Parent.of(parent.config).cache_bytes(arch, 6 + 12 - 1, 2, nbytes=4) == built
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_mean_pooled_kv_heads_are_exact_where_the_pooled_heads_are_equal(name):
     """One KV head where the parent's two groups read equal keys and values: the mean is that head, and every
