@@ -27,7 +27,7 @@ def _whole_child_kl(model, importances, variant):
     return float(kl), float(loss)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "gemma3_text"])
 def test_each_score_is_the_whole_childs_kl_to_the_parent(name):
     model = tiny_model(name)
     importances = compute_importance(model, TOKENS, ImportanceSettings(batch_size=3))

@@ -204,6 +204,8 @@ def test_decilm_in_bfloat16_casts_the_tensors(tiny_tokenizer, tmp_path):
     ("qwen3", {}, "decilm", "no q/k norms"),
     ("qwen3", {"1": {"intermediate_size": 40}}, "gguf", "`deci` architecture, whose layers have no q/k norms"),
     ("nemotron", {}, "gguf", "exports cover llama, mistral, qwen2, qwen3"),
+    *((n, {"1": {"num_key_value_heads": 1}}, fmt, f"a per-layer {n} child runs in neither engine")
+      for n in ("gemma2", "gemma3_text") for fmt in ("decilm", "gguf")),
 ])
 def test_refusals_name_the_reason(tiny_tokenizer, tmp_path, name, per_layer, fmt, message):
     child = _saved(tmp_path, name, tiny_tokenizer, per_layer)

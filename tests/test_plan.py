@@ -17,7 +17,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, TINY_CONFIGS, tiny_model, tiny_space
+from conftest import ALL_CONFIGS, ROOT, TINY_CONFIGS, tiny_model, tiny_space
 from nas.architecture import Architecture
 from nas.cli import main
 from nas.distill import DistillConfig, Distiller, uses_intermediate
@@ -249,14 +249,14 @@ def _per_layer_child(name: str, alternate: bool):
     from nas.architecture import LayerShape
     from nas.families import Parent
 
-    parent = Parent.of(TINY_CONFIGS[name]())
+    parent = Parent.of(ALL_CONFIGS[name]())
     arch = mixed_child(parent.architecture)
     if alternate:
         arch = arch.replace(per_layer=(LayerShape(0, 80), LayerShape(2, 0)) * 2)
     return parent.config, parent.child_config(arch)
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen3", "nemotron"])
+@pytest.mark.parametrize("name", ["llama", "qwen3", "nemotron", "gemma3_text"])
 @pytest.mark.parametrize("alternate", [False, True])
 def test_a_per_layer_childs_plan_follows_each_layers_shape(name, alternate, monkeypatch):
     """A per-layer child's planned activations are the saved tensors of each of its layers, built by nas's loader

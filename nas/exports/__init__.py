@@ -25,6 +25,10 @@ DTYPES = ("float32", "float16", "bfloat16")
 #: The families whose layers both engines build from these tensor names: Llama-style attention (Qwen2's with q/k/v
 #: biases, Qwen3's with q/k norms) and a SiLU-gated MLP.
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+#: Per-layer families with Gemma's sandwich norms, and the llama.cpp graph that would run them: it reshapes every
+#: layer's keys and values by the model-wide KV head count (layer 0's), reads one MLP width, and builds attention and
+#: MLP in every layer, so neither per-layer widths nor skipped blocks run there.
+SANDWICH_FAMILIES = {"gemma2": "src/models/gemma2-iswa.cpp", "gemma3_text": "src/models/gemma3.cpp"}
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,11 @@ def check(config: dict[str, Any], arch: Architecture, fmt: str, tokenizer: str |
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt}: one of {', '.join(FORMATS)}")
     family = config.get("model_type")
+    if family in SANDWICH_FAMILIES and not arch.is_uniform:
+        raise ConfigError(f"--format {fmt}: a per-layer {family} child runs in neither engine: vLLM's DeciLM and "
+                          f"llama.cpp's deci layers are Llama's (no sandwich norms, SiLU), and llama.cpp's own "
+                          f"{family} graph ({SANDWICH_FAMILIES[family]}) sizes every layer by layer 0's KV heads and "
+                          f"MLP width and runs every block; serve it from its HF folder (--format hf, nas.load)")
     if family not in FAMILIES:
         raise ConfigError(f"--format {fmt}: exports cover {', '.join(FAMILIES)} (Llama-style layers both engines "
                           f"build); a {family} child is served from its HF folder (--format hf)")
