@@ -8,6 +8,7 @@ import yaml
 from transformers import AutoModelForCausalLM, Gemma3ForCausalLM
 
 from conftest import ROOT, WIKITEXT
+from nas.architecture import Architecture
 from nas.cli import main
 from nas.data import load_tokens
 from nas.importance import lm_loss
@@ -46,7 +47,6 @@ def test_gemma3_parent_through_importance_prune_kd_and_export(tmp_path, ray_sess
         {k: best[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")}
     parent, tokenizer = load_parent("gemma3-270m", device=torch.device("cpu"))
     held = load_tokens(str(WIKITEXT / "test.txt"), tokenizer, SEQ_LEN)[:8]
-    from nas.architecture import Architecture
     from nas.importance import Importances
     from nas.prune import prune
 
@@ -55,3 +55,31 @@ def test_gemma3_parent_through_importance_prune_kd_and_export(tmp_path, ray_sess
     assert lm_loss(child, held) < lm_loss(pruned, held)
     prompt = tokenizer("To be, or not to be", return_tensors="pt").input_ids
     assert child.generate(prompt, max_new_tokens=6, do_sample=False).shape[1] == prompt.shape[1] + 6
+    _per_layer_child_of_the_real_parent(tmp_path, parent, prompt)
+
+
+def _per_layer_child_of_the_real_parent(tmp_path, model, prompt):
+    """`nas prune` of Gemma 3 270M to a per-layer child (no attention in sliding layer 3 nor in full layer 5, no MLP
+    in layer 7, MLP 1024 in layer 9; the parent has one KV head, so that is all a layer can vary), from the search's
+    importances (in this test, to share the parent's load and scoring): `nas.load` builds it with the counted
+    parameters, and greedy decoding is the same with a cache as without one."""
+    import nas
+    from nas.families import Parent
+
+    parent = Parent.of(model.config)
+    assert [model.config.layer_types[i] for i in (3, 5)] == ["sliding_attention", "full_attention"]
+    data = {**parent.architecture.to_dict(), "per_layer_config": {
+        "3": {"skip": ["attention"]}, "5": {"skip": ["attention"]}, "7": {"skip": ["mlp"]},
+        "9": {"intermediate_size": 1024}}}
+    (tmp_path / "per_layer.json").write_text(json.dumps(data))
+    assert main(["prune", "--parent", "gemma3-270m", "--arch", str(tmp_path / "per_layer.json"), "--importance",
+                 str(tmp_path / "trials" / "gemma-ci" / "importance.safetensors"), "--out",
+                 str(tmp_path / "per_layer")]) == 0
+    child = nas.load(tmp_path / "per_layer")
+    layers = child.model.layers
+    assert layers[3].self_attn is None and layers[5].self_attn is None and layers[7].mlp is None
+    arch = Architecture.from_dict(data)
+    assert sum(p.numel() for p in child.parameters()) == parent.num_parameters(arch) < parent.num_parameters()
+    kwargs = dict(max_new_tokens=4, do_sample=False)
+    assert torch.equal(child.generate(prompt, **kwargs), child.generate(prompt, use_cache=False, **kwargs))
+
