@@ -73,10 +73,13 @@ def _hamming(a: Architecture, b: Architecture) -> int:
 @pytest.mark.parametrize("budget", [{"fraction": 0.6, "tolerance": 0.25},
                                     {"fraction": 0.5, "tolerance": 0.1, "kind": "non_embedding"},
                                     {"memory_gb": 4.6e-4, "context": 64, "batch": 2, "bytes_per_param": 4}])
+@pytest.mark.parametrize("name", ["llama", "gemma3_text"])
 def test_the_candidates_are_the_best_children_under_the_budget_by_the_built_childs_counts(tmp_path, tiny_tokenizer,
-                                                                                         budget):
+                                                                                         budget, name):
+    """(Gemma 3's tiny layers are sliding, full, sliding, full, with a window of 8 tokens: a sliding layer's cache
+    holds 8 of the 64-token context.)"""
     space = _space(tmp_path, tiny_tokenizer, budget=budget)
-    model = tiny_model("llama")
+    model = tiny_model(name)
     parent = Parent.of(model.config)
     rng = random.Random(0)
     chosen = chosen_variants(space, parent)
@@ -91,8 +94,13 @@ def test_the_candidates_are_the_best_children_under_the_budget_by_the_built_chil
         return n, n - child.get_input_embeddings().weight.numel() - (
             0 if model.config.tie_word_embeddings else child.get_output_embeddings().weight.numel())
 
-    def kv_bytes(arch, context, batch, nbytes):  # each attention layer's own keys and values
-        return 2 * context * batch * nbytes * arch.head_dim * sum(s.num_key_value_heads for s in arch.layer_shapes)
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * 4
+    window = getattr(model.config, "sliding_window", None)
+
+    def kv_bytes(arch, context, batch, nbytes):  # each attention layer's own keys and values, a window's at most
+        held = [min(window, context) if t == "sliding_attention" else context for t in types]
+        return 2 * batch * nbytes * arch.head_dim * sum(n * s.num_key_value_heads
+                                                        for n, s in zip(held, arch.layer_shapes))
 
     b = space.budget
     whole, without = real(parent.architecture)
