@@ -3,11 +3,11 @@
 A per-layer child is a stock HF folder: the parent's config class with transformers' own `per_layer_config` entry
 (`transformers.integrations.heterogeneity`: a child layer's `num_key_value_heads`, `intermediate_size`, and
 `skip: ["attention"] | ["mlp"]`), and safetensors under the family's stock tensor names. transformers 5.24 reads
-that config but its modeling code (Llama's, Gemma's) does not build such layers yet (`from_config` and `from_pretrained`
-raise `AmbiguousGlobalPerLayerAttributeError`), so nas builds them here: the stock model of the global widths,
-then each listed layer given the family's own attention and MLP modules made from that layer's config, and skipped
-blocks made real no-ops (no module, none of its norms, no tensors, no cache entry, no compute). A uniform config goes the
-stock way. No remote code: the modules are transformers' own.
+that config but its modeling code (Llama's, Gemma's) does not build such layers yet (`from_config` and
+`from_pretrained` raise `AmbiguousGlobalPerLayerAttributeError`), so nas builds them here: the stock model of the
+global widths, then each listed layer given the family's own attention and MLP modules made from that layer's config,
+and skipped blocks made real no-ops (no module, none of its norms, no tensors, no cache entry, no compute). A uniform
+config goes the stock way. No remote code: the modules are transformers' own.
 """
 
 from __future__ import annotations
