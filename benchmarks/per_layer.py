@@ -37,17 +37,15 @@ SETTINGS: dict[str, tuple[str, dict[str, Any]]] = {
         "budget": {"fraction": 0.5, "tolerance": 0.05, "kind": "non_embedding"},
         "axes": {"num_hidden_layers": [30, 20, 15], "num_attention_heads": [9], "intermediate_size": [1536, 1024, 768],
                  "hidden_size": [576]}}),
-    # The Gemma demo's budget (60% of 100.3M non-embedding parameters, +-10%). nas refuses a per-layer Gemma 3
-    # (its decoder layer is not the Llama-style one nas builds per layer): the refusal is this setting's figure.
+    # The Gemma demo's budget (60% of 100.3M non-embedding parameters, +-10%). Its one KV head leaves a layer's
+    # attention kept or dropped; a layer's MLP keeps the parent's 2048 or 1024.
     "gemma3-demo": ("gemma3-270m-demo.yaml", {
         "per_layer": {"kv_heads": [], "mlp_widths": [1024], "skip_attention": True, "candidates": 2,
                       "min_distance": 4, "uniform": True, "samples": 2},
         "axes": {"num_hidden_layers": [18, 14, 12], "num_attention_heads": [4], "intermediate_size": [1536, 1024],
                  "hidden_size": [640]}}),
 }
-# The issue asks for 16,384 KD tokens or more; on 2026-12-06 this 2-core machine ran at load 5 to 11 (other
-# engineers' tests), a 4,096-token trial took 307 s instead of 38 s, and 16,384 did not fit: 8,192.
-KD_TOKENS, SEEDS = 8192, (0, 1)
+KD_TOKENS, SEEDS = 16384, (0, 1)  # the issue's "16k or more"
 # The ranking (item 4): 1,024 tokens against the search's own short retrain, 4x longer (its trials: 4,096).
 SHORT_TOKENS, RANK_TOKENS = 1024, 4096
 HELD_LEN, HELD_SEQUENCES = 128, 32  # held-out WikiText-2: 4,096 tokens
