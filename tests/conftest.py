@@ -195,18 +195,31 @@ def tiny_space(folder: Path, tokenizer, name: str = "tiny", **overrides) -> dict
     return spec
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups it adds
 def pytest_collection_modifyitems(config, items):
-    """The modules that share the session's Ray (`ray_session`) run after the others. Tests marked `gpu` are
-    collected everywhere and skipped, with the reason, where CUDA is missing: `pytest -m gpu` lists them on any
-    machine and runs them on a GPU one. Tests marked `engine("vllm")` or `engine("llama.cpp")` are skipped, with the
-    reason, only where that engine is not installed; while the engines are still being built beside the suite (CI:
-    `NAS_ENGINES_BUILD`), they run last and wait for the build."""
+    """The tests that run Ray (`ray_session`, or marked `ray`: they start their own, or check that none started)
+    form one xdist group, which one pytest worker runs in order while the others take the rest (`-n`, pyproject):
+    Ray clusters started side by side would compete for one port range, and a process's Ray is process-wide. The
+    group comes first, being the longest, its checks that no Ray started before the tests that start the session's.
+    Tests marked `gpu` are collected everywhere and skipped, with the reason, where CUDA is missing: `pytest -m
+    gpu` lists them on any machine and runs them on a GPU one. Tests marked `engine("vllm")` or
+    `engine("llama.cpp")` are skipped, with the reason, only where that engine is not installed; while the engines
+    are still being built beside the suite (CI: `NAS_ENGINES_BUILD`), they run last and wait for the build."""
     from nas.engines import absent_reason, engine_python
 
-    uses_ray = {item.module for item in items if "ray_session" in item.fixturenames}
     building = bool(os.environ.get(ENGINES_BUILD))
+    ray = {item for item in items if "ray_session" in item.fixturenames or item.get_closest_marker("ray")}
+    for item in ray:
+        item.add_marker(pytest.mark.xdist_group("ray"))
+        if getattr(config.option, "loadgroup", False):  # an xdist worker of a --dist loadgroup run
+            # What xdist 3.8 does with that mark, done here: it appends "@ray" to `item._nodeid`, which pytest 9
+            # no longer reads (a node's id is `_id`), so its scheduler would never see the group.
+            from _pytest.nodeid import coerce_node_id
+
+            item._id = coerce_node_id(f"{item.nodeid}@ray")
     # (a stable sort: a module's tests stay together and in order, so its module fixtures are made once)
-    items.sort(key=lambda item: (building and item.get_closest_marker("engine") is not None, item.module in uses_ray))
+    items.sort(key=lambda item: (building and item.get_closest_marker("engine") is not None, item not in ray,
+                                 "ray_session" in item.fixturenames))
     if not building:
         present: dict[str, bool] = {}  # each engine is looked for once, and only if a collected test needs it
         for item in items:

@@ -16,7 +16,7 @@ from dashboard_screenshot import dashboard, study_id
 from nas.space import AXES, enumerate_candidates, parse_space
 from services import RayCluster, have_postgres, postgres
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 LOOPBACK = {"127.0.0.1", "::ffff:127.0.0.1"}
 
 

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, tiny_space
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
 NAS = [sys.executable, "-m", "nas.cli"]
 STEP_TOKENS = 4 * 32  # batch 4 x seq_len 32
 ONE = {"num_hidden_layers": [3], "num_attention_heads": [6], "intermediate_size": [40], "hidden_size": [48]}

@@ -264,6 +264,7 @@ print(json.dumps({"start": start, "peak": resident_bytes(peak=True), "train_rows
 """
 
 
+@pytest.mark.ray  # its driver process starts a Ray
 def test_driver_memory_does_not_grow_with_the_corpus(tmp_path, tiny_tokenizer):
     """`prepare` (tokenising, sharing the shards, importance and the teacher cache in a Ray task) in a fresh driver
     process, on a corpus of 12 MB and of 60 MB: the driver's peak memory grows by less than half of what holding
