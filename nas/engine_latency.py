@@ -27,6 +27,9 @@ from typing import Any
 
 #: What `budget.engine` may name: transformers' generate (`nas.latency`), and the two engines of `nas.engines`.
 ENGINES = ("hf", "vllm", "llama.cpp")
+#: The head sizes vLLM's CPU attention runs (`CPUAttentionBackend.get_supported_head_sizes`, vLLM 0.32): another
+#: fails at its first forward.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 _VLLM_TIMED = """
 import json, sys, time
@@ -182,6 +185,9 @@ def engine_problem(space, config: Any) -> str | None:
         full = arch.uniform_shape  # any layer differing from the others makes the export per-layer
         arch = arch.replace(per_layer=(full, LayerShape(full.num_key_value_heads, full.intermediate_size - 1),
                                        *[full] * (arch.num_hidden_layers - 2)))
+    if engine == "vllm" and arch.head_dim not in VLLM_CPU_HEAD_SIZES:
+        return (f"budget.engine=vllm: head_dim={arch.head_dim}: vLLM's CPU attention runs head sizes "
+                f"{', '.join(map(str, VLLM_CPU_HEAD_SIZES))} only; use budget.engine: llama.cpp or hf")
     fmt = "gguf" if engine == "llama.cpp" else "hf" if arch.is_uniform else "decilm"
     try:
         check(config.to_dict(), arch, fmt)
