@@ -210,6 +210,6 @@ def test_a_per_layer_child_timed_in_vllm(tmp_path, tiny_tokenizer):
     figures, fresh = cached_measure(storage, settings, where, data, timing, "child")
     assert fresh and figures["engine"] == "vLLM" and figures["device_name"].startswith("vLLM on ")
     assert 0 < figures["latency_ms"] and 0 < figures["prefill_ms"] and figures["settings"]["engine"] == "vllm"
-    assert cached_measure(storage, settings, where, data, lambda _: pytest.fail("measured again"), "child") == \
-        (figures, False)
+    again, fresh = cached_measure(storage, settings, where, data, lambda _: pytest.fail("measured again"), "child")
+    assert not fresh and again == {"label": "child", **figures}
 
