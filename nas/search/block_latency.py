@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict
 from typing import Any, Callable
 
 from nas.architecture import Architecture, LayerShape
@@ -68,7 +67,7 @@ def block_latency(space: SearchSpace, config: Any, widths: list[tuple[str, int]]
     shape = json.dumps(parent.child_config(parent.architecture).to_dict(), sort_keys=True, default=str)
     # (through JSON, as the file holds it: the settings' tuples read back as lists)
     key = json.loads(json.dumps({"parent": hashlib.sha256(shape.encode()).hexdigest()[:16],
-                                 "settings": asdict(settings), "machine": where, "variants": sorted(stacks)}))
+                                 "settings": settings.keyed(), "machine": where, "variants": sorted(stacks)}))
     if (cached := storage.read_json(LATENCY)) is not None and cached.get("key") == key:
         return cached
     start, figures = time.time(), {}

@@ -17,6 +17,7 @@ import torch
 
 from nas.data import load_tokens, shuffled_rows, validation_size
 from nas.distill import DistillConfig
+from nas.engine_latency import engine_problem
 from nas.errors import ConfigError, NasError
 from nas.families import Parent
 from nas.importance import Importances, ImportanceSettings, cached_importance, lm_loss
@@ -71,6 +72,8 @@ def candidates(space: SearchSpace) -> tuple[Any, list[dict[str, Any]]]:
     """The parent's config (its family checked) and the feasible candidates, or the one-line reason there are none."""
     config = parent_config(space.parent)
     if space.per_layer is not None and (problem := per_layer_problem(space, Parent.of(config))):
+        raise ConfigError(f"{space.name}: {problem}")
+    if problem := engine_problem(space, config):  # before any work, not at the first timing
         raise ConfigError(f"{space.name}: {problem}")
     # A per-layer search's own candidates come from its block scores (`prepare`); the axes' uniform ones are
     # candidates beside them where it asks (`per_layer.uniform`), with no layer table (digest 0).
