@@ -153,12 +153,15 @@ def test_dashboard_shows_the_axes_in_a_browser(searched):
         assert "val_loss" in page.locator("main").inner_text() and "Objective 0" not in page.locator("main").inner_text()
         # The saved contour (the study's overview page): every axis numeric, its ticks in increasing order.
         page.goto(f"{url}/dashboard/studies/{sid}")
-        page.locator(".js-plotly-plot").first.wait_for()
-        axes = page.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot')]
-            .filter(p => (p.layout.title?.text || '').includes('Contour'))
-            .flatMap(p => Object.keys(p._fullLayout).filter(k => /^[xy]axis\\d*$/.test(k)).map(k => p._fullLayout[k]))
-            .filter(a => a.title?.text).map(a => ({type: a.type, title: a.title.text,
-                                                   ticks: (a._vals || []).map(v => v.x)}))""")
+        # (the overview draws its plots one after another: on a loaded machine the contour comes seconds later)
+        axes = page.wait_for_function("""() => {
+            const axes = [...document.querySelectorAll('.js-plotly-plot')]
+                .filter(p => (p.layout?.title?.text || '').includes('Contour') && p._fullLayout)
+                .flatMap(p => Object.keys(p._fullLayout).filter(k => /^[xy]axis\\d*$/.test(k)).map(k => p._fullLayout[k]))
+                .filter(a => a.title?.text).map(a => ({type: a.type, title: a.title.text,
+                                                       ticks: (a._vals || []).map(v => v.x)}));
+            return axes.length ? axes : null;
+        }""", timeout=60_000).json_value()
         browser.close()
     varied = {k for k in AXES if len({t.params[k] for t in complete if t.user_attrs["stage"] == "short_retrain"}) > 1}
     assert {a["title"] for a in axes} == varied
