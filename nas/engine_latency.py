@@ -42,7 +42,7 @@ def main():
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=job["model"], dtype=job["dtype"], seed=0, max_model_len=job["max_len"], enforce_eager=True,
-              max_num_seqs=len(job["prompts"]), distributed_executor_backend="uni", trust_remote_code=True,
+              max_num_seqs=len(job["prompts"]), distributed_executor_backend="uni", trust_remote_code=job["trust_remote_code"],
               enable_prefix_caching=False, skip_tokenizer_init=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
 
@@ -103,9 +103,13 @@ def engine_figures(engine: str, model: str | Path, prompts: list[list[int]], dec
     the token-id `prompts` (one a sequence of the batch; llama.cpp takes one), as the module's docstring says."""
     from nas.engines import ENGINES as RUNNERS, run_script
 
+    from nas.exports.decilm import CONFIG_MODULE
+
     script = {"vllm": _VLLM_TIMED, "llama.cpp": _LLAMA_TIMED}[engine]
     job = dict(model=str(Path(model).resolve()), prompts=prompts, max_tokens=1 + decode_tokens, warmup=warmup,
-               repeats=repeats, threads=threads, dtype=dtype, max_len=max(map(len, prompts)) + decode_tokens + 8)
+               repeats=repeats, threads=threads, dtype=dtype, max_len=max(map(len, prompts)) + decode_tokens + 8,
+               # The only remote code vLLM may run: the configuration module of nas's own `--format decilm` folder.
+               trust_remote_code=(Path(model) / f"{CONFIG_MODULE}.py").is_file())
     done = run_script(engine, script, job, timeout, model, env={"OMP_NUM_THREADS": str(threads)})
     prefill, decode = map(list, zip(*done["runs"]))
     out = {"prefill_ms": statistics.median(prefill), "prefill_ms_spread": [min(prefill), max(prefill)],
