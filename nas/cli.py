@@ -300,12 +300,15 @@ def cmd_candidates(args) -> None:
     import pandas as pd
     import torch
 
+    from nas.engine_latency import engine_problem
     from nas.files import cache_dir
     from nas.space import enumerate_candidates, infeasible_hint, load_space, row_axes, space_config
     from nas.storage import RunStorage
 
     space = load_space(args.space)
     config = space_config(space)
+    if problem := engine_problem(space, config):  # before the block scores and timings below
+        raise NasError(f"{args.space}: {problem}")
     if space.budget.speed_caps and space.budget.device == "cuda" and not torch.cuda.is_available():
         raise NasError(f"{args.space}: budget.device=cuda: this machine has no GPU to measure on; run `nas "
                        f"candidates` on a node with the target GPU (`nas search` measures there as a Ray task)")

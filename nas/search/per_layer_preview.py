@@ -15,7 +15,6 @@ from typing import Any, Callable
 import torch
 
 from nas.data import load_tokens
-from nas.engine_latency import engine_problem
 from nas.errors import ConfigError, NasError
 from nas.families import Parent
 from nas.importance import compute_importance, fingerprints
@@ -31,7 +30,7 @@ def listed_candidates(space: SearchSpace, config: Any, where: str, compute: bool
                       echo: Callable[[str], None]) -> list[dict[str, Any]]:
     """A per-layer space's candidates as `nas candidates` lists them: the program's children (`per_layer_rows`),
     then the axes' uniform ones (digest 0) where the space asks."""
-    if problem := per_layer_problem(space, Parent.of(config)) or engine_problem(space, config):
+    if problem := per_layer_problem(space, Parent.of(config)):
         raise ConfigError(f"{where}: {problem}")
     uniform = [{**r, DIGEST: 0} for r in enumerate_candidates(space, config)] if space.per_layer.uniform else []
     return [*per_layer_rows(space, config, compute, storage, where, echo), *uniform]
