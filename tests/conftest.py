@@ -161,8 +161,7 @@ def text_file(tmp_path) -> Path:
 def ray_session(tmp_path_factory):
     """A private Ray on 127.0.0.1 with 2 CPUs, started once for every test that runs trials in this process: each
     start costs seconds, and its idle workers, which have imported torch and nas, serve the next module's trials.
-    The modules that use it run after all others (`pytest_collection_modifyitems`), so that the tests which check
-    that a refused search starts no Ray see none."""
+    The tests that check that a refused search starts no Ray run before it, in its pytest worker (`_xdist_group`)."""
     import ray
 
     from nas.search import init_ray
@@ -195,12 +194,24 @@ def tiny_space(folder: Path, tokenizer, name: str = "tiny", **overrides) -> dict
     return spec
 
 
+def _xdist_group(item) -> str | None:
+    """The pytest worker group of a test. The `ray_session` users share this process's Ray, and the tests that check
+    that this process has none must run before it starts: one group, "ray", which one worker runs in order. A test
+    that starts a Ray of its own (`nas search` as a process, a `ray start` cluster) may run beside it, as Ray's
+    processes take the ports the system gives them (worker ports too, for `ray.init`; the `ray start` cluster's
+    workers take 10002-19999, which the system does not hand out): its module is a group, so that the module's
+    fixtures (one cluster, one undisturbed run) are made once."""
+    if "ray_session" in item.fixturenames or item.get_closest_marker("no_ray"):
+        return "ray"
+    if item.get_closest_marker("ray"):
+        return item.module.__name__
+    return None
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups it adds
 def pytest_collection_modifyitems(config, items):
-    """The tests that run Ray (`ray_session`, or marked `ray`: they start their own, or check that none started)
-    form one xdist group, which one pytest worker runs in order while the others take the rest (`-n`, pyproject):
-    Ray clusters started side by side would compete for one port range, and a process's Ray is process-wide. The
-    group comes first, being the longest, its checks that no Ray started before the tests that start the session's.
+    """The tests that run Ray are grouped for the pytest workers (`_xdist_group`; `-n`, pyproject), and come first:
+    the longest paths start at once, and the checks that no Ray started run before the session's Ray starts.
     Tests marked `gpu` are collected everywhere and skipped, with the reason, where CUDA is missing: `pytest -m
     gpu` lists them on any machine and runs them on a GPU one. Tests marked `engine("vllm")` or
     `engine("llama.cpp")` are skipped, with the reason, only where that engine is not installed; while the engines
@@ -208,17 +219,17 @@ def pytest_collection_modifyitems(config, items):
     from nas.engines import absent_reason, engine_python
 
     building = bool(os.environ.get(ENGINES_BUILD))
-    ray = {item for item in items if "ray_session" in item.fixturenames or item.get_closest_marker("ray")}
-    for item in ray:
-        item.add_marker(pytest.mark.xdist_group("ray"))
+    groups = {item: group for item in items if (group := _xdist_group(item))}
+    for item, group in groups.items():
+        item.add_marker(pytest.mark.xdist_group(group))
         if getattr(config.option, "loadgroup", False):  # an xdist worker of a --dist loadgroup run
-            # What xdist 3.8 does with that mark, done here: it appends "@ray" to `item._nodeid`, which pytest 9
+            # What xdist 3.8 does with that mark, done here: it appends "@group" to `item._nodeid`, which pytest 9
             # no longer reads (a node's id is `_id`), so its scheduler would never see the group.
             from _pytest.nodeid import coerce_node_id
 
-            item._id = coerce_node_id(f"{item.nodeid}@ray")
+            item._id = coerce_node_id(f"{item.nodeid}@{group}")
     # (a stable sort: a module's tests stay together and in order, so its module fixtures are made once)
-    items.sort(key=lambda item: (building and item.get_closest_marker("engine") is not None, item not in ray,
+    items.sort(key=lambda item: (building and item.get_closest_marker("engine") is not None, item not in groups,
                                  "ray_session" in item.fixturenames))
     if not building:
         present: dict[str, bool] = {}  # each engine is looked for once, and only if a collected test needs it

@@ -190,7 +190,7 @@ def test_the_promoted_front_and_pareto_json_agree_on_ties(tmp_path, tiny_tokeniz
     assert _front_picks(space, trials) == [trials[0], trials[2]]
 
 
-@pytest.mark.ray  # it checks that this process has no Ray
+@pytest.mark.no_ray
 def test_a_re_run_with_other_retrain_settings_is_refused_before_ray_saying_what_changed(tmp_path, tiny_tokenizer):
     import ray
 

@@ -96,7 +96,7 @@ def _refused_before_ray(spec, tmp_path, error):
     return str(info.value)
 
 
-@pytest.mark.ray  # it checks that this process has no Ray
+@pytest.mark.no_ray
 def test_an_unknown_family_is_refused_before_ray_starts(tmp_path, tiny_tokenizer):
     from transformers import GPT2Config
 
@@ -106,7 +106,7 @@ def test_an_unknown_family_is_refused_before_ray_starts(tmp_path, tiny_tokenizer
     assert "gpt2" in message and "llama" in message
 
 
-@pytest.mark.ray  # it checks that this process has no Ray
+@pytest.mark.no_ray
 def test_a_budget_no_candidate_meets_is_refused_before_ray_starts(tmp_path, tiny_tokenizer):
     spec = tiny_space(tmp_path / "inputs", tiny_tokenizer, name="tiny-budget", budget={"fraction": 0.05})
     assert "no candidate within budget" in _refused_before_ray(spec, tmp_path, ConfigError)
