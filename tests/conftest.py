@@ -228,9 +228,15 @@ def pytest_collection_modifyitems(config, items):
             from _pytest.nodeid import coerce_node_id
 
             item._id = coerce_node_id(f"{item.nodeid}@{group}")
-    # (a stable sort: a module's tests stay together and in order, so its module fixtures are made once)
-    items.sort(key=lambda item: (building and item.get_closest_marker("engine") is not None, item not in groups,
-                                 "ray_session" in item.fixturenames))
+    # (a stable sort: a module's tests stay together and in order, so its module fixtures are made once) The Gemma 3
+    # test beside the "ray" group comes first of those, and the Gemma 3 search ends that group, the longest: the one
+    # converts that parent (about a minute, once) long before the other reads it.
+    def order(item):
+        gemma = item.module.__name__ == "test_gemma3"
+        return (building and item.get_closest_marker("engine") is not None, item not in groups,
+                "ray_session" in item.fixturenames, gemma if item in groups else not gemma)
+
+    items.sort(key=order)
     if not building:
         present: dict[str, bool] = {}  # each engine is looked for once, and only if a collected test needs it
         for item in items:
