@@ -42,7 +42,8 @@ def main():
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=job["model"], dtype=job["dtype"], seed=0, max_model_len=job["max_len"], enforce_eager=True,
-              max_num_seqs=len(job["prompts"]), distributed_executor_backend="uni", trust_remote_code=job["trust_remote_code"],
+              max_num_seqs=len(job["prompts"]), distributed_executor_backend="uni",
+              trust_remote_code=job["trust_remote_code"],
               enable_prefix_caching=False, skip_tokenizer_init=True)
     prompts = [TokensPrompt(prompt_token_ids=p) for p in job["prompts"]]
 
@@ -102,7 +103,6 @@ def engine_figures(engine: str, model: str | Path, prompts: list[list[int]], dec
     exported `model` (vLLM: a folder; llama.cpp: a .gguf file) in `engine`, decoding `decode_tokens` tokens after
     the token-id `prompts` (one a sequence of the batch; llama.cpp takes one), as the module's docstring says."""
     from nas.engines import ENGINES as RUNNERS, run_script
-
     from nas.exports.decilm import CONFIG_MODULE
 
     script = {"vllm": _VLLM_TIMED, "llama.cpp": _LLAMA_TIMED}[engine]
