@@ -7,8 +7,7 @@ master weights, the teacher in bf16):
     and at a GPU-sized one: model FLOPs a token = 3 x the student's forward (forward and backward) + the teacher's
     forward (`nas.plan.forward_flops_per_token`, what `nas plan` sizes a retrain by), over the measured step time
     and the GPU's dense bf16 peak (`PEAK_BF16_TFLOPS`, by device name).
-Not yet run on a GPU: estimated at 1-2 minutes on one H100, most of it converting the parent and tokenising the plays
-into the cache the first time."""
+On one H100 (2026-12-06) it took about 66 s, 27 s of it `prepare` (docs/benchmarks.md, "On a GPU")."""
 
 from __future__ import annotations
 

@@ -222,16 +222,17 @@ class Distiller:
         router_logits: list[Tensor] = []
         with autocast, capture_states(self.student, list(range(len(self.layer_map))) if self.intermediate else []) as ss:
             hidden = losses.final_hidden(self.student, tokens, router_logits)
-            student_states = list(ss)
             parts = losses.logit_losses(hidden, self.student.get_output_embeddings().weight, mask, targets,
                                         cfg.loss_chunk_tokens)
+            if self.intermediate:  # under autocast too: FSDP2's bf16 compute hands on bf16 states, while the
+                # projection's (fp32) weights are not cast by it
+                parts["is"] = losses.cosine_loss(list(ss), teacher_states, mask, self.projection)
         if router_logits:  # the parent's config asks for its routers' load-balancing loss: kept, weighted as it says
             config = self.student.config
             parts["router_aux"] = losses.router_balance_loss(router_logits, config.num_experts_per_tok,
                                                              router_logits[0].shape[-1])
             parts["loss"] = parts["loss"] + config.router_aux_loss_coef * parts["router_aux"]
         if self.intermediate:
-            parts["is"] = losses.cosine_loss(student_states, teacher_states, mask, self.projection)
             # Dynamic weight (§3): scale the intermediate loss to the logit loss's magnitude (over all workers,
             # so that N workers weigh it as one would).
             magnitudes = sharding.mean_across_workers({"logit": float(parts["loss"].detach()),

