@@ -223,8 +223,10 @@ def timer(space) -> tuple[SpeedSettings, str, Callable[[dict[str, Any]], dict[st
                           f"or change the budget")
     options = dict(num_cpus=cpus, num_gpus=1 if budget.device == "cuda" else 0, resources=resources,
                    scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
-    # A fresh worker each (max_calls=1): no compiled step or CUDA graph of one candidate stays for the next.
-    task = ray.remote(max_calls=1)(measure).options(**options)
+    # On CUDA a fresh worker each (max_calls=1): no compiled step or CUDA graph of one candidate stays for the next.
+    # A CPU timing leaves neither (transformers compiles the step on CUDA only), so its workers are reused: a fresh
+    # one costs seconds of imports a candidate, per-layer block scores time dozens.
+    task = ray.remote(max_calls=1 if settings.device == "cuda" else 0)(measure).options(**options)
     where = ray.get(ray.remote(machine).options(**options).remote(settings.device, settings.engine))
     return settings, where, lambda data: ray.get(task.remote(data, settings))
 
