@@ -200,10 +200,11 @@ def _xdist_group(item) -> str | None:
     that starts a Ray of its own (`nas search` as a process, a `ray start` cluster) may run beside it, as Ray's
     processes take the ports the system gives them (worker ports too, for `ray.init`; the `ray start` cluster's
     workers take 10002-19999, which the system does not hand out): its module is a group, so that the module's
-    fixtures (one cluster, one undisturbed run) are made once."""
+    fixtures (one cluster, one undisturbed run) are made once. So is the module of a test marked `one_worker`
+    (a real parent loaded and scored once, not once on each worker)."""
     if "ray_session" in item.fixturenames or item.get_closest_marker("no_ray"):
         return "ray"
-    if item.get_closest_marker("ray"):
+    if item.get_closest_marker("ray") or item.get_closest_marker("one_worker"):
         return item.module.__name__
     return None
 

@@ -11,7 +11,7 @@ from nas.importance import ImportanceSettings, compute_importance, lm_loss
 from nas.parents import load_parent
 from nas.prune import PruneOptions, prune
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.one_worker]  # the `smollm2` fixture (~20 CPU-s) made once
 
 # Held-out loss must be lower than the random rankings' mean by this much (nats). Measured gaps on
 # 2026-11-23 (16 held-out sequences): mlp 5.4, heads 0.58, hidden 8.6; on 2026-12-05 (8): 5.5, 0.57, 8.9. The
