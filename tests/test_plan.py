@@ -332,6 +332,9 @@ def test_retrains_ask_for_the_gpus_their_plan_counted(tmp_path, tiny_tokenizer, 
         raise Asked  # what it would be given is all this test needs
 
     monkeypatch.setattr("nas.search.trials.run_on_workers", run_on_workers)
+    # The parent's work in this process: on a Ray without GPUs (another test's, left up in this pytest worker) its
+    # tasks, which ask for a trial's GPUs, would wait for ever.
+    monkeypatch.setattr("ray.is_initialized", lambda: False)
     for n, resources in enumerate(({"gpus_per_trial": 1}, {"gpus_per_trial": 1, "gpus_per_worker": 2},
                                    {"gpus_per_trial": 2, "gpus_per_worker": 1})):
         space = parse_space(tiny_space(tmp_path, tiny_tokenizer, name=f"gpus{n}", full_retrain={"workers": 4},
