@@ -7,8 +7,14 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-import torch
+# Set before torch loads OpenMP, and inherited by the pytest workers, their subprocesses and Ray's processes: a
+# thread waiting for work sleeps rather than spins. Two workers and their children oversubscribe the two cores, and
+# spinning threads burned the CPU the others waited for (two modules side by side: 324 CPU-s and 168 s spinning,
+# 93 CPU-s and 58 s passive).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, NemotronConfig, PreTrainedTokenizerFast, \
     Qwen2Config, Qwen3Config
 
