@@ -200,6 +200,17 @@ def tiny_space(folder: Path, tokenizer, name: str = "tiny", **overrides) -> dict
     return spec
 
 
+@pytest.fixture
+def without_ray(monkeypatch):
+    """The test's work runs in this process, as it does without Ray, even where another test left the session's Ray
+    up in this pytest worker (the "ray" group's worker goes on to other tests): nas asks `ray.is_initialized()`
+    before it hands work to Ray. For tests that replace functions in this process, which Ray's workers would not
+    see, or that ask for resources (GPUs) the session's Ray lacks."""
+    import ray
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+
+
 def _xdist_group(item) -> str | None:
     """The pytest worker group of a test. The `ray_session` users share this process's Ray, and the tests that check
     that this process has none must run before it starts: one group, "ray", which one worker runs in order. A test

@@ -211,16 +211,12 @@ def test_a_per_layer_child_is_timed_at_its_own_layer_shapes(name):
     assert figures["latency_ms"] > 0 and figures["prefill_ms"] > 0
 
 
-def test_a_figure_timed_on_another_machine_is_not_reused(tmp_path, monkeypatch):
+def test_a_figure_timed_on_another_machine_is_not_reused(tmp_path, monkeypatch, without_ray):
     """The cache key holds the machine: the same shapes and settings on another CPU model are measured again,
     and each machine's figures stay side by side."""
-    import ray
-
     import nas.latency
     from nas.storage import RunStorage
 
-    # Timed in this process, where the CPU model is replaced below, even after another test started a Ray here.
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     config, space = ALL_CONFIGS["llama"](), _speed_space([2])
     rows, storage, lines = enumerate_candidates(space, config), RunStorage(tmp_path, "s"), []
     nas.latency.measure_candidates(space, config, rows, storage, lines.append)
@@ -278,11 +274,10 @@ def test_timings_run_on_the_drivers_node_when_it_can_time_them(tmp_path, monkeyp
     assert scheduled and set(scheduled) == {worker}
 
 
-def test_the_timed_child_holds_the_layers_its_memory_figure_counts(tmp_path, monkeypatch):
+def test_the_timed_child_holds_the_layers_its_memory_figure_counts(tmp_path, monkeypatch, without_ray):
     """Gemma-style sliding/full layers (window 8, context 16): a 2-layer child's memory figure counts the worst
     case, two full-attention layers, so the child timed holds two full-attention layers too (not the first two
     layers, one of each)."""
-    import ray
     from transformers import AutoConfig
 
     import nas.latency
@@ -290,7 +285,6 @@ def test_the_timed_child_holds_the_layers_its_memory_figure_counts(tmp_path, mon
 
     config, space = ALL_CONFIGS["gemma3_text"](), _speed_space([2])
     timed = []
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # `measure` is replaced in this process, not in Ray's
     monkeypatch.setattr(nas.latency, "measure", lambda data, settings: timed.append(data) or
                         {"latency_ms": 1.0, "prefill_ms": 1.0, "throughput": 1.0, "device_name": "x", "machine": "x"})
     rows = enumerate_candidates(space, config)

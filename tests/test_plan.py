@@ -316,7 +316,7 @@ def test_a_per_layer_childs_planned_flops_attend_only_in_its_attention_layers(na
     assert forward_flops_per_token(child, seq_len) == pytest.approx(expected, rel=1e-12)
 
 
-def test_retrains_ask_for_the_gpus_their_plan_counted(tmp_path, tiny_tokenizer, monkeypatch):
+def test_retrains_ask_for_the_gpus_their_plan_counted(tmp_path, tiny_tokenizer, monkeypatch, without_ray):
     """A retrain on several workers asks Ray Train for the GPUs per worker that `nas plan` counted (and sized its
     memory by): a trial's take `gpus_per_trial` each when `gpus_per_worker` is unset, a promotion's the larger of
     the two. Not, as they did, `gpus_per_worker` alone: a promotion over 4 GPUs after 1-GPU trials ran on the CPU."""
@@ -332,9 +332,6 @@ def test_retrains_ask_for_the_gpus_their_plan_counted(tmp_path, tiny_tokenizer, 
         raise Asked  # what it would be given is all this test needs
 
     monkeypatch.setattr("nas.search.trials.run_on_workers", run_on_workers)
-    # The parent's work in this process: on a Ray without GPUs (another test's, left up in this pytest worker) its
-    # tasks, which ask for a trial's GPUs, would wait for ever.
-    monkeypatch.setattr("ray.is_initialized", lambda: False)
     for n, resources in enumerate(({"gpus_per_trial": 1}, {"gpus_per_trial": 1, "gpus_per_worker": 2},
                                    {"gpus_per_trial": 2, "gpus_per_worker": 1})):
         space = parse_space(tiny_space(tmp_path, tiny_tokenizer, name=f"gpus{n}", full_retrain={"workers": 4},
